@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both create .venv and install the project when needed (the stamp is redone when pyproject.toml changes).
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test install flops clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch alone first: pip then takes the host's own build (the CPU wheel on CPU machines) instead of
+	# backtracking into the registry's CUDA build while resolving the rest.
+	$(PIP) install --quiet torch==2.13.0
+	# compat mode puts the repository root on sys.path, so `python jobs/pretrain.py` and `deepspeed` find the
+	# model/, pipeline/, jobs/ and tools/ packages without a build step.
+	$(PIP) install --quiet -e . --config-settings editable_mode=compat
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m jobs.demo $(if $(DUMP),--dump $(DUMP),)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+flops: $(STAMP)
+	$(PY) -m model.flops
+
+clean:
+	rm -rf $(VENV) demo runs .pytest_cache
