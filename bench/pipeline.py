@@ -1,0 +1,199 @@
+"""Two-view augmentation throughput: the DALI pipeline vs a plain Pillow + torch DataLoader doing the same work.
+
+    python -m bench.pipeline                     # CPU DALI here; DALI on the GPU where one is present
+    python -m bench.pipeline --images 256 --passes 3 --size 224
+
+Both sides decode the same in-memory JPEGs (web-like photos, 320-512 px, from skimage.data) and make two views with
+the CAN augmentation of CAN_SPEC.md at --size px. Each figure is the median of --passes timed passes after one warm-up
+pass. Also measured in the same run: the whole loader (build_loader: S3 streaming on the loopback server + validation
++ DALI) and DALI's own fn.readers.webdataset over the same shards, to compare the two reading paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageFilter
+
+from pipeline import augment
+from pipeline.config import AugmentConfig, DataConfig
+from pipeline.loader import build_loader, resolve_device
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+
+
+def web_like_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    from skimage import data
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.hubble_deep_field()]
+    rng, out = np.random.default_rng(seed), []
+    for i in range(n):
+        im = Image.fromarray(photos[i % len(photos)])
+        w, h = int(rng.integers(320, 513)), int(rng.integers(320, 513))
+        buf = io.BytesIO()
+        im.resize((w, h), Image.BILINEAR).save(buf, format="JPEG", quality=int(rng.integers(75, 95)))
+        out.append(buf.getvalue())
+    return out
+
+
+# ----- the Pillow + torch baseline: the same stages, one sample at a time in DataLoader workers ---------------------
+def _pil_view(im: Image.Image, size: int, a: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    w, h = im.size
+    for _ in range(10):  # RandomResizedCrop's rejection sampling
+        area = w * h * rng.uniform(*a.crop_scale)
+        ratio = np.exp(rng.uniform(np.log(a.crop_ratio[0]), np.log(a.crop_ratio[1])))
+        cw, ch = int(round(np.sqrt(area * ratio))), int(round(np.sqrt(area / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            break
+    else:
+        cw, ch, x, y = w, h, 0, 0
+    v = im.resize((size, size), Image.BILINEAR, box=(x, y, x + cw, y + ch))
+    if rng.random() < a.flip_p:
+        v = v.transpose(Image.FLIP_LEFT_RIGHT)
+    if rng.random() < a.jitter_p:
+        v = ImageEnhance.Brightness(v).enhance(rng.uniform(max(0, 1 - a.brightness), 1 + a.brightness))
+        v = ImageEnhance.Contrast(v).enhance(rng.uniform(max(0, 1 - a.contrast), 1 + a.contrast))
+        v = ImageEnhance.Color(v).enhance(rng.uniform(max(0, 1 - a.saturation), 1 + a.saturation))
+        hsv = np.array(v.convert("HSV"))
+        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(rng.uniform(-a.hue, a.hue) * 255)) % 256
+        v = Image.fromarray(hsv, "HSV").convert("RGB")
+    if rng.random() < a.grayscale_p:
+        v = v.convert("L").convert("RGB")
+    if rng.random() < a.blur_p:
+        v = v.filter(ImageFilter.GaussianBlur(rng.uniform(*a.blur_sigma)))
+    x = np.asarray(v, np.float32).transpose(2, 0, 1) / 255.0
+    return (x - MEAN) / STD
+
+
+class PilTwoViews(torch.utils.data.Dataset):
+    def __init__(self, jpegs: list[bytes], size: int, aug: AugmentConfig, num_patches: int):
+        self.jpegs, self.size, self.aug, self.num_patches = jpegs, size, aug, num_patches
+
+    def __len__(self) -> int:
+        return len(self.jpegs)
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng()
+        im = Image.open(io.BytesIO(self.jpegs[i])).convert("RGB")
+        views = [torch.from_numpy(_pil_view(im, self.size, self.aug, rng)) for _ in range(2)]
+        return views[0], views[1], torch.rand(self.num_patches), torch.rand(self.num_patches)
+
+
+def time_pil(jpegs, size, aug, batch, workers, passes) -> list[float]:
+    ds = PilTwoViews(jpegs, size, aug, (size // 16) ** 2)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, persistent_workers=workers > 0)
+    rates = []
+    for p in range(passes + 1):
+        t0 = time.perf_counter()
+        n = sum(b[0].shape[0] for b in dl)
+        if p > 0:  # the first pass warms workers and caches
+            rates.append(n / (time.perf_counter() - t0))
+    return rates
+
+
+def time_dali(jpegs, size, aug, batch, threads, passes, device_id) -> list[float]:
+    pipe = augment.train_pipeline(batch, size, (size // 16) ** 2, 2, aug, device_id, threads, 1, seed=0)
+    arrays = [np.frombuffer(j, np.uint8) for j in jpegs]
+    rates = []
+    for p in range(passes + 1):
+        t0 = time.perf_counter()
+        for i in range(0, len(arrays), batch):
+            pipe.feed_input(augment.JPEG_INPUT, arrays[i : i + batch])
+            out = pipe.run()
+            if device_id is not None:
+                out[0].as_cpu()  # wait for the GPU work
+        if p > 0:
+            rates.append(len(arrays) / (time.perf_counter() - t0))
+    return rates
+
+
+def time_loader(prefix, size, batch, threads, passes, n_images, device) -> list[float]:
+    cfg = DataConfig(shards=prefix, batch_size=batch, img_size=size, workers=2, shuffle_buffer=batch * 2,
+                     dali_threads=threads, device=device, steps_per_epoch=max(1, n_images // batch))
+    loader = build_loader(cfg, 0, 1, resolve_device(device))
+    rates = []
+    for p in range(passes + 1):
+        t0 = time.perf_counter()
+        n = sum(len(b["keys"]) for b in loader)
+        if p > 0:
+            rates.append(n / (time.perf_counter() - t0))
+    loader.close()
+    return rates
+
+
+def time_dali_webdataset(tar_paths, size, aug, batch, threads, passes, device_id, n_images) -> list[float]:
+    """DALI's own reader (index files beside the tars) feeding the same augmentation."""
+    from nvidia.dali import fn
+    from nvidia.dali.pipeline import Pipeline
+
+    pipe = Pipeline(batch_size=batch, num_threads=threads, device_id=device_id, seed=0)
+    with pipe:
+        jpg = fn.readers.webdataset(paths=tar_paths, index_paths=[p[:-4] + ".idx" for p in tar_paths], ext=["jpg"],
+                                    random_shuffle=True, initial_fill=batch * 2, name="reader")
+        img = (fn.decoders.image(jpg, device="cpu") if device_id is None
+               else fn.decoders.image(jpg, device="mixed"))
+        pipe.set_outputs(augment._view(img, size, aug), augment._view(img, size, aug))
+    pipe.build()
+    rates = []
+    for p in range(passes + 1):
+        t0 = time.perf_counter()
+        for _ in range(max(1, n_images // batch)):
+            out = pipe.run()
+            if device_id is not None:
+                out[0].as_cpu()
+        if p > 0:
+            rates.append(batch * max(1, n_images // batch) / (time.perf_counter() - t0))
+    return rates
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="DataLoader workers = DALI threads")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_id = 0 if device == "cuda" else None
+    aug = AugmentConfig()
+    jpegs = web_like_jpegs(args.images)
+    print(f"{args.images} web-like JPEGs (320-512 px), two {args.size} px views each, batch {args.batch}, "
+          f"{args.workers} CPU workers/threads, DALI on {device}; median of {args.passes} passes after a warm-up")
+    results = {}
+    results["dali"] = time_dali(jpegs, args.size, aug, args.batch, args.workers, args.passes, device_id)
+    results["pil"] = time_pil(jpegs, args.size, aug, args.batch, args.workers, args.passes)
+
+    from pipeline.ingest.writer import write_shard
+    from tools import local_s3
+
+    with local_s3.serve() as s3, tempfile.TemporaryDirectory() as tmp:
+        prefix = s3.make_bucket("bench-pipeline") + "/ds"
+        per = max(1, args.images // 4)
+        for s in range(4):
+            samples = [(f"s{s}_{i}", {"jpg": j, "cls": b"0"}) for i, j in enumerate(jpegs[s * per : (s + 1) * per])]
+            write_shard(f"{prefix}/shard-{s:06d}.tar", samples)
+            write_shard(f"{tmp}/shard-{s:06d}.tar", samples)
+        results["loader_s3"] = time_loader(prefix, args.size, args.batch, args.workers, args.passes, args.images,
+                                           device)
+        tars = [f"{tmp}/shard-{s:06d}.tar" for s in range(4)]
+        results["dali_webdataset_local"] = time_dali_webdataset(tars, args.size, aug, args.batch, args.workers,
+                                                                args.passes, device_id, args.images)
+    for name, rates in results.items():
+        print(f"{name:24s} {statistics.median(rates):8.1f} two-view images/s   (passes: "
+              + ", ".join(f"{r:.1f}" for r in rates) + ")")
+    ratio = statistics.median(results["dali"]) / statistics.median(results["pil"])
+    print(f"DALI / Pillow+DataLoader: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

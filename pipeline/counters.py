@@ -1,0 +1,39 @@
+"""Thread-safe counters the readers and the loader write and the trainer reads (Loader.counters())."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+
+# Reasons a sample is skipped; the counters expose them as skipped_<reason>.
+SKIP_REASONS = ("no_image", "bad_jpeg", "decode_error", "shard_failed")
+
+
+class Counters:
+    """Monotone float counters plus derived rates. Names:
+    samples (delivered to the trainer), decoded (passed validation and went to DALI), skipped_<reason>,
+    shards_done, shards_failed, read_retries, wait_s (trainer time blocked on data), samples_per_s."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, float] = defaultdict(float)
+        self._start = time.monotonic()
+
+    def add(self, name: str, value: float = 1.0) -> None:
+        with self._lock:
+            self._values[name] += value
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        assert reason in SKIP_REASONS, reason
+        self.add(f"skipped_{reason}", n)
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            out = {"samples": 0.0, "decoded": 0.0, "shards_done": 0.0, "shards_failed": 0.0, "read_retries": 0.0,
+                   "wait_s": 0.0, **{f"skipped_{r}": 0.0 for r in SKIP_REASONS}, **self._values}
+        elapsed = max(time.monotonic() - self._start, 1e-9)
+        out["skipped"] = sum(out[f"skipped_{r}"] for r in SKIP_REASONS)
+        out["elapsed_s"] = elapsed
+        out["samples_per_s"] = out["samples"] / elapsed
+        return out

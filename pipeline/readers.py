@@ -1,0 +1,109 @@
+"""One reader = one thread of one rank that owns a disjoint share of the shards (see shards.ShardPlan).
+
+Threads, not processes: a reader spends its time waiting on the network and in tarfile/PIL code that releases the
+GIL (zlib-free tar parsing is memcpy, libjpeg draft decodes run without the GIL), and threads share the counters and
+hand bytes to DALI without pickling. Each reader pushes into its own bounded queue, so memory is bounded by
+`queue_size` samples per reader plus one readahead block.
+
+Position of a reader = (epoch, shard index in its list, sample offset in that shard): a pure description of how far
+it got, from which a new reader resumes exactly (plan.train_shards / plan.eval_shards are deterministic).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+from pipeline.counters import Counters
+from pipeline.shards import ShardPlan
+from pipeline.stream import RetryPolicy, Sample, stream_shard
+
+log = logging.getLogger(__name__)
+
+Position = tuple[int, int, int]  # (epoch, shard index, sample offset)
+
+
+@dataclass(frozen=True)
+class Item:
+    """What a reader queue carries: a sample and the position just after it, or a position marker alone (shard end),
+    or end=True (eval: this reader has read all its shards), or an error to re-raise in the consumer."""
+
+    pos: Position
+    sample: Sample | None = None
+    end: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    storage_options: dict
+    block_bytes: int
+    policy: RetryPolicy
+    validate: str
+    queue_size: int = 64
+
+
+class Reader(threading.Thread):
+    def __init__(self, reader_id: int, plan: ShardPlan, train: bool, start: Position, settings: ReadSettings,
+                 counters: Counters):
+        super().__init__(name=f"shard-reader-{reader_id}", daemon=True)
+        self.reader_id, self.plan, self.train, self.start_pos = reader_id, plan, train, start
+        self.settings, self.counters = settings, counters
+        self.queue: queue.Queue[Item] = queue.Queue(maxsize=settings.queue_size)
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def _put(self, item: Item) -> bool:
+        """Blocking put that gives up when the reader is stopped; returns False then."""
+        while not self._stop_event.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _shards(self, epoch: int) -> list[str]:
+        return self.plan.train_shards(self.reader_id, epoch) if self.train else self.plan.eval_shards(self.reader_id)
+
+    def run(self) -> None:
+        try:
+            self._read()
+        except Exception as e:  # a bug must surface in the trainer, not leave it blocked on an empty queue
+            log.exception("reader %d crashed", self.reader_id)
+            self._put(Item(self.start_pos, error=f"reader {self.reader_id} crashed: {e!r}"))
+
+    def _read(self) -> None:
+        epoch, shard_idx, offset = self.start_pos
+        s = self.settings
+        while not self._stop_event.is_set():
+            shards = self._shards(epoch)
+            yielded_this_epoch = 0
+            while shard_idx < len(shards):
+                for next_offset, got in stream_shard(shards[shard_idx], offset, s.storage_options, s.block_bytes,
+                                                     s.policy, self.counters, s.validate):
+                    if isinstance(got, str):
+                        self.counters.skip(got)
+                        continue
+                    yielded_this_epoch += 1
+                    if not self._put(Item((epoch, shard_idx, next_offset), got)):
+                        return
+                shard_idx, offset = shard_idx + 1, 0
+                if not self._put(Item((epoch, shard_idx, 0))):
+                    return
+            if not self.train:
+                self._put(Item((epoch, shard_idx, 0), end=True))
+                return
+            if yielded_this_epoch == 0 and self.start_pos[1:] == (0, 0):
+                # A whole shard-epoch without one sample: looping again would spin forever without data.
+                self._put(Item((epoch, shard_idx, 0), error=f"reader {self.reader_id}: no readable sample in "
+                               f"shard-epoch {epoch} ({len(shards)} shards; see shards_failed)"))
+                return
+            epoch, shard_idx, offset = epoch + 1, 0, 0
+            self.start_pos = (epoch, 0, 0)
+            if not self._put(Item((epoch, 0, 0))):
+                return

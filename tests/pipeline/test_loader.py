@@ -1,0 +1,164 @@
+"""The real entry point, build_loader, on CPU DALI with shards on the loopback S3 server."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from pipeline.config import AugmentConfig, DataConfig
+from pipeline.loader import build_loader
+
+B, IMG, PATCH = 8, 32, 8
+L = (IMG // PATCH) ** 2
+
+
+def _cfg(shards: str, **kw) -> DataConfig:
+    base = dict(shards=shards, batch_size=B, img_size=IMG, patch_size=PATCH, shuffle_buffer=16, workers=2,
+                device="cpu", seed=0)
+    return DataConfig(**{**base, **kw})
+
+
+def _take(loader, n: int) -> list[dict]:
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def _eval_keys(cfg: DataConfig, world: int) -> list[list[str]]:
+    keys = []
+    for rank in range(world):
+        loader = build_loader(cfg, rank, world, torch.device("cpu"))
+        keys.append([k for b in loader for k in b["keys"]])
+        loader.close()
+    return keys
+
+
+def test_train_batch_layout_and_values(dataset):
+    prefix, keys = dataset
+    loader = build_loader(_cfg(prefix), 0, 1, torch.device("cpu"))
+    batches = _take(loader, 3)
+    loader.close()
+    for b in batches:
+        assert set(b) == {"view1", "view2", "mask_keys1", "mask_keys2", "keys", "labels"}
+        for v in ("view1", "view2"):
+            assert b[v].shape == (B, 3, IMG, IMG) and b[v].dtype == torch.float32
+            # ImageNet-normalised pixels of 0..255 images lie in [-2.12, 2.64]
+            assert b[v].min() >= -2.2 and b[v].max() <= 2.7 and b[v].abs().mean() > 0.1
+        for m in ("mask_keys1", "mask_keys2"):
+            assert b[m].shape == (B, L) and b[m].dtype == torch.float32
+            assert 0 <= b[m].min() and b[m].max() < 1
+        assert not torch.equal(b["mask_keys1"], b["mask_keys2"])
+        # Two independent augmentations of the same image differ, sample by sample.
+        assert ((b["view1"] - b["view2"]).flatten(1).abs().amax(1) > 0.1).all()
+        assert b["labels"].dtype == torch.long and b["labels"].shape == (B,)
+        assert len(b["keys"]) == B and set(b["keys"]) <= set(keys)
+        expected = [(int(k[1]) * 12 + int(k.split("_")[1])) % 10 for k in b["keys"]]
+        assert b["labels"].tolist() == expected
+    c = loader.counters()
+    assert c["samples"] == 3 * B and c["decoded"] >= 3 * B and c["skipped"] == 0
+
+
+def test_mae_preset_gives_one_view_and_unlabelled_is_minus_one(s3_bucket, shard_writer):
+    shard_writer(s3_bucket + "/u", 1, 10, labelled=False)
+    cfg = _cfg(s3_bucket + "/u", num_views=1, augment=AugmentConfig.preset("mae"), workers=1, shuffle_buffer=0)
+    loader = build_loader(cfg, 0, 1, torch.device("cpu"))
+    (b,) = _take(loader, 1)
+    loader.close()
+    assert set(b) == {"view1", "mask_keys1", "keys", "labels"} and b["view1"].shape == (B, 3, IMG, IMG)
+    assert (b["labels"] == -1).all()
+
+
+def test_eval_is_deterministic_and_unmasked(dataset):
+    prefix, keys = dataset
+    cfg = _cfg(prefix, mode="eval")
+    runs = []
+    for _ in range(2):
+        loader = build_loader(cfg, 0, 1, torch.device("cpu"))
+        runs.append(list(loader))
+        loader.close()
+    assert [b["keys"] for b in runs[0]] == [b["keys"] for b in runs[1]]
+    assert all(torch.equal(a["view1"], b["view1"]) for a, b in zip(*runs))
+    assert set(runs[0][0]) == {"view1", "keys", "labels"}
+    assert sorted(k for b in runs[0] for k in b["keys"]) == sorted(keys)
+
+
+def test_two_ranks_two_workers_read_disjoint_shards(dataset):
+    """4 shards, 2 ranks x 2 workers: in train mode's first shard-epoch each reader owns one whole shard."""
+    prefix, keys = dataset
+    cfg = _cfg(prefix, shuffle_buffer=0)
+    per_rank = []
+    for rank in range(2):
+        loader = build_loader(cfg, rank, 2, torch.device("cpu"))
+        per_rank.append([k for b in _take(loader, 3) for k in b["keys"]])  # 24 samples = the rank's 2 shards
+        loader.close()
+    shards_of = [{k.split("_")[0] for k in ks} for ks in per_rank]
+    assert all(len(s) == 2 for s in shards_of) and not shards_of[0] & shards_of[1]
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(keys)
+    # The same layout in eval mode: every sample once across ranks.
+    ev = _eval_keys(_cfg(prefix, mode="eval"), 2)
+    assert not set(ev[0]) & set(ev[1]) and sorted(ev[0] + ev[1]) == sorted(keys)
+
+
+def test_equal_steps_per_rank_with_fewer_shards_than_readers(s3_bucket, shard_writer):
+    """3 shards x 12 samples for 4 readers: train mode resamples, so both ranks give the same full steps."""
+    keys = shard_writer(s3_bucket + "/three", 3, 12)
+    cfg = _cfg(s3_bucket + "/three", steps_per_epoch=7)
+    counts = []
+    for rank in range(2):
+        loader = build_loader(cfg, rank, 2, torch.device("cpu"))
+        batches = list(loader)  # 7 x 8 = 56 samples per rank: more than one pass over the shards
+        loader.close()
+        counts.append([len(b["keys"]) for b in batches])
+        assert set(k for b in batches for k in b["keys"]) <= set(keys)
+    assert counts == [[B] * 7, [B] * 7]
+    # Eval on the same shards: 3 shards over 4 readers, uneven per rank, every sample once, last batch partial.
+    ev = _eval_keys(_cfg(s3_bucket + "/three", mode="eval"), 2)
+    assert sorted(ev[0] + ev[1]) == sorted(keys) and len(ev[0]) != len(ev[1])
+
+
+def test_eval_resume_yields_exactly_the_rest(dataset):
+    prefix, keys = dataset
+    cfg = _cfg(prefix, mode="eval", batch_size=5)
+    full = build_loader(cfg, 0, 1, torch.device("cpu"))
+    uninterrupted = [k for b in full for k in b["keys"]]
+    full.close()
+    first = build_loader(cfg, 0, 1, torch.device("cpu"))
+    head = [k for b in _take(first, 3) for k in b["keys"]]
+    state = pickle.loads(pickle.dumps(first.state_dict()))  # goes into a checkpoint
+    first.close()
+    resumed = build_loader(cfg, 0, 1, torch.device("cpu"))
+    resumed.load_state_dict(state)
+    tail = [k for b in resumed for k in b["keys"]]
+    resumed.close()
+    assert head + tail == uninterrupted and sorted(uninterrupted) == sorted(keys)
+
+
+def test_train_resume_continues_the_shard_sequence(dataset):
+    prefix, _ = dataset
+    cfg = _cfg(prefix, shuffle_buffer=0, workers=2)
+    ref = build_loader(cfg, 0, 1, torch.device("cpu"))
+    uninterrupted = [b["keys"] for b in _take(ref, 9)]  # 72 samples: beyond one 48-sample shard-epoch
+    ref.close()
+    first = build_loader(cfg, 0, 1, torch.device("cpu"))
+    head = [b["keys"] for b in _take(first, 4)]
+    state = pickle.loads(pickle.dumps(first.state_dict()))
+    first.close()
+    resumed = build_loader(cfg, 0, 1, torch.device("cpu"))
+    resumed.load_state_dict(state)
+    tail = [b["keys"] for b in _take(resumed, 5)]
+    resumed.close()
+    assert head + tail == uninterrupted
+
+
+def test_state_from_another_layout_is_refused(dataset):
+    prefix, _ = dataset
+    loader = build_loader(_cfg(prefix, mode="eval"), 0, 1, torch.device("cpu"))
+    state = loader.state_dict()
+    other = build_loader(_cfg(prefix, mode="eval"), 0, 2, torch.device("cpu"))
+    with pytest.raises(AssertionError, match="world_size"):
+        other.load_state_dict(state)
