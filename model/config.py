@@ -1,0 +1,49 @@
+"""ModelConfig: everything that defines the network and its objective (see contracts.md, model/)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.presets import VIT_PRESETS
+from model.recipes import RECIPES
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "vit_base"  # encoder size, a key of model.presets.VIT_PRESETS
+    img_size: int = 224  # square input side in pixels
+    patch_size: int | None = None  # None = the preset's (16; 14 for vit_huge)
+    recipe: str = "can"  # a key of model.recipes.RECIPES: can, can_no_noise, mae, simclr
+    mask_ratio: float | None = None  # None = the recipe's (0.5 can, 0.75 mae, 0 simclr)
+    noise_sigma_max: float | None = None  # None = the recipe's (0.05 can, else 0)
+    temperature: float = 0.1  # InfoNCE temperature (SimCLR, CAN)
+    proj_hidden_dim: int | None = None  # projector hidden width; None = encoder width (CAN authors' port)
+    proj_out_dim: int = 128  # contrastive embedding width
+    proj_depth: int = 2  # Linear layers in the projector
+    proj_batchnorm: bool = False  # BatchNorm between projector layers (SimCLR v1 style)
+    decoder_dim: int = 512  # MAE's decoder width
+    decoder_depth: int = 8  # MAE's decoder depth
+    decoder_heads: int = 16
+    noise_sinusoid_dim: int = 256  # width of the sinusoid of the noise level before its MLP
+    norm_pix_loss: bool = True  # reconstruct per-patch normalised pixels (MAE: better representations)
+    contrastive_weight: float | None = None  # loss weights; None = the recipe's
+    reconstruction_weight: float | None = None
+    denoise_weight: float | None = None
+    drop_path: float = 0.0  # stochastic depth rate of the last encoder block
+    global_pool: str = "avg"  # "avg" = mean of patch tokens, "token" = cls token (contrastive branch and probes)
+
+    def __post_init__(self):
+        if self.preset not in VIT_PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; known: {sorted(VIT_PRESETS)}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; known: {sorted(RECIPES)}")
+        if self.global_pool not in ("avg", "token"):
+            raise ValueError(f"global_pool must be 'avg' or 'token', got {self.global_pool!r}")
+
+    @property
+    def resolved_patch_size(self) -> int:
+        return self.patch_size or VIT_PRESETS[self.preset].patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.resolved_patch_size) ** 2

@@ -1,0 +1,49 @@
+"""CAN's loss terms as plain functions: InfoNCE (SimCLR's NT-Xent) and a masked per-patch MSE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def info_nce_against(
+    z1: torch.Tensor, z2: torch.Tensor, all_z1: torch.Tensor, all_z2: torch.Tensor, offset: int, temperature: float
+) -> torch.Tensor:
+    """NT-Xent of local anchors against a larger candidate set (the global batch under data parallelism).
+
+    z1, z2: (n, E) this rank's embeddings of view 1 and view 2 (row i of each is the same image);
+    all_z1, all_z2: (N, E) every rank's embeddings, this rank's rows at [offset, offset + n).
+    Each of the 2n local embeddings is an anchor; its other view is the positive; the other 2N - 2 candidates are
+    negatives. Returns the mean over the 2n anchors; the mean over ranks is then the loss over all 2N anchors.
+    """
+    n, N = z1.shape[0], all_z1.shape[0]
+    # float32 whatever the training precision: logits / 0.1 in bf16 would keep ~2 significant digits.
+    dtype = torch.promote_types(z1.dtype, torch.float32)
+    anchors = F.normalize(torch.cat([z1, z2]).to(dtype), dim=-1)  # (2n, E)
+    candidates = F.normalize(torch.cat([all_z1, all_z2]).to(dtype), dim=-1)  # (2N, E)
+    logits = anchors @ candidates.T / temperature  # (2n, 2N)
+    rows = torch.arange(n, device=z1.device) + offset  # global index of each local image
+    self_idx = torch.cat([rows, rows + N])
+    positive_idx = torch.cat([rows + N, rows])
+    # An embedding is never its own negative: -inf on its own column drops it from the softmax.
+    logits = logits.scatter(1, self_idx[:, None], float("-inf"))
+    return F.cross_entropy(logits, positive_idx)
+
+
+def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """z1, z2: (N, E) two views' embeddings (row i of each is the same image; normalised here).
+
+    SimCLR's NT-Xent over the 2N embeddings: every embedding is an anchor, its other view the positive, the other
+    2N - 2 embeddings the negatives; returns the mean over the 2N anchors.
+    """
+    return info_nce_against(z1, z2, z1, z2, 0, temperature)
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """pred, target: (N, L, P); mask: (N, L), 1 = counted, 0 = ignored.
+
+    Mean squared error per patch (over its P values), averaged over the counted patches.
+    """
+    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
+    mask = mask.to(per_patch.dtype)
+    return (per_patch * mask).sum() / mask.sum()
