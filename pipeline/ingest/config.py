@@ -1,0 +1,66 @@
+"""IngestConfig: everything `tools/shard.py` takes, and the fingerprint that ties an output prefix to its arguments."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+# Fields that change how the run executes but not which bytes it produces: left out of the fingerprint, so a rerun
+# with more workers, another engine or a quieter log resumes the same output.
+_EXECUTION_ONLY = ("workers", "engine", "ray_address", "quiet", "overwrite", "storage_options", "keep_staging")
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    min_side: int = 64  # reject if the shorter side is below this
+    max_aspect: float = 5.0  # reject if long/short side exceeds this
+    max_pixels: int = 100_000_000  # reject from the header, before decoding (decompression bombs)
+    max_bytes: int = 200_000_000  # reject files larger than this without reading them
+    max_shorter_side: int = 512  # downscale so the shorter side is at most this; 0 keeps the size
+    quality: int = 95  # JPEG quality when re-encoding
+    reencode: bool = False  # re-encode even JPEGs that could be copied byte for byte
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    sources: tuple[str, ...]
+    output: str
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    samples_per_shard: int = 5000
+    unit_size: int = 1000  # loose files per work unit; an archive or parquet file is always one unit
+    dedup: str = "exact"  # "none" | "exact" | "near" (near also drops exact duplicates)
+    near_threshold: int = 4  # max Hamming distance between 64-bit pHashes for "near"
+    labels_from_folders: bool = False
+    image_column: str | None = None  # parquet: None = auto-detect
+    label_column: str | None = None  # parquet: None = auto-detect ("label", "cls", "class")
+    workers: int = 0  # 0 = all cores
+    engine: str = "local"  # "local" | "ray"
+    ray_address: str | None = None
+    storage_options: dict = field(default_factory=dict)  # fsspec options for sources and output (may hold secrets)
+    overwrite: bool = False
+    keep_staging: bool = False
+    quiet: bool = False
+
+    def __post_init__(self):
+        if self.dedup not in ("none", "exact", "near"):
+            raise ValueError(f"dedup must be none, exact or near, not {self.dedup!r}")
+        if self.engine not in ("local", "ray"):
+            raise ValueError(f"engine must be local or ray, not {self.engine!r}")
+        if self.samples_per_shard < 1 or self.unit_size < 1:
+            raise ValueError("samples_per_shard and unit_size must be positive")
+        if not 0 <= self.near_threshold < 64:
+            raise ValueError("near_threshold must be in [0, 64)")
+
+    def public_dict(self) -> dict:
+        """All fields, with storage_options values redacted: safe to write to config.json and report.json."""
+        d = asdict(self)
+        d["storage_options"] = {k: "***" for k in self.storage_options}
+        d["sources"] = list(self.sources)
+        return d
+
+    def fingerprint(self) -> str:
+        d = self.public_dict()
+        for name in _EXECUTION_ONLY:
+            d.pop(name)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

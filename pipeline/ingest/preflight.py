@@ -1,0 +1,52 @@
+"""Checks before any work: the output is writable (credentials included) and holds no shards from other arguments."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from pipeline.ingest.atomic import put_bytes, remove_stale_temporaries, url_to_fs
+from pipeline.ingest.layout import Layout
+from pipeline.ingest.sources import IngestError
+
+# Files this tool owns under an output prefix: the only ones --overwrite deletes.
+_OWNED_PATTERNS = ("shard-*.tar", "shard-*.idx", "manifest.parquet", "rejects.parquet", "report.json", "classes.json")
+
+
+def check_output(layout: Layout, fingerprint: str, overwrite: bool, storage_options: dict) -> None:
+    try:
+        fs, root = url_to_fs(layout.output, storage_options)
+        probe = f"{layout.work}/.probe-{uuid.uuid4().hex}"
+        put_bytes(probe, b"ok", storage_options)
+        fs.rm_file(url_to_fs(probe, storage_options)[1])
+    except Exception as e:  # noqa: BLE001 - bad credentials, missing bucket, read-only disk: name it and stop
+        raise IngestError(f"output {layout.output!r} is not writable: {type(e).__name__}: {_first_line(e)}") from None
+    existing = _existing_fingerprint(fs, layout)
+    owned = [p for pattern in _OWNED_PATTERNS for p in fs.glob(f"{root}/{pattern}")]
+    if overwrite:
+        for p in owned:
+            fs.rm_file(p)
+        if fs.exists(url_to_fs(layout.work, storage_options)[1]):
+            fs.rm(url_to_fs(layout.work, storage_options)[1], recursive=True)
+    elif existing is not None and existing != fingerprint:
+        raise IngestError(f"output {layout.output!r} holds shards made with different arguments "
+                          f"(fingerprint {existing}, now {fingerprint}); use another --output or pass --overwrite")
+    elif existing is None and owned:
+        raise IngestError(f"output {layout.output!r} already holds shard files of unknown origin; pass --overwrite")
+    remove_stale_temporaries(layout.output, storage_options)
+
+
+def write_config(layout: Layout, fingerprint: str, public_config: dict, storage_options: dict) -> None:
+    body = {"fingerprint": fingerprint, "config": public_config}
+    put_bytes(layout.config, json.dumps(body, indent=1).encode(), storage_options)
+
+
+def _existing_fingerprint(fs, layout: Layout) -> str | None:
+    path = url_to_fs(layout.config)[1]
+    if not fs.exists(path):
+        return None
+    return json.loads(fs.cat_file(path))["fingerprint"]
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else ""

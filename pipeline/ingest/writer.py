@@ -1,0 +1,99 @@
+"""Write one complete WebDataset tar shard, and DALI's index beside it, to any fsspec URL, atomically.
+
+    info = write_shard("s3://bucket/ds/shard-000000.tar",
+                       [("a1b2c3", {"jpg": jpeg_bytes, "json": meta_bytes, "cls": b"7"}), ...])
+
+Members are `KEY.EXT` in the given order (the components of a sample stay adjacent, as WebDataset and DALI group
+consecutive members by key). Headers carry fixed owner/mtime/mode so the same samples always give the same bytes:
+a rerun after a crash reproduces a shard bit for bit. The index (`shard-000000.idx`) is published BEFORE the tar,
+so a visible tar always has its index; the tar itself only appears once complete (see atomic.py).
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+from dataclasses import dataclass
+from typing import Iterable
+
+from pipeline.ingest.atomic import atomic_writer, put_bytes
+from pipeline.ingest.dali_index import Component, format_index
+
+# Keys must not contain "." (WebDataset and DALI split the extension at the first dot of the basename) nor "/".
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_EXT_RE = re.compile(r"^[A-Za-z0-9_\-.]+$")
+_MTIME = 0  # fixed so shard bytes depend only on the samples
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    url: str
+    index_url: str | None  # None when written with write_index=False
+    num_samples: int
+    num_bytes: int  # size of the tar
+    keys: tuple[str, ...]
+    components: tuple[tuple[Component, ...], ...]  # per sample, offsets of each member's data in the tar
+
+
+def index_url_for(url: str) -> str:
+    """shard-000000.tar -> shard-000000.idx (same rule as wds2idx: replace the suffix after the basename's dot)."""
+    return re.sub(r"\.tar$", "", url) + ".idx"
+
+
+def write_shard(
+    url: str,
+    samples: Iterable[tuple[str, dict[str, bytes]]],
+    storage_options: dict | None = None,
+    write_index: bool = True,
+) -> ShardInfo:
+    """Write `samples` (key -> {ext: bytes}) as one tar at `url`; raises ValueError on bad or repeated keys."""
+    keys: list[str] = []
+    components: list[tuple[Component, ...]] = []
+    seen: set[str] = set()
+    with atomic_writer(url, storage_options) as f:
+        tar = tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT)
+        for key, parts in samples:
+            if not _KEY_RE.match(key) or key in seen:
+                raise ValueError(f"bad or repeated shard key {key!r}")
+            if not parts:
+                raise ValueError(f"sample {key!r} has no components")
+            seen.add(key)
+            members = []
+            for ext, data in parts.items():
+                if not _EXT_RE.match(ext):
+                    raise ValueError(f"bad extension {ext!r} for key {key!r}")
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), _MTIME, 0o444
+                header = info.tobuf(tar.format, tar.encoding, tar.errors)
+                # Data starts right after this member's header: that is the offset DALI seeks to.
+                offset = f.tell() + len(header)
+                tar.addfile(info, _Reader(data))
+                members.append(Component(ext, offset, len(data), info.name))
+            keys.append(key)
+            components.append(tuple(members))
+        tar.close()
+        num_bytes = f.tell()
+        if write_index:
+            # Published first: by the time the tar is visible its index is too.
+            put_bytes(index_url_for(url), format_index([list(c) for c in components]).encode(), storage_options)
+    return ShardInfo(
+        url=url,
+        index_url=index_url_for(url) if write_index else None,
+        num_samples=len(keys),
+        num_bytes=num_bytes,
+        keys=tuple(keys),
+        components=tuple(components),
+    )
+
+
+class _Reader:
+    """Minimal file object over bytes for tarfile.addfile, without copying into a BytesIO."""
+
+    def __init__(self, data: bytes):
+        self._view, self._pos = memoryview(data), 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size < 0 else min(len(self._view), self._pos + size)
+        chunk = self._view[self._pos : end].tobytes()
+        self._pos = end
+        return chunk

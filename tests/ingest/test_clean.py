@@ -1,0 +1,62 @@
+"""clean_image and phash invariants: limits checked from the header, draft decode sizes, pHash distances."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from pipeline.ingest.clean import Rejected, clean_image, target_size
+from pipeline.ingest.config import CleanConfig
+from pipeline.ingest.dedup import KEEP, Deduplicator
+from pipeline.ingest.phash import hamming, phash
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def test_target_size_never_upscales():
+    assert target_size(300, 200, 512) == (300, 200)
+    assert target_size(2048, 1024, 512) == (1024, 512)
+    assert target_size(2048, 1024, 0) == (2048, 1024)
+
+
+def test_draft_decode_stores_exact_target_size_and_is_deterministic():
+    big = Image.fromarray(skdata.astronaut()).resize((2000, 1500))
+    data = _jpeg(big, quality=90)
+    a, b = clean_image(data, CleanConfig()), clean_image(data, CleanConfig())
+    assert (a.width, a.height) == (683, 512) and not a.copied
+    assert a.jpeg == b.jpeg and a.pixel_hash == b.pixel_hash
+
+
+def test_reencode_flag_disables_byte_copy():
+    data = _jpeg(Image.fromarray(skdata.chelsea()))
+    assert clean_image(data, CleanConfig()).jpeg == data
+    assert clean_image(data, CleanConfig(reencode=True)).jpeg != data
+
+
+@pytest.mark.parametrize("size,reason", [((50, 200), "too_small"), ((600, 100), "extreme_aspect")])
+def test_limits(size, reason):
+    with pytest.raises(Rejected) as info:
+        clean_image(_jpeg(Image.new("RGB", size)), CleanConfig())
+    assert info.value.reason == reason
+
+
+def test_phash_separates_near_from_different():
+    cat = Image.fromarray(skdata.chelsea())
+    assert hamming(phash(cat), phash(cat.resize((200, 133)))) <= 4
+    assert hamming(phash(cat), phash(Image.fromarray(skdata.coffee()))) > 16
+
+
+def test_near_dedup_finds_matches_within_threshold_only():
+    d = Deduplicator("near", near_threshold=3)
+    assert d.decide("a", "ok", "", b"1", 0).verdict == KEEP
+    assert d.decide("b", "ok", "", b"2", 0b111).verdict == "duplicate_near"
+    assert d.decide("c", "ok", "", b"3", 0b1111).verdict == KEEP
+    assert d.decide("d", "ok", "", b"1", 1 << 63).verdict == "duplicate_exact"
+    assert d.decide("a", "ok", "", b"9", 12345).verdict == "duplicate_source"

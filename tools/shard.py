@@ -1,0 +1,73 @@
+"""Build cleaned, deduplicated WebDataset shards from raw image dumps.
+
+    python tools/shard.py SOURCE [SOURCE ...] --output URL [options]
+    python tools/shard.py ~/dump s3://raw/part-*.tar --output s3://data/v1 --dedup near --workers 16
+
+SOURCE and URL are local paths or fsspec URLs; credentials and endpoints come from the standard AWS environment,
+plus --storage-options JSON. Library: pipeline.ingest.engine.run_ingest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipeline.ingest.config import CleanConfig, IngestConfig
+from pipeline.ingest.engine import run_ingest
+from pipeline.ingest.report import format_table
+from pipeline.ingest.sources import IngestError
+
+
+def parse_args(argv: list[str] | None = None) -> IngestConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sources", nargs="+", metavar="SOURCE")
+    p.add_argument("--output", required=True)
+    c = CleanConfig()
+    p.add_argument("--min-side", type=int, default=c.min_side)
+    p.add_argument("--max-aspect", type=float, default=c.max_aspect)
+    p.add_argument("--max-pixels", type=int, default=c.max_pixels)
+    p.add_argument("--max-bytes", type=int, default=c.max_bytes)
+    p.add_argument("--max-shorter-side", type=int, default=c.max_shorter_side, help="0 = keep size")
+    p.add_argument("--quality", type=int, default=c.quality)
+    p.add_argument("--reencode", action="store_true", help="re-encode JPEGs that could be copied byte for byte")
+    p.add_argument("--samples-per-shard", type=int, default=5000)
+    p.add_argument("--unit-size", type=int, default=1000, help="loose files per work unit")
+    p.add_argument("--dedup", choices=("none", "exact", "near"), default="exact")
+    p.add_argument("--near-threshold", type=int, default=4, help="max pHash Hamming distance for --dedup near")
+    p.add_argument("--labels-from-folders", action="store_true")
+    p.add_argument("--image-column")
+    p.add_argument("--label-column")
+    p.add_argument("--workers", type=int, default=0, help="0 = all cores")
+    p.add_argument("--engine", choices=("local", "ray"), default="local")
+    p.add_argument("--ray-address")
+    p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--keep-staging", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="log lines per task instead of a progress bar")
+    a = p.parse_args(argv)
+    clean = CleanConfig(a.min_side, a.max_aspect, a.max_pixels, a.max_bytes, a.max_shorter_side, a.quality, a.reencode)
+    return IngestConfig(
+        sources=tuple(a.sources), output=a.output, clean=clean, samples_per_shard=a.samples_per_shard,
+        unit_size=a.unit_size, dedup=a.dedup, near_threshold=a.near_threshold,
+        labels_from_folders=a.labels_from_folders, image_column=a.image_column, label_column=a.label_column,
+        workers=a.workers, engine=a.engine, ray_address=a.ray_address, storage_options=a.storage_options,
+        overwrite=a.overwrite, keep_staging=a.keep_staging, quiet=a.quiet,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg = parse_args(argv)
+    try:
+        report = run_ingest(cfg)
+    except IngestError as e:
+        print(f"shard.py: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
