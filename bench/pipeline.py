@@ -3,7 +3,8 @@
     python -m bench.pipeline                     # CPU DALI here; DALI on the GPU where one is present
     python -m bench.pipeline --images 256 --passes 3 --size 224
 
-Both sides decode the same in-memory JPEGs (web-like photos, 320-512 px, from skimage.data) and make two views with
+The DALI figure is the loader's train pipeline, host-side parameter drawing (view_params.py) included. Both sides
+decode the same in-memory JPEGs (web-like photos, 320-512 px, from skimage.data) and make two views with
 the CAN augmentation of CAN_SPEC.md at --size px. Each figure is the median of --passes timed passes after one warm-up
 pass. Also measured in the same run: the whole loader (build_loader: S3 streaming on the loopback server + validation
 + DALI) and DALI's own fn.readers.webdataset over the same shards, to compare the two reading paths.
@@ -25,6 +26,8 @@ from PIL import Image, ImageEnhance, ImageFilter
 from pipeline import augment
 from pipeline.config import AugmentConfig, DataConfig
 from pipeline.loader import build_loader, resolve_device
+from pipeline.validate import inspect_jpeg
+from pipeline.view_params import draw_batch
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
 STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
@@ -101,13 +104,16 @@ def time_pil(jpegs, size, aug, batch, workers, passes) -> list[float]:
 
 
 def time_dali(jpegs, size, aug, batch, threads, passes, device_id) -> list[float]:
-    pipe = augment.train_pipeline(batch, size, (size // 16) ** 2, 2, aug, device_id, threads, 1, seed=0)
+    """The loader's train pipeline, host-side parameter drawing included (sizes come from the reader's header parse)."""
+    pipe = augment.train_pipeline(batch, size, 2, aug, device_id, threads, 1)
     arrays = [np.frombuffer(j, np.uint8) for j in jpegs]
+    sizes = [inspect_jpeg(j, "header")[1] for j in jpegs]
     rates = []
     for p in range(passes + 1):
         t0 = time.perf_counter()
         for i in range(0, len(arrays), batch):
             pipe.feed_input(augment.JPEG_INPUT, arrays[i : i + batch])
+            augment.feed_params(pipe, aug, draw_batch(sizes[i : i + batch], aug, 2, (size // 16) ** 2, 0, 0, i))
             out = pipe.run()
             if device_id is not None:
                 out[0].as_cpu()  # wait for the GPU work
@@ -130,6 +136,26 @@ def time_loader(prefix, size, batch, threads, passes, n_images, device) -> list[
     return rates
 
 
+def _dali_random_view(img, size: int, aug: AugmentConfig):
+    """The same augmentation with DALI's own random operators: DALI's reader has no host in the loop to draw them
+    (the loader does not use this: DALI's operator RNG state cannot be checkpointed, see pipeline/view_params.py)."""
+    from nvidia.dali import fn, types
+
+    def factor(on, s):
+        return 1.0 + on * fn.random.uniform(range=[max(0.0, 1.0 - s) - 1.0, s])
+
+    x = fn.random_resized_crop(img, size=[size, size], random_area=list(aug.crop_scale),
+                               random_aspect_ratio=list(aug.crop_ratio))
+    on = fn.random.coin_flip(probability=aug.jitter_p)
+    x = fn.color_twist(x, brightness=factor(on, aug.brightness), contrast=factor(on, aug.contrast),
+                       saturation=factor(on, aug.saturation) * (1 - fn.random.coin_flip(probability=aug.grayscale_p)),
+                       hue=on * fn.random.uniform(range=[-aug.hue * 360.0, aug.hue * 360.0]))
+    blur = fn.random.coin_flip(probability=aug.blur_p)
+    x = fn.gaussian_blur(x, sigma=blur * fn.random.uniform(range=list(aug.blur_sigma)) + (1 - blur) * 0.01)
+    return fn.crop_mirror_normalize(x, mirror=fn.random.coin_flip(probability=aug.flip_p), mean=list(aug.mean),
+                                    std=list(aug.std), dtype=types.FLOAT, output_layout="CHW")
+
+
 def time_dali_webdataset(tar_paths, size, aug, batch, threads, passes, device_id, n_images) -> list[float]:
     """DALI's own reader (index files beside the tars) feeding the same augmentation."""
     from nvidia.dali import fn
@@ -141,7 +167,7 @@ def time_dali_webdataset(tar_paths, size, aug, batch, threads, passes, device_id
                                     random_shuffle=True, initial_fill=batch * 2, name="reader")
         img = (fn.decoders.image(jpg, device="cpu") if device_id is None
                else fn.decoders.image(jpg, device="mixed"))
-        pipe.set_outputs(augment._view(img, size, aug), augment._view(img, size, aug))
+        pipe.set_outputs(_dali_random_view(img, size, aug), _dali_random_view(img, size, aug))
     pipe.build()
     rates = []
     for p in range(passes + 1):

@@ -1,16 +1,20 @@
-"""DALI pipeline definitions: encoded JPEG bytes in, normalised NCHW views and per-patch mask keys out.
+"""DALI pipeline definitions: encoded JPEG bytes and host-drawn parameters in, normalised NCHW views out.
 
 One definition serves both devices: device_id=None builds a CPU-only pipeline (tests, CPU hosts), an int builds the GPU
 one (decode device="mixed": nvJPEG, using the A100/H100 hardware JPEG decoder where present; augmentation on the GPU).
+The parameter inputs are CPU external sources either way: DALI takes argument inputs from the CPU only.
 
-Train, per view and independently (CAN_SPEC.md step 1; every number from AugmentConfig):
-  random resized crop -> flip p -> colour jitter with p (brightness, contrast, saturation, hue) -> grayscale p
-  -> Gaussian blur p, sigma ~ U(blur_sigma) -> normalise (mean/std) -> CHW float32
-  mask keys: U[0, 1) of shape [L] per sample; the model argsorts them into an exact-count mask (CAN_SPEC.md step 2).
-Eval: resize the shorter side to img_size / eval_resize_ratio, centre crop img_size, normalise. No masking.
+Train, per view and independently (CAN_SPEC.md step 1; every number from AugmentConfig, drawn by view_params.py):
+  random resized crop (host window -> fn.resize with a relative ROI) -> colour jitter with p -> grayscale p
+  -> Gaussian blur p, sigma ~ U(blur_sigma) -> flip p -> normalise (mean/std) -> CHW float32.
+  Flip is applied last (in crop_mirror_normalize): the colour ops are per pixel and the blur kernel is symmetric with
+  symmetric borders, so the order does not change the result.
+  Mask keys do not pass through DALI: the host draws them (U[0, 1), [B, L]) with the other parameters.
+Eval: resize the shorter side to img_size / eval_resize_ratio, centre crop img_size, normalise. No randomness.
 
-"Apply with probability p" is written as arithmetic on per-sample random arguments rather than DALI conditionals:
-a stage that is off for a sample gets its identity parameters (factor 1, hue 0, saturation 0 for grayscale), so the
+No DALI random operator is used: every random number is an argument input fed per batch (feed_params), so a batch's
+augmentation is a pure function of (seed, rank, batch index) and a resumed run redraws exactly the same ones.
+"Apply with probability p" is expressed by the host as identity parameters (factor 1, hue 0, NO_BLUR_SIGMA), so the
 graph is static and GPU batches are never split.
 """
 
@@ -20,11 +24,29 @@ from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 
 from pipeline.config import AugmentConfig
+from pipeline.view_params import ViewParams
 
 JPEG_INPUT = "jpegs"  # name of the external source the loader feeds with pipe.feed_input
-# A blur "off" sample still goes through the blur operator; a sigma this small gives the 3-tap kernel [0, 1, 0]
-# (exp(-1 / (2 * 0.01^2)) underflows to 0), i.e. the exact identity, and costs a 3x3 pass.
-_NO_BLUR_SIGMA = 0.01
+
+# ViewParams field -> (ndim per sample, DALI dtype) of the argument inputs each view of the train pipeline takes.
+_CROP = {"roi_start": (1, types.FLOAT), "roi_end": (1, types.FLOAT), "mirror": (0, types.INT32)}
+_COLOUR = {"brightness": (0, types.FLOAT), "contrast": (0, types.FLOAT), "saturation": (0, types.FLOAT),
+           "hue": (0, types.FLOAT)}
+_BLUR = {"sigma": (0, types.FLOAT)}
+
+
+def param_fields(aug: AugmentConfig) -> dict[str, tuple[int, types.DALIDataType]]:
+    """The parameter inputs one view needs: stages with probability 0 are left out of the graph (the mae preset)."""
+    fields = dict(_CROP)
+    if aug.jitter_p > 0 or aug.grayscale_p > 0:
+        fields.update(_COLOUR)
+    if aug.blur_p > 0:
+        fields.update(_BLUR)
+    return fields
+
+
+def input_name(view: int, field: str) -> str:
+    return f"view{view}_{field}"
 
 
 def _decode(device_id: int | None):
@@ -35,52 +57,47 @@ def _decode(device_id: int | None):
     return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=0.65)
 
 
-def _uniform_around_one(on, strength: float):
-    """Factor 1 + on * U(max(0, 1 - s) - 1, s): torchvision's [max(0, 1 - s), 1 + s] when on, 1 when off."""
-    return 1.0 + on * fn.random.uniform(range=[max(0.0, 1.0 - strength) - 1.0, strength])
-
-
-def _view(img, size: int, aug: AugmentConfig):
+def _view(img, size: int, aug: AugmentConfig, view: int):
     """One augmented view: img HWC uint8 -> CHW float32 normalised, [3, size, size]."""
-    x = fn.random_resized_crop(img, size=[size, size], random_area=list(aug.crop_scale),
-                               random_aspect_ratio=list(aug.crop_ratio))
-    if aug.jitter_p > 0 or aug.grayscale_p > 0:
-        on = fn.random.coin_flip(probability=aug.jitter_p)
-        keep_colour = 1 - fn.random.coin_flip(probability=aug.grayscale_p)
-        # Grayscale as saturation 0 after the jitter: one fused colour-twist kernel does both.
-        x = fn.color_twist(x, brightness=_uniform_around_one(on, aug.brightness),
-                           contrast=_uniform_around_one(on, aug.contrast),
-                           saturation=_uniform_around_one(on, aug.saturation) * keep_colour,
-                           hue=on * fn.random.uniform(range=[-aug.hue * 360.0, aug.hue * 360.0]))
-    if aug.blur_p > 0:
-        blur = fn.random.coin_flip(probability=aug.blur_p)
-        sigma = blur * fn.random.uniform(range=list(aug.blur_sigma)) + (1 - blur) * _NO_BLUR_SIGMA
-        x = fn.gaussian_blur(x, sigma=sigma)
-    mirror = fn.random.coin_flip(probability=aug.flip_p) if aug.flip_p > 0 else 0
-    return fn.crop_mirror_normalize(x, mirror=mirror, mean=list(aug.mean), std=list(aug.std), dtype=types.FLOAT,
-                                    output_layout="CHW")
+    p = {f: fn.external_source(name=input_name(view, f), dtype=dtype, ndim=ndim)
+         for f, (ndim, dtype) in param_fields(aug).items()}
+    # Linear interpolation with antialiasing, as fn.random_resized_crop and torchvision's bilinear + antialias.
+    x = fn.resize(img, size=[size, size], roi_start=p["roi_start"], roi_end=p["roi_end"], roi_relative=True)
+    if "hue" in p:
+        # One fused colour-twist kernel applies brightness, contrast, saturation and hue in DALI's fixed order
+        # (torchvision shuffles the four per sample; a fixed order is a documented, accepted difference). Grayscale is
+        # saturation 0, folded into the same kernel by the host.
+        x = fn.color_twist(x, brightness=p["brightness"], contrast=p["contrast"], saturation=p["saturation"],
+                           hue=p["hue"])
+    if "sigma" in p:
+        x = fn.gaussian_blur(x, sigma=p["sigma"])
+    return fn.crop_mirror_normalize(x, mirror=p["mirror"], mean=list(aug.mean), std=list(aug.std),
+                                    dtype=types.FLOAT, output_layout="CHW")
 
 
-def train_pipeline(batch_size: int, img_size: int, num_patches: int, num_views: int, aug: AugmentConfig,
-                   device_id: int | None, num_threads: int, prefetch: int, seed: int) -> Pipeline:
-    """Outputs, in order: per view (view [B,3,S,S] float32, mask_keys [B,L] float32 in [0, 1))."""
-    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+def feed_params(pipe: Pipeline, aug: AugmentConfig, views: list[ViewParams]) -> None:
+    """Feed one batch's host-drawn parameters (one ViewParams per view) before pipe.run()."""
+    for v, params in enumerate(views):
+        for f in param_fields(aug):
+            pipe.feed_input(input_name(v, f), getattr(params, f))
+
+
+def train_pipeline(batch_size: int, img_size: int, num_views: int, aug: AugmentConfig, device_id: int | None,
+                   num_threads: int, prefetch: int) -> Pipeline:
+    """Outputs, in order: one view [B,3,S,S] float32 per view. Inputs: JPEG_INPUT, then feed_params."""
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0,
                     prefetch_queue_depth=prefetch, exec_async=False, exec_pipelined=False)
     with pipe:
         img = _decode(device_id)
-        outputs = []
-        for _ in range(num_views):
-            outputs.append(_view(img, img_size, aug))
-            outputs.append(fn.random.uniform(range=[0.0, 1.0], shape=[num_patches], dtype=types.FLOAT))
-        pipe.set_outputs(*outputs)
+        pipe.set_outputs(*[_view(img, img_size, aug, v) for v in range(num_views)])
     pipe.build()
     return pipe
 
 
 def eval_pipeline(batch_size: int, img_size: int, aug: AugmentConfig, device_id: int | None, num_threads: int,
-                  prefetch: int, seed: int) -> Pipeline:
+                  prefetch: int) -> Pipeline:
     """One output: view [B,3,S,S] float32, the centre crop of the shorter-side-resized image."""
-    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0,
                     prefetch_queue_depth=prefetch, exec_async=False, exec_pipelined=False)
     with pipe:
         img = _decode(device_id)

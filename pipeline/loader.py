@@ -15,9 +15,10 @@ between readers, not samples); each rank's last batch is partial (B' < batch_siz
 callers must not run a per-step collective in eval (gather features after the pass instead). Train mode never ends
 (shards are resampled per shard-epoch), so every rank can take the same number of steps.
 
-Stages after the sample stream (sampler.py): a producer thread feeds each encoded batch to DALI (augment.py), copies
-the outputs to torch on `device`, and queues `prefetch` finished batches; the trainer's time blocked on that queue
-is the wait_s counter.
+Stages after the sample stream (sampler.py): a producer thread draws the batch's augmentation parameters and mask keys
+on the host from (seed, rank, batch index) (view_params.py), feeds them and the encoded batch to DALI (augment.py),
+copies the outputs to torch on `device`, and queues `prefetch` finished batches; the trainer's time blocked on that
+queue is the wait_s counter. Train and eval both resume exactly from state_dict() (pipeline/README.md, "Resume").
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ from pipeline.sampler import BatchStream, EncodedBatch, StreamClosed
 from pipeline.shards import ShardPlan, build_plan
 from pipeline.stream import RetryPolicy
 from pipeline.validate import check_jpeg_full
+from pipeline.view_params import ViewParams, draw_batch
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: host-drawn augmentation (batch index in the stream state), resumable shuffle buffer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,9 +146,6 @@ class _Producer(threading.Thread):
                                   cfg.batch_size, cfg.shuffle_buffer, cfg.seed, loader.rank)
         if loader._state is not None:
             self.stream.load_state(loader._state)
-        # Augmentation randomness is reseeded from (seed, rank, batches so far): a resumed run draws fresh, reproducible
-        # augmentations instead of replaying the first batches' draws.
-        self.dali_seed = int(np.random.SeedSequence([cfg.seed, loader.rank, loader._batches]).generate_state(1)[0]) >> 1
         self.out: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch))
         self._stop_event = threading.Event()
         self.pipe = None
@@ -156,10 +155,9 @@ class _Producer(threading.Thread):
     def _build_pipe(self):
         cfg, lo = self.cfg, self.loader
         if lo.train:
-            return augment.train_pipeline(cfg.batch_size, cfg.img_size, cfg.num_patches, cfg.num_views, cfg.augment,
-                                          lo.dali_device_id, cfg.dali_threads, 1, self.dali_seed)
-        return augment.eval_pipeline(cfg.batch_size, cfg.img_size, cfg.augment, lo.dali_device_id, cfg.dali_threads,
-                                     1, self.dali_seed)
+            return augment.train_pipeline(cfg.batch_size, cfg.img_size, cfg.num_views, cfg.augment,
+                                          lo.dali_device_id, cfg.dali_threads, 1)
+        return augment.eval_pipeline(cfg.batch_size, cfg.img_size, cfg.augment, lo.dali_device_id, cfg.dali_threads, 1)
 
     def _put(self, item) -> bool:
         while not self._stop_event.is_set():
@@ -189,9 +187,14 @@ class _Producer(threading.Thread):
 
     def _augment(self, enc: EncodedBatch) -> dict[str, Any] | None:
         """Run DALI on one encoded batch. DALI fails a whole iteration on one bad image: then the pipeline is rebuilt,
-        the culprits are found by a full PIL decode, counted as skipped, and the rest of the batch goes on."""
+        the culprits are found by a full PIL decode, counted as skipped, and the rest of the batch goes on.
+        Train: every random number comes from view_params.draw_batch(..., seed, rank, enc.index), so the batch is a
+        pure function of its samples and its index (the survivors of a rejected batch keep their own draws)."""
+        cfg = self.cfg
+        views = (draw_batch(enc.sizes, cfg.augment, cfg.num_views, cfg.num_patches, cfg.seed, self.loader.rank,
+                            enc.index) if self.loader.train else [])
         try:
-            outputs = self._run(enc.jpegs)
+            outputs = self._run(enc.jpegs, views)
         except RuntimeError as e:
             keep = [i for i, j in enumerate(enc.jpegs) if check_jpeg_full(j)]
             self.loader._counters.skip("decode_error", len(enc.jpegs) - len(keep))
@@ -201,21 +204,24 @@ class _Producer(threading.Thread):
             if not keep:
                 return None
             enc = EncodedBatch([enc.keys[i] for i in keep], [enc.labels[i] for i in keep],
-                               [enc.jpegs[i] for i in keep], enc.state)
-            outputs = self._run(enc.jpegs)
+                               [enc.jpegs[i] for i in keep], [enc.sizes[i] for i in keep], enc.index, enc.state)
+            views = [v.take(keep) for v in views]
+            outputs = self._run(enc.jpegs, views)
         self.loader._counters.add("decoded", len(enc.jpegs))
         device = self.loader.device
         batch: dict[str, Any] = {"keys": enc.keys, "labels": torch.tensor(enc.labels, dtype=torch.long).to(device)}
         if self.loader.train:
-            for v in range(self.cfg.num_views):
-                batch[f"view{v + 1}"] = _to_torch(outputs[2 * v], device)
-                batch[f"mask_keys{v + 1}"] = _to_torch(outputs[2 * v + 1], device)
+            for v, params in enumerate(views):
+                batch[f"view{v + 1}"] = _to_torch(outputs[v], device)
+                batch[f"mask_keys{v + 1}"] = torch.from_numpy(params.mask_keys).to(device, non_blocking=True)
         else:
             batch["view1"] = _to_torch(outputs[0], device)
         return batch
 
-    def _run(self, jpegs: list[bytes]):
+    def _run(self, jpegs: list[bytes], views: list[ViewParams]):
         self.pipe.feed_input(augment.JPEG_INPUT, [np.frombuffer(j, dtype=np.uint8) for j in jpegs])
+        if views:
+            augment.feed_params(self.pipe, self.cfg.augment, views)
         return self.pipe.run()
 
     def get(self):

@@ -3,15 +3,20 @@
 Stages (declared in this order, as OpenCLIP's data pipeline; invariants asserted where they are cheap):
   1. shards     per-reader shard lists from ShardPlan (disjoint across readers)
   2. read       reader threads stream, validate and queue samples (readers.py)
-  3. merge      round-robin over this rank's readers in a fixed order: the merged order does not depend on thread
-                timing, so the same state always gives the same samples
+  3. merge      round-robin over this rank's readers in a fixed order, one sample per turn, waiting for the reader
+                whose turn it is: the merged order does not depend on thread timing, so the same state always gives
+                the same samples
   4. shuffle    train only: a buffer of `shuffle_buffer` samples, seeded by (seed, rank)
-  5. batch      batch_size samples; eval's last batch may be partial
+  5. batch      batch_size samples, numbered 0, 1, ... per rank (the index seeds the batch's augmentation,
+                view_params.py); eval's last batch may be partial
 
-State (plain dict, picklable): per-reader positions of the last sample taken from its queue, which readers are still
-active, the round-robin cursor and the shuffle RNG. Eval has no shuffle buffer, so restoring the state of the last
-delivered batch yields exactly the remaining samples. Train drops the samples sitting in the shuffle buffer at save
-time (at most shuffle_buffer samples, not replayed) and continues the same shard sequence from there.
+State (plain dict, picklable), as of the end of a batch: the merge position (per-reader position of the last sample
+taken from its queue, which readers are still active, the round-robin cursor), the number of samples pulled and of
+batches made, the shuffle RNG, and the shuffle buffer as the merge indices of the samples in it, in buffer order, plus
+the merge position just before the oldest of them. Restoring replays the merge from that older position, keeps the
+samples whose indices are listed (the others were already emitted) and rebuilds the buffer in the same order, so
+train resumes exactly, with or without a shuffle buffer; the replay re-reads the samples pulled since the oldest
+buffered one (about shuffle_buffer * a few samples; ~1-5 s per 10,000 at header-validation speed). Eval has no buffer.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pipeline.counters import Counters
 from pipeline.readers import Item, Reader, ReadSettings
 from pipeline.shards import ShardPlan
 from pipeline.stream import Sample
+from pipeline.validate import Size
 
 
 class StreamClosed(Exception):
@@ -35,12 +41,27 @@ class StreamClosed(Exception):
 
 @dataclass
 class EncodedBatch:
-    """keys/labels/jpegs of up to batch_size samples; state = the stream state just after this batch."""
+    """keys/labels/jpegs/sizes of up to batch_size samples; index = this batch's number in the rank's stream;
+    state = the stream state just after this batch."""
 
     keys: list[str]
     labels: list[int]
     jpegs: list[bytes]
+    sizes: list[Size | None]
+    index: int
     state: dict[str, Any]
+
+
+MergeState = tuple[dict[int, tuple[int, int, int]], list[int], int]  # positions, active readers, round-robin cursor
+
+
+@dataclass
+class _Buffered:
+    """A sample in the shuffle buffer: its merge index and the merge state just before it was pulled."""
+
+    index: int
+    sample: Sample
+    before: MergeState
 
 
 class BatchStream:
@@ -54,21 +75,60 @@ class BatchStream:
         self.positions: dict[int, tuple[int, int, int]] = {r: (0, 0, 0) for r in self.reader_ids}
         self.active: list[int] = list(self.reader_ids)
         self.rr = 0
-        self.buffer: list[Sample] = []
+        self.pulled = 0  # samples taken from the merge so far (the merge index of the next one)
+        self.batches = 0  # batches made so far (the index of the next one)
+        self.buffer: list[_Buffered] = []
         self.readers: dict[int, Reader] = {}
         self.closed = False
+        self._replay: dict[str, Any] | None = None  # a restored state whose buffer is still to be rebuilt
 
     # ----- state -------------------------------------------------------------------------------------------------
+    def _merge_state(self) -> MergeState:
+        return dict(self.positions), list(self.active), self.rr
+
+    def _set_merge_state(self, m: MergeState) -> None:
+        self.positions = {int(r): tuple(p) for r, p in m[0].items()}
+        self.active, self.rr = list(m[1]), int(m[2])
+
     def state(self) -> dict[str, Any]:
+        oldest = min(self.buffer, key=lambda b: b.index) if self.buffer else None
         return {"positions": {r: tuple(p) for r, p in self.positions.items()}, "active": list(self.active),
-                "rr": self.rr, "rng": copy.deepcopy(self.rng.bit_generator.state)}
+                "rr": self.rr, "rng": copy.deepcopy(self.rng.bit_generator.state), "pulled": self.pulled,
+                "batches": self.batches, "buffer": [b.index for b in self.buffer],
+                "buffer_from": None if oldest is None else {"index": oldest.index, "positions": oldest.before[0],
+                                                            "active": oldest.before[1], "rr": oldest.before[2]}}
 
     def load_state(self, state: dict[str, Any]) -> None:
         assert not self.readers, "load state before the stream starts"
         assert sorted(state["positions"]) == sorted(self.reader_ids), "state is from another rank/worker layout"
-        self.positions = {int(r): tuple(p) for r, p in state["positions"].items()}
-        self.active, self.rr = list(state["active"]), int(state["rr"])
         self.rng.bit_generator.state = copy.deepcopy(state["rng"])
+        self.pulled, self.batches = int(state["pulled"]), int(state["batches"])
+        start = state["buffer_from"]
+        if start is None:
+            self._set_merge_state((state["positions"], state["active"], state["rr"]))
+            return
+        # Readers restart where the oldest buffered sample was pulled; _rebuild_buffer replays up to `pulled`.
+        self._set_merge_state((start["positions"], start["active"], start["rr"]))
+        self._replay = {"from": int(start["index"]), "until": self.pulled, "buffer": list(state["buffer"]),
+                        "merge": (state["positions"], state["active"], state["rr"])}
+        self.pulled = int(start["index"])
+
+    def _rebuild_buffer(self) -> None:
+        replay, self._replay = self._replay, None
+        wanted = set(replay["buffer"])
+        kept: dict[int, _Buffered] = {}
+        while self.pulled < replay["until"]:
+            before, index = self._merge_state(), self.pulled
+            s = self._pull()
+            if s is None:
+                raise RuntimeError("stream ended while replaying the shuffle buffer: the shards changed since the save")
+            if index in wanted:
+                kept[index] = _Buffered(index, s, before)
+        m = replay["merge"]
+        if self._merge_state() != ({int(r): tuple(p) for r, p in m[0].items()}, list(m[1]), int(m[2])) or \
+                sorted(kept) != sorted(wanted):
+            raise RuntimeError("replaying the shuffle buffer did not reach the saved position: the shards changed")
+        self.buffer = [kept[i] for i in replay["buffer"]]
 
     # ----- running -----------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -99,6 +159,7 @@ class BatchStream:
             if item.sample is None:  # shard-boundary marker: position only, not a turn
                 continue
             self.rr += 1
+            self.pulled += 1
             return item.sample
         return None
 
@@ -112,18 +173,21 @@ class BatchStream:
                 continue
 
     def _next_sample(self) -> Sample | None:
-        if self.shuffle_buffer <= 1:
+        if self._replay is not None:
+            self._rebuild_buffer()
+        if self.shuffle_buffer <= 1 and not self.buffer:  # (a buffer restored into an unbuffered stream drains first)
             return self._pull()
         while len(self.buffer) < self.shuffle_buffer:
+            before, index = self._merge_state(), self.pulled
             s = self._pull()
             if s is None:
                 break
-            self.buffer.append(s)
+            self.buffer.append(_Buffered(index, s, before))
         if not self.buffer:
             return None
         i = int(self.rng.integers(len(self.buffer)))
         self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
-        return self.buffer.pop()
+        return self.buffer.pop().sample
 
     def next_batch(self) -> EncodedBatch | None:
         samples: list[Sample] = []
@@ -135,5 +199,6 @@ class BatchStream:
         if not samples:
             return None
         assert self.train is False or len(samples) == self.batch_size, "train batches are always full"
+        index, self.batches = self.batches, self.batches + 1
         return EncodedBatch([s.key for s in samples], [s.label for s in samples], [s.jpeg for s in samples],
-                            self.state())
+                            [s.size for s in samples], index, self.state())

@@ -19,7 +19,7 @@ from typing import Iterator
 import fsspec
 
 from pipeline.counters import Counters
-from pipeline.validate import check_jpeg
+from pipeline.validate import Size, inspect_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,13 @@ class RawSample:
 
 @dataclass(frozen=True)
 class Sample:
-    """A validated sample, ready to decode. label = -1 when the shard has no .cls for it."""
+    """A validated sample, ready to decode. label = -1 when the shard has no .cls for it. size = (width, height) as
+    decoded, read from the JPEG header (None only when validation is off and the header does not parse)."""
 
     key: str
     jpeg: bytes
     label: int
+    size: Size | None = None
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -77,7 +79,7 @@ def to_sample(raw: RawSample, validate: str) -> Sample | str:
     image = next((raw.files[e] for e in _IMAGE_EXTS if e in raw.files), None)
     if image is None:
         return "no_image"
-    reason = check_jpeg(image, validate)
+    reason, size = inspect_jpeg(image, validate)
     if reason is not None:
         return reason
     label = -1
@@ -86,7 +88,7 @@ def to_sample(raw: RawSample, validate: str) -> Sample | str:
             label = int(raw.files["cls"].decode("ascii").strip())
         except ValueError:
             label = -1  # an unreadable label is not a reason to lose the image for pre-training
-    return Sample(os.path.basename(raw.key), image, label)
+    return Sample(os.path.basename(raw.key), image, label, size)
 
 
 @dataclass(frozen=True)
