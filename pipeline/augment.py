@@ -10,7 +10,11 @@ Train, per view and independently (CAN_SPEC.md step 1; every number from Augment
   Flip is applied last (in crop_mirror_normalize): the colour ops are per pixel and the blur kernel is symmetric with
   symmetric borders, so the order does not change the result.
   Mask keys do not pass through DALI: the host draws them (U[0, 1), [B, L]) with the other parameters.
-Eval: resize the shorter side to img_size / eval_resize_ratio, centre crop img_size, normalise. No randomness.
+  MSCN (aug.mscn set, mscn_graph.py): the blurred view is high-passed (x - GaussianBlur(x, highpass_sigma)) and
+  normalised with mean 0 (a high-pass is zero-mean already) and the ImageNet std; one keep mask per masked copy is
+  built from host-drawn grids and focal boxes. The noise fill is done by the loader, on the device (mscn_fill.py).
+Eval: resize the shorter side to img_size / eval_resize_ratio, centre crop img_size, normalise. No randomness. With
+  MSCN's high-pass on, eval views are high-passed too (MSCN App. A.2: the probe sees what pretraining saw).
 
 No DALI random operator is used: every random number is an argument input fed per batch (feed_params), so a batch's
 augmentation is a pure function of (seed, rank, batch index) and a resumed run redraws exactly the same ones.
@@ -23,6 +27,7 @@ from __future__ import annotations
 from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 
+from pipeline import mscn_graph
 from pipeline.config import AugmentConfig
 from pipeline.view_params import ViewParams
 
@@ -57,6 +62,16 @@ def _decode(device_id: int | None):
     return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=0.65)
 
 
+def _highpass_sigma(aug: AugmentConfig) -> float:
+    return aug.mscn.highpass_sigma if aug.mscn is not None else 0.0
+
+
+def _normalise(x, aug: AugmentConfig, **kw):
+    """HWC -> CHW float32 (x - mean) / std; mean 0 after a high-pass, whose output is centred already."""
+    mean = [0.0, 0.0, 0.0] if _highpass_sigma(aug) > 0 else list(aug.mean)
+    return fn.crop_mirror_normalize(x, mean=mean, std=list(aug.std), dtype=types.FLOAT, output_layout="CHW", **kw)
+
+
 def _view(img, size: int, aug: AugmentConfig, view: int):
     """One augmented view: img HWC uint8 -> CHW float32 normalised, [3, size, size]."""
     p = {f: fn.external_source(name=input_name(view, f), dtype=dtype, ndim=ndim)
@@ -71,8 +86,9 @@ def _view(img, size: int, aug: AugmentConfig, view: int):
                            hue=p["hue"])
     if "sigma" in p:
         x = fn.gaussian_blur(x, sigma=p["sigma"])
-    return fn.crop_mirror_normalize(x, mirror=p["mirror"], mean=list(aug.mean), std=list(aug.std),
-                                    dtype=types.FLOAT, output_layout="CHW")
+    if _highpass_sigma(aug) > 0:
+        x = mscn_graph.highpass(x, _highpass_sigma(aug))
+    return _normalise(x, aug, mirror=p["mirror"])
 
 
 def feed_params(pipe: Pipeline, aug: AugmentConfig, views: list[ViewParams]) -> None:
@@ -84,12 +100,16 @@ def feed_params(pipe: Pipeline, aug: AugmentConfig, views: list[ViewParams]) -> 
 
 def train_pipeline(batch_size: int, img_size: int, num_views: int, aug: AugmentConfig, device_id: int | None,
                    num_threads: int, prefetch: int) -> Pipeline:
-    """Outputs, in order: one view [B,3,S,S] float32 per view. Inputs: JPEG_INPUT, then feed_params."""
+    """Outputs, in order: one view [B,3,S,S] float32 per view; with aug.mscn, then one keep mask [B,3,S,S] uint8 per
+    masked copy (mscn_graph.keep_masks' order). Inputs: JPEG_INPUT, feed_params, and with aug.mscn feed_masks."""
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0,
                     prefetch_queue_depth=prefetch, exec_async=False, exec_pipelined=False)
     with pipe:
         img = _decode(device_id)
-        pipe.set_outputs(*[_view(img, img_size, aug, v) for v in range(num_views)])
+        views = [_view(img, img_size, aug, v) for v in range(num_views)]
+        masks = (mscn_graph.keep_masks(aug.mscn, num_views, img_size, device_id is not None)
+                 if aug.mscn is not None else [])
+        pipe.set_outputs(*views, *masks)
     pipe.build()
     return pipe
 
@@ -102,7 +122,10 @@ def eval_pipeline(batch_size: int, img_size: int, aug: AugmentConfig, device_id:
     with pipe:
         img = _decode(device_id)
         img = fn.resize(img, resize_shorter=round(img_size / aug.eval_resize_ratio))
-        pipe.set_outputs(fn.crop_mirror_normalize(img, crop=[img_size, img_size], mean=list(aug.mean),
-                                                  std=list(aug.std), dtype=types.FLOAT, output_layout="CHW"))
+        if _highpass_sigma(aug) > 0:  # crop first: the filter sees the view's own borders, as in training
+            img = mscn_graph.highpass(fn.crop(img, crop=[img_size, img_size]), _highpass_sigma(aug))
+            pipe.set_outputs(_normalise(img, aug))
+        else:
+            pipe.set_outputs(_normalise(img, aug, crop=[img_size, img_size]))
     pipe.build()
     return pipe

@@ -6,6 +6,7 @@
         batch["view2"]            # [B,3,H,W] (absent when cfg.num_views == 1)
         batch["mask_keys1"]       # [B,L] float32 uniform [0,1): the model argsorts them (low = visible, as MAE)
         batch["mask_keys2"]       # [B,L] (absent when num_views == 1)
+        batch["views_extra"]      # MSCN with num_masks M > 1: [B,M-1,3,H,W] float32, view 1's other masked copies
         batch["labels"]           # [B] int64, -1 where the sample has no .cls
         batch["keys"]             # list[str] of B sample keys
     ckpt["data"] = loader.state_dict(); loader.load_state_dict(ckpt["data"]); loader.counters()
@@ -19,6 +20,8 @@ Stages after the sample stream (sampler.py): a producer thread draws the batch's
 on the host from (seed, rank, batch index) (view_params.py), feeds them and the encoded batch to DALI (augment.py),
 copies the outputs to torch on `device`, and queues `prefetch` finished batches; the trainer's time blocked on that
 queue is the wait_s counter. Train and eval both resume exactly from state_dict() (pipeline/README.md, "Resume").
+With MSCN masking (cfg.augment.mscn) the views are high-passed and masked: the host also draws the masks
+(mscn_params.py), DALI builds them, and the noise fill runs here on `device` from host-drawn seeds (mscn_fill.py).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ import torch
 from pipeline import augment
 from pipeline.config import DataConfig
 from pipeline.counters import Counters
+from pipeline.mscn_fill import mscn_batch_fields
+from pipeline.mscn_graph import feed_masks
+from pipeline.mscn_params import MaskParams, draw_batch_masks
 from pipeline.readers import ReadSettings
 from pipeline.sampler import BatchStream, EncodedBatch, StreamClosed
 from pipeline.shards import ShardPlan, build_plan
@@ -53,13 +59,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _to_torch(tl, device: torch.device) -> torch.Tensor:
-    """DALI TensorList (CPU or GPU) -> torch tensor on `device` (one copy)."""
+def _to_torch(tl, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """DALI TensorList (CPU or GPU) of `dtype` (views: float32, MSCN keep masks: uint8) -> torch tensor on `device`."""
     if hasattr(tl, "as_cpu") and type(tl).__name__ == "TensorListGPU":
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         dense = tl.as_tensor()
-        out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
+        out = torch.empty(dense.shape(), dtype=dtype, device=device)
         feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
         return out
     return torch.from_numpy(np.array(tl.as_tensor())).to(device, non_blocking=True)
@@ -190,11 +196,13 @@ class _Producer(threading.Thread):
         the culprits are found by a full PIL decode, counted as skipped, and the rest of the batch goes on.
         Train: every random number comes from view_params.draw_batch(..., seed, rank, enc.index), so the batch is a
         pure function of its samples and its index (the survivors of a rejected batch keep their own draws)."""
-        cfg = self.cfg
+        cfg, mscn = self.cfg, self.cfg.augment.mscn
         views = (draw_batch(enc.sizes, cfg.augment, cfg.num_views, cfg.num_patches, cfg.seed, self.loader.rank,
                             enc.index) if self.loader.train else [])
+        masks = (draw_batch_masks(len(enc.jpegs), cfg.img_size, mscn, cfg.num_views, cfg.seed, self.loader.rank,
+                                  enc.index) if self.loader.train and mscn is not None else [])
         try:
-            outputs = self._run(enc.jpegs, views)
+            outputs = self._run(enc.jpegs, views, masks)
         except RuntimeError as e:
             keep = [i for i, j in enumerate(enc.jpegs) if check_jpeg_full(j)]
             self.loader._counters.skip("decode_error", len(enc.jpegs) - len(keep))
@@ -206,7 +214,8 @@ class _Producer(threading.Thread):
             enc = EncodedBatch([enc.keys[i] for i in keep], [enc.labels[i] for i in keep],
                                [enc.jpegs[i] for i in keep], [enc.sizes[i] for i in keep], enc.index, enc.state)
             views = [v.take(keep) for v in views]
-            outputs = self._run(enc.jpegs, views)
+            masks = [[m.take(keep) for m in copies] for copies in masks]
+            outputs = self._run(enc.jpegs, views, masks)
         self.loader._counters.add("decoded", len(enc.jpegs))
         device = self.loader.device
         batch: dict[str, Any] = {"keys": enc.keys, "labels": torch.tensor(enc.labels, dtype=torch.long).to(device)}
@@ -214,14 +223,20 @@ class _Producer(threading.Thread):
             for v, params in enumerate(views):
                 batch[f"view{v + 1}"] = _to_torch(outputs[v], device)
                 batch[f"mask_keys{v + 1}"] = torch.from_numpy(params.mask_keys).to(device, non_blocking=True)
+            if masks:
+                keeps = [_to_torch(o, device, torch.uint8) for o in outputs[len(views):]]
+                batch.update(mscn_batch_fields([batch[f"view{v + 1}"] for v in range(len(views))], keeps, masks,
+                                               mscn))
         else:
             batch["view1"] = _to_torch(outputs[0], device)
         return batch
 
-    def _run(self, jpegs: list[bytes], views: list[ViewParams]):
+    def _run(self, jpegs: list[bytes], views: list[ViewParams], masks: list[list[MaskParams]]):
         self.pipe.feed_input(augment.JPEG_INPUT, [np.frombuffer(j, dtype=np.uint8) for j in jpegs])
         if views:
             augment.feed_params(self.pipe, self.cfg.augment, views)
+        if masks:
+            feed_masks(self.pipe, masks)
         return self.pipe.run()
 
     def get(self):

@@ -1,23 +1,29 @@
 """See what the model sees: a PNG grid of a few samples through the real loader.
 
     python -m tools.preview "s3://bucket/ds/shard-{000000..000003}.tar" --out preview.png \
-        --patch-size 16 --mask-ratio 0.5 --num 6 [--augment can|mae|simclr] [--img-size 224]
+        --patch-size 16 --mask-ratio 0.5 --num 6 [--augment can|mae|simclr|mscn_simclr|mscn_byol] [--img-size 224]
 
 Columns per sample: original (shorter side resized, centre crop), view 1, view 2, view 1 masked, view 2 masked.
 Masked patches are greyed. The mask is the one the model builds from the loader's mask keys: the
 round(mask_ratio * L) patches with the LARGEST keys are masked (argsort ascending, keep the first L - n; MAE's rule).
+
+With an MSCN preset the masks are the loader's own (pixel masks, not mask keys), and the columns are: original,
+view 1 and view 2 high-passed (before masking), the masks of branch 1 and branch 2 (white = masked, per colour
+channel: a coloured cell is a channel-independent mask), and the two views as the model gets them (noise-filled).
+High-passed images are shown around mid-grey (0 -> 128).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+from dataclasses import replace
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import AugmentConfig, DataConfig
+from pipeline.config import AUGMENT_PRESETS, AugmentConfig, DataConfig
 from pipeline.loader import build_loader
 from pipeline.stream import iter_tar
 from pipeline.shards import build_plan
@@ -28,6 +34,17 @@ def _to_uint8(view: torch.Tensor, aug: AugmentConfig) -> np.ndarray:
     mean = torch.tensor(aug.mean).view(3, 1, 1)
     std = torch.tensor(aug.std).view(3, 1, 1)
     return (view.cpu() * std + mean).clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
+def _highpass_to_uint8(view: torch.Tensor, aug: AugmentConfig) -> np.ndarray:
+    """[3,H,W] high-passed, normalised with mean 0 -> [H,W,3] uint8 around mid-grey."""
+    std = torch.tensor(aug.std).view(3, 1, 1)
+    return (view.cpu() * std + 128).clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
+def keep_to_uint8(keep: torch.Tensor) -> np.ndarray:
+    """[3,H,W] bool (True = visible) -> [H,W,3] uint8: 255 where masked, per channel."""
+    return ((~keep.cpu()).to(torch.uint8) * 255).permute(1, 2, 0).numpy()
 
 
 def mask_from_keys(keys: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -64,11 +81,13 @@ def main() -> None:
     ap.add_argument("--mask-ratio", type=float, default=0.5)
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--num", type=int, default=6)
-    ap.add_argument("--augment", default="can", choices=["can", "mae", "simclr"])
+    ap.add_argument("--augment", default="can", choices=list(AUGMENT_PRESETS))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
     aug = AugmentConfig.preset(args.augment)
+    if aug.mscn is not None:  # the loader also hands out the masks and the unmasked high-passed views
+        aug = replace(aug, mscn=replace(aug.mscn, debug_outputs=True))
     cfg = DataConfig(shards=args.shards, batch_size=args.num, img_size=args.img_size, patch_size=args.patch_size,
                      num_views=2, augment=aug, shuffle_buffer=0, workers=1, seed=args.seed, device="auto")
     loader = build_loader(cfg, 0, 1, torch.device("cpu"))
@@ -88,16 +107,24 @@ def main() -> None:
     rows = []
     blank = np.full((args.img_size, args.img_size, 3), 255, np.uint8)
     for i, key in enumerate(batch["keys"]):
-        v1, v2 = _to_uint8(batch["view1"][i], aug), _to_uint8(batch["view2"][i], aug)
-        m1 = mask_from_keys(batch["mask_keys1"][i], args.mask_ratio)
-        m2 = mask_from_keys(batch["mask_keys2"][i], args.mask_ratio)
-        cells = [originals.get(key, blank), v1, v2, apply_mask(v1, m1, args.patch_size),
-                 apply_mask(v2, m2, args.patch_size)]
+        if aug.mscn is not None:
+            cells = [originals.get(key, blank)]
+            cells += [_highpass_to_uint8(batch[f"clean{v}"][i], aug) for v in (1, 2)]
+            cells += [keep_to_uint8(batch[f"keep{v}"][i]) for v in (1, 2)]
+            cells += [_highpass_to_uint8(batch[f"view{v}"][i], aug) for v in (1, 2)]
+        else:
+            v1, v2 = _to_uint8(batch["view1"][i], aug), _to_uint8(batch["view2"][i], aug)
+            m1 = mask_from_keys(batch["mask_keys1"][i], args.mask_ratio)
+            m2 = mask_from_keys(batch["mask_keys2"][i], args.mask_ratio)
+            cells = [originals.get(key, blank), v1, v2, apply_mask(v1, m1, args.patch_size),
+                     apply_mask(v2, m2, args.patch_size)]
         gap = np.full((args.img_size, 4, 3), 255, np.uint8)
         rows.append(np.concatenate([c for cell in cells for c in (cell, gap)][:-1], axis=1))
         rows.append(np.full((4, rows[-1].shape[1], 3), 255, np.uint8))
     Image.fromarray(np.concatenate(rows[:-1], axis=0)).save(args.out)
-    print(f"wrote {args.out}: {len(batch['keys'])} samples x (original, view1, view2, view1 masked, view2 masked)")
+    columns = ("original, view1 high-pass, view2 high-pass, mask1, mask2, view1 masked, view2 masked"
+               if aug.mscn is not None else "original, view1, view2, view1 masked, view2 masked")
+    print(f"wrote {args.out}: {len(batch['keys'])} samples x ({columns})")
 
 
 if __name__ == "__main__":
