@@ -16,13 +16,11 @@ from model.distributed import gather_with_grad
 from model.losses import info_nce_against, masked_mse
 from model.masking import random_masking
 from model.noise import sample_noise
+from model.param_groups import NO_DECAY_SUFFIXES, param_groups
 from model.patches import normalize_patches, patchify
 from model.projector import build_projector
 from model.recipes import resolve_recipe
 from model.vit import vit_from_preset
-
-# Parameters never decayed besides biases and norm weights (every 1-D parameter): learned tokens and embeddings.
-NO_DECAY_SUFFIXES = ("cls_token", "mask_token", "pos_embed")
 
 
 class CANModel(nn.Module):
@@ -35,6 +33,8 @@ class CANModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.recipe = resolve_recipe(cfg)
+        if self.recipe.family != "can" or cfg.backbone != "vit":
+            raise ValueError(f"CANModel runs the ViT CAN family; build {cfg.recipe!r} with model.build.build_model")
         self.weights = self.recipe.weights  # {term: weight} for the terms that are on
         self.num_views = self.recipe.num_views
         self.mask_ratio = self.recipe.mask_ratio
@@ -46,8 +46,9 @@ class CANModel(nn.Module):
         self.encoder = vit_from_preset(cfg.preset, cfg.img_size, cfg.patch_size, cfg.drop_path, cfg.global_pool)
         self.num_patches = self.encoder.num_patches
         width = self.encoder.embed_dim
+        r = self.recipe
         self.projector = (
-            build_projector(width, cfg.proj_hidden_dim or width, cfg.proj_out_dim, cfg.proj_depth, cfg.proj_batchnorm)
+            build_projector(width, r.proj_hidden_dim or width, r.proj_out_dim, cfg.proj_depth, r.proj_batchnorm)
             if "contrastive" in self.weights
             else None
         )
@@ -122,8 +123,10 @@ class CANModel(nn.Module):
         view2: torch.Tensor | None = None,
         mask_keys1: torch.Tensor | None = None,
         mask_keys2: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """view*: (B, 3, H, W) normalised; mask_keys*: (B, L) uniform [0, 1) (None = drawn here).
+        """view*: (B, 3, H, W) normalised; mask_keys*: (B, L) uniform [0, 1) (None = drawn here); labels: (B,)
+        accepted and unused (CAN is self-supervised), so the trainer calls every model with the same batch fields.
 
         Returns {"loss", and each term that is on: "contrastive", "reconstruction", "denoise"}, all scalars;
         "loss" is the weighted sum. Each term averages over both views.
@@ -141,15 +144,10 @@ class CANModel(nn.Module):
         return losses
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Two AdamW groups: decayed matrices, and undecayed biases, norm weights, position embeddings and tokens."""
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            skip = p.ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES)
-            (no_decay if skip else decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        """Decayed matrices; undecayed (and LARS-excluded) biases, norm weights, position embeddings and tokens."""
+        return param_groups(self, weight_decay, NO_DECAY_SUFFIXES)
 
 
 def build_model(cfg: ModelConfig) -> CANModel:
+    """CAN-family recipes only; model.build.build_model is the entry point for every recipe."""
     return CANModel(cfg)

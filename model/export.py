@@ -1,4 +1,5 @@
-"""Encoder weights <-> a timm-compatible safetensors file plus a JSON that describes the architecture.
+"""Encoder weights <-> a timm (ViT) or torchvision (ResNet-50) compatible safetensors file plus a JSON that
+describes the architecture. export_encoder and load_encoder handle both; the ResNet side is model/export_resnet.py.
 
 Our VisionTransformer already uses timm's parameter names, so export only strips wrapper prefixes ('module.',
 'encoder.') and keeps the encoder's tensors: timm.create_model("vit_large_patch16_224", num_classes=0)
@@ -13,33 +14,20 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+from model.export_resnet import export_resnet, is_resnet, load_resnet
 from model.presets import VIT_PRESETS, timm_model_name
+from model.state_keys import meta_path, unwrap_encoder
 from model.vit import VisionTransformer
 
-ENCODER_PREFIX = "encoder."
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DeepSpeed and torch.compile wrappers
 TIMM_ROOT_KEYS = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
-
-
-def _strip(key: str, prefixes: tuple[str, ...]) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in prefixes:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix) :], True
-    return key
 
 
 def encoder_state_dict(state_dict: dict) -> dict[str, torch.Tensor]:
     """A CANModel / VisionTransformer state_dict, or a training checkpoint holding one under 'module', ->
     the encoder's tensors under timm's names (float32, CPU, contiguous). Classifier heads are dropped."""
-    if isinstance(state_dict.get("module"), dict):
-        state_dict = state_dict["module"]
-    state = {_strip(k, WRAPPER_PREFIXES): v for k, v in state_dict.items()}
-    if any(k.startswith(ENCODER_PREFIX) for k in state):
-        state = {k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+    state = unwrap_encoder(state_dict)
     keep = [k for k in state if k.startswith(TIMM_ROOT_KEYS)]
     out = {k: state[k].detach().to("cpu", torch.float32).contiguous() for k in keep}
     if "cls_token" not in out or "patch_embed.proj.weight" not in out:
@@ -73,16 +61,18 @@ def describe_encoder(state: dict[str, torch.Tensor], preset: str | None = None) 
     }
 
 
-def meta_path(path: str | Path) -> Path:
-    """The JSON beside a weights file: encoder.safetensors -> encoder.json."""
-    return Path(path).with_suffix(".json")
-
-
-def export_encoder(state_dict: dict, path: str | Path, preset: str | None = None, global_pool: str = "avg") -> dict:
+def export_encoder(
+    state_dict: dict, path: str | Path, preset: str | None = None, global_pool: str = "avg", img_size: int | None = None
+) -> dict:
     """Write the encoder in `state_dict` (see encoder_state_dict) to `path` (safetensors) and its JSON beside it.
 
-    global_pool records how features were pooled in training, for load_encoder. Returns the JSON's content.
+    A ResNet encoder (recognised by its tensor names) goes to model.export_resnet.export_resnet with img_size (the
+    training resolution, which its weights do not record); preset and global_pool apply to the ViT, whose
+    img_size comes from its position embedding. global_pool records how features were pooled in training, for
+    load_encoder. Returns the JSON's content.
     """
+    if is_resnet(state_dict):
+        return export_resnet(state_dict, path, img_size)
     state = encoder_state_dict(state_dict)
     meta = {**describe_encoder(state, preset), "global_pool": global_pool}
     path = Path(path)
@@ -92,9 +82,11 @@ def export_encoder(state_dict: dict, path: str | Path, preset: str | None = None
     return meta
 
 
-def load_encoder(path: str | Path) -> VisionTransformer:
-    """An exported encoder (safetensors + JSON beside it) back as our VisionTransformer, in eval mode."""
+def load_encoder(path: str | Path) -> nn.Module:
+    """An exported encoder (safetensors + JSON beside it) back as our VisionTransformer (or ResNet), in eval mode."""
     meta = json.loads(meta_path(path).read_text())
+    if meta.get("arch", "vit") != "vit":
+        return load_resnet(path)
     encoder = VisionTransformer(
         img_size=meta["img_size"],
         patch_size=meta["patch_size"],

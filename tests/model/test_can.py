@@ -24,7 +24,11 @@ def views(model, b=4, seed=0):
     return dict(zip(("view1", "view2"), vs))
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_every_can_family_recipe_is_covered_here():
+    assert {r for r, spec in RECIPES.items() if spec.family == "can"} == set(TERMS)
+
+
+@pytest.mark.parametrize("recipe", sorted(TERMS))
 def test_recipe_returns_its_terms_and_weighted_loss(recipe):
     model = build_model(ModelConfig(recipe=recipe, **TINY))
     out = model(**views(model))
@@ -43,7 +47,7 @@ def test_recipe_weights_are_the_spec():
 
 
 def test_turned_off_terms_build_no_modules():
-    names = {r: {n for n, _ in build_model(ModelConfig(recipe=r, **TINY)).named_parameters()} for r in RECIPES}
+    names = {r: {n for n, _ in build_model(ModelConfig(recipe=r, **TINY)).named_parameters()} for r in TERMS}
     assert not any(n.startswith("decoder.") for n in names["simclr"])
     assert not any(n.startswith("projector.") for n in names["mae"])
     assert not any("noise_embed" in n for n in names["can_no_noise"] | names["mae"])
