@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
     p.add_argument("--quality", type=int, default=c.quality)
     p.add_argument("--reencode", action="store_true", help="re-encode JPEGs that could be copied byte for byte")
     p.add_argument("--samples-per-shard", type=int, default=5000)
-    p.add_argument("--unit-size", type=int, default=1000, help="loose files per work unit")
+    p.add_argument("--unit-size", type=int, default=IngestConfig.unit_size, help="loose files per work unit")
     p.add_argument("--dedup", choices=("none", "exact", "near"), default="exact")
     p.add_argument("--near-threshold", type=int, default=4, help="max pHash Hamming distance for --dedup near")
     p.add_argument("--labels-from-folders", action="store_true")

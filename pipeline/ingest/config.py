@@ -28,7 +28,7 @@ class IngestConfig:
     output: str
     clean: CleanConfig = field(default_factory=CleanConfig)
     samples_per_shard: int = 5000
-    unit_size: int = 1000  # loose files per work unit; an archive or parquet file is always one unit
+    unit_size: int = 250  # loose files per work unit (small: balances workers); an archive or parquet file is one
     dedup: str = "exact"  # "none" | "exact" | "near" (near also drops exact duplicates)
     near_threshold: int = 4  # max Hamming distance between 64-bit pHashes for "near"
     labels_from_folders: bool = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 from PIL import Image
 from skimage import data as skdata
@@ -11,7 +12,7 @@ from skimage import data as skdata
 from pipeline.ingest.clean import Rejected, clean_image, target_size
 from pipeline.ingest.config import CleanConfig
 from pipeline.ingest.dedup import KEEP, Deduplicator
-from pipeline.ingest.phash import hamming, phash
+from pipeline.ingest.phash import _DCT, hamming, phash
 
 
 def _jpeg(img: Image.Image, **kw) -> bytes:
@@ -34,6 +35,17 @@ def test_draft_decode_stores_exact_target_size_and_is_deterministic():
     assert a.jpeg == b.jpeg and a.pixel_hash == b.pixel_hash
 
 
+def test_draft_decode_keeps_quality_of_a_full_decode():
+    """DCT scaling (here 1/4) then bicubic stays close to full decode + Lanczos, at the exact target size."""
+    big = Image.fromarray(skdata.coffee()).resize((2200, 2100), Image.Resampling.BICUBIC)
+    data = _jpeg(big, quality=95)
+    stored = Image.open(io.BytesIO(clean_image(data, CleanConfig()).jpeg)).convert("RGB")
+    assert stored.size == (536, 512)
+    reference = Image.open(io.BytesIO(data)).convert("RGB").resize(stored.size, Image.Resampling.LANCZOS)
+    mse = np.mean((np.asarray(stored, np.float64) - np.asarray(reference, np.float64)) ** 2)
+    assert 10 * np.log10(255**2 / mse) > 35
+
+
 def test_reencode_flag_disables_byte_copy():
     data = _jpeg(Image.fromarray(skdata.chelsea()))
     assert clean_image(data, CleanConfig()).jpeg == data
@@ -51,6 +63,13 @@ def test_phash_separates_near_from_different():
     cat = Image.fromarray(skdata.chelsea())
     assert hamming(phash(cat), phash(cat.resize((200, 133)))) <= 4
     assert hamming(phash(cat), phash(Image.fromarray(skdata.coffee()))) > 16
+
+
+def test_phash_dct_matches_scipy_reference():
+    from scipy.fft import dctn
+
+    thumb = np.random.default_rng(0).integers(0, 256, (32, 32)).astype(np.float64)
+    assert np.allclose(_DCT @ thumb @ _DCT.T, dctn(thumb, type=2)[:8, :8])
 
 
 def test_near_dedup_finds_matches_within_threshold_only():

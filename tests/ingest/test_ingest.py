@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
+import tarfile
 import sys
 
 import fsspec
@@ -92,15 +95,19 @@ def test_two_workers_give_identical_shards(corpus, clean_run, tmp_path):
     assert shard_contents(tmp_path / "w2") == shard_contents(out)
 
 
-def test_rerun_is_noop_and_mismatched_arguments_are_refused(corpus, tmp_path):
+def test_rerun_is_noop_and_mismatched_arguments_are_refused(corpus, clean_run, tmp_path):
     _root, sources, _expected = corpus
-    cfg = IngestConfig(sources=tuple(sources), output=str(tmp_path / "o"), workers=1, quiet=True)
-    first = run_ingest(cfg)
-    assert run_ingest(cfg) == first
+    out, report = clean_run
+    cfg = IngestConfig(sources=tuple(sources), output=str(out), workers=1, samples_per_shard=5, quiet=True)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    assert run_ingest(cfg) == report
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
     with pytest.raises(IngestError, match="different arguments"):
-        run_ingest(IngestConfig(sources=tuple(sources), output=str(tmp_path / "o"), workers=1, quiet=True, clean=type(cfg.clean)(quality=80)))
-    again = run_ingest(IngestConfig(sources=tuple(sources), output=str(tmp_path / "o"), workers=1, quiet=True, overwrite=True, samples_per_shard=3))
-    assert again["shards"] == -(-again["kept"] // 3)
+        run_ingest(dataclasses.replace(cfg, clean=type(cfg.clean)(quality=80)))
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    again = run_ingest(dataclasses.replace(cfg, output=str(copy), overwrite=True, samples_per_shard=3))
+    assert again["shards"] == -(-again["kept"] // 3) == len(list(copy.glob("shard-*.tar")))
 
 
 def test_missing_source_and_unwritable_output_fail_before_work(corpus, tmp_path, s3_server):
@@ -145,6 +152,28 @@ def test_cli_s3_to_s3_hides_credentials(corpus, s3_bucket, s3_server):
     assert "inputs" in proc.stdout and "images/s" in proc.stdout
     names = fs.ls(f"{s3_bucket}/ds")
     assert any(n.endswith("shard-000000.idx") for n in names) and not any("stage" in n for n in names)
+
+
+def test_list_tgz_and_s3_zip_sources(corpus, s3_bucket, tmp_path):
+    """A text list (comments, blanks, a missing file), a .tgz and a .zip read from S3, in one run."""
+    root, _sources, _expected = corpus
+    listing = tmp_path / "images.txt"
+    listing.write_text(f"# picked by hand\n{root}/dump/nested/astronaut.jpg\n\n{root}/dump/rotated.jpg\n"
+                       f"{root}/dump/gone.jpg\n")
+    with tarfile.open(tmp_path / "more.tgz", "w:gz") as tar:
+        tar.add(root / "dump/nested/astronaut.jpg", "astro_again.jpg")  # same bytes as the list's first line
+        tar.add(root / "dump/big_coffee.jpg", "coffee.jpg")
+    fsspec.filesystem("s3").put_file(str(root / "archive.zip"), f"{s3_bucket}/archive.zip")
+    out = tmp_path / "o"
+    report = run_ingest(IngestConfig(sources=(str(listing), str(tmp_path / "more.tgz"), f"{s3_bucket}/archive.zip"),
+                                     output=str(out), workers=1, quiet=True))
+    expected = {"dump/nested/astronaut.jpg": KEEP, "dump/rotated.jpg": KEEP, "dump/gone.jpg": "unreadable",
+                "more.tgz::astro_again.jpg": "duplicate_exact", "more.tgz::coffee.jpg": KEEP,
+                f"{s3_bucket}/archive.zip::../zipped.png": KEEP,
+                f"{s3_bucket}/archive.zip::folder/garbage.jpg": "undecodable"}
+    assert _by_suffix(verdicts(out), expected) == expected
+    assert report["inputs"] == len(expected) == report["kept"] + report["rejected"] + report["duplicates"]
+    assert len(check_readable(out)) == 4
 
 
 def _repo() -> str:

@@ -1,8 +1,14 @@
-"""kill -9 at several points, then rerun: the output equals a clean run's; the Ray engine gives the same shards."""
+"""kill -9 at several points, then rerun: the output equals a clean run's; the Ray engine gives the same shards.
+
+Kill points: after the 2nd staged unit and after the 3rd written shard (test hook), and at two random delays,
+one early (start-up or staging) and one late (staging, sharding or the final files); the delay drawn is in the
+failure message. The reference is an in-process run with 1 worker; reruns use 2 worker processes.
+"""
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -64,22 +70,25 @@ def test_kill_at_a_phase_then_rerun(dump, reference, tmp_path, hook):
     _rerun_and_compare(dump, tmp_path / "ds", reference)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("delay", [0.3, 1.5, 3.0, 4.5])
-def test_kill_after_a_delay_then_rerun(dump, reference, tmp_path, delay):
+@pytest.mark.parametrize("window", [(0.3, 2.0), (2.0, 4.5)], ids=["early", "late"])
+def test_kill_after_a_random_delay_then_rerun(dump, reference, tmp_path, window):
+    delay = round(random.uniform(*window), 2)
     proc = _cli(dump, tmp_path / "ds", workers=2)
     time.sleep(delay)
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    _rerun_and_compare(dump, tmp_path / "ds", reference)
+    try:
+        _rerun_and_compare(dump, tmp_path / "ds", reference)
+    except AssertionError as e:
+        raise AssertionError(f"killed after {delay} s: {e}") from e
 
 
-@pytest.mark.slow
 def test_ray_engine_matches_local(dump, reference, tmp_path):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    # Ray 2.x dropped local_mode; one CPU keeps it to a single worker process.
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         run_ingest(IngestConfig(sources=(str(dump),), output=str(tmp_path / "ds"), unit_size=10, samples_per_shard=8,
                                 engine="ray", quiet=True))

@@ -58,6 +58,20 @@ def test_same_samples_same_bytes(tmp_path):
     assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
 
 
+def test_bytes_equal_tarfile_reference(tmp_path):
+    """The hand-written members and end of archive are exactly what TarFile.addfile and close() produce."""
+    samples = _samples(3)
+    write_shard(str(tmp_path / "ours.tar"), samples, write_index=False)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                tar.addfile(info, io.BytesIO(data))
+    assert (tmp_path / "ours.tar").read_bytes() == buf.getvalue()
+
+
 def test_failed_write_leaves_nothing(tmp_path):
     def broken():
         yield from _samples(2)
