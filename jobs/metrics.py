@@ -1,0 +1,116 @@
+"""Training metrics: a window of steps accumulated on the device, reduced across ranks every N steps, written by
+rank 0 as JSON lines (metrics.jsonl) and TensorBoard scalars.
+
+Reading a loss is a host-device sync, so losses are summed on the device and read once per window (nanoGPT and
+DINOv2 do the same). MFU = achieved training FLOP/s per device / the device's peak (model.flops cost model).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+# Dense bf16 peak FLOP/s per device (vendor data sheets, SXM parts). Matched against torch.cuda.get_device_name().
+PEAK_FLOPS: dict[str, float] = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device: torch.device, override: float | None) -> float | None:
+    """Per-device peak for MFU: the config's value, else the table; None (MFU reported as null) when unknown."""
+    if override:
+        return override
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_FLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+class TimedIterator:
+    """Wraps the batch iterator and adds up the time spent blocked in next(): the data-wait share."""
+
+    def __init__(self, it: Iterator[dict]):
+        self.it, self.wait_s = it, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        t0 = time.perf_counter()
+        batch = next(self.it)
+        self.wait_s += time.perf_counter() - t0
+        return batch
+
+
+class Window:
+    """Sums of the step outputs since the last log, kept on the device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset(wait_s=0.0)
+
+    def reset(self, wait_s: float) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.wait_start, self.t_start = 0, wait_s, time.perf_counter()
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.steps += 1
+
+    def reduce(self, wait_s: float, images_per_step_per_device: int, flops_per_image: float,
+               peak: float | None) -> dict:
+        """Mean of every loss term over the window and all ranks (one all-reduce), and the throughput figures."""
+        names = sorted(self.sums)
+        stacked = torch.stack([self.sums[n] for n in names]) / max(1, self.steps)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stacked)
+            stacked /= dist.get_world_size()
+        values = stacked.tolist()  # the window's one host sync
+        elapsed = time.perf_counter() - self.t_start
+        ips = self.steps * images_per_step_per_device / elapsed if elapsed > 0 else float("nan")
+        out = {n: v for n, v in zip(names, values)}
+        out.update(images_per_s_per_device=ips,
+                   mfu=ips * flops_per_image / peak if peak else None,
+                   data_wait_share=(wait_s - self.wait_start) / elapsed if elapsed > 0 else None,
+                   step_time_s=elapsed / max(1, self.steps))
+        out.update(memory_stats(self.device))
+        return out
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"gpu_mem_peak_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    return {"host_rss_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
+
+
+class MetricsWriter:
+    """Rank 0's sinks: metrics.jsonl (appended, so a resumed run continues the same file) and TensorBoard."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool):
+        self.path = out_dir / "metrics.jsonl"
+        self.file = open(self.path, "a")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()

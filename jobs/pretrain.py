@@ -1,0 +1,146 @@
+"""Pre-train a ViT with CAN (or its mae / simclr / can_no_noise recipes) under DeepSpeed ZeRO.
+
+    deepspeed --num_gpus 8 jobs/pretrain.py --config jobs/configs/can_vit_large.yaml [--set optim.base_lr=2e-4 ...]
+    torchrun --nproc_per_node 8 jobs/pretrain.py --config ...        # same script; RANK/WORLD_SIZE from the launcher
+    python jobs/pretrain.py --config jobs/configs/demo_cpu.yaml       # one process
+
+Starting again with the same output_dir resumes from its latest complete checkpoint. SIGTERM / SIGUSR1 save a
+checkpoint at the next step boundary and exit 0 (see jobs/preemption.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from jobs import checkpoint, rng_state
+from jobs.config import TrainConfig, dump_yaml, load_config
+from jobs.derived import Derived, derive
+from jobs.engine import build_engine, resolve_precision
+from jobs.errors import ConfigError
+from jobs.launch import Dist, init_distributed
+from jobs.loop import Progress, train
+from jobs.plots import plot_run
+from jobs.validate import check_config
+from model.can import CANModel, build_model
+from model.config import ModelConfig
+from model.distributed import convert_sync_batchnorm
+from model.flops import train_flops_per_image
+from pipeline.config import DataConfig
+from pipeline.loader import Loader, build_loader
+
+log = logging.getLogger("jobs.pretrain")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file in jobs/configs/")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, dotted key, YAML value (repeatable): --set optim.base_lr=1.0e-3")
+    # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same, and is what we read.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", force=True)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def derived_values(cfg: TrainConfig, world_size: int) -> Derived:
+    o, s = cfg.optim, cfg.schedule
+    return derive(o.global_batch, cfg.data.batch_size, world_size, o.base_lr, o.lr_base_batch, s.total_samples,
+                  s.warmup_samples)
+
+
+def prepare_run_dir(cfg: TrainConfig, derived: Derived, dist: Dist) -> Path:
+    """output_dir/resolved.yaml: the config as run, with the derived values, beside the checkpoints."""
+    out = Path(cfg.output_dir)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        extra = {f.name: getattr(derived, f.name) for f in fields(derived)}
+        extra["precision"] = resolve_precision(cfg.deepspeed.precision, dist.device.type == "cuda")
+        (out / "resolved.yaml").write_text(dump_yaml(cfg, extra))
+        log.info("derived: %s", extra)
+    torch.distributed.barrier()
+    return out
+
+
+def build_network(cfg: ModelConfig, seed: int, device: torch.device) -> CANModel:
+    torch.manual_seed(seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's weights)
+    # Projector BatchNorm (recipes that have one) must see the global batch: SyncBatchNorm on multi-GPU runs.
+    return convert_sync_batchnorm(build_model(cfg), device)
+
+
+def build_data(cfg: DataConfig, dist: Dist, state: dict | None) -> Loader:
+    loader = build_loader(cfg, dist.rank, dist.world_size, dist.device)
+    if state is not None:
+        loader.load_state_dict(state)
+    return loader
+
+
+def resume(engine, ckpt_dir: Path, dist: Dist, enabled: bool) -> tuple[Progress, dict | None]:
+    """Progress and this rank's loader state from the latest complete checkpoint, or a fresh start."""
+    tag = checkpoint.agreed_latest(ckpt_dir, dist.rank) if enabled else None
+    if tag is None:
+        return Progress(), None
+    state = checkpoint.load(engine, ckpt_dir, tag, dist.rank)
+    rng_state.restore(state["rng"])
+    progress = Progress(**state["progress"])
+    log.info("resumed from %s: step %d, %d samples seen", tag, progress.step, progress.samples_seen)
+    return progress, state["data"]
+
+
+def export_encoder(engine, cfg: ModelConfig, out_dir: Path, dist: Dist) -> None:
+    """encoder.safetensors (+ .json) for timm and the probes; ZeRO-3 first gathers the partitioned weights."""
+    import deepspeed
+    from model.export import export_encoder as write_encoder
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
+        if dist.is_main:
+            state = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
+            write_encoder(state, out_dir / "encoder.safetensors", preset=cfg.preset, global_pool=cfg.global_pool)
+            log.info("encoder exported to %s", out_dir / "encoder.safetensors")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    dist = init_distributed(cfg.deepspeed.dist_backend)
+    setup_logging(dist.rank)
+    check_config(cfg)
+    derived = derived_values(cfg, dist.world_size)
+    out_dir = prepare_run_dir(cfg, derived, dist)
+    engine = build_engine(build_network(cfg.model, cfg.seed, dist.device), cfg.optim, cfg.deepspeed, derived, dist.device)
+    progress, loader_state = resume(engine, out_dir / "checkpoints", dist, cfg.checkpoint.resume)
+    loader = build_data(cfg.data, dist, loader_state)
+    outcome = train(engine, loader, cfg, derived, dist, progress, out_dir, train_flops_per_image(cfg.model))
+    loader.close()
+    if dist.is_main:  # for schedulers: jobs/slurm_pretrain.sh requeues itself unless the run is done
+        (out_dir / "status.json").write_text(json.dumps({"outcome": outcome, "step": progress.step}) + "\n")
+    if outcome == "done":
+        if cfg.checkpoint.export_encoder:
+            export_encoder(engine, cfg.model, out_dir, dist)
+        if cfg.logging.plot and dist.is_main:
+            log.info("loss curves: %s", plot_run(out_dir))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ConfigError as e:
+        # A bad config is the user's to fix: one line naming the field, no traceback.
+        logging.getLogger("jobs.pretrain").error("config error: %s", e)
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)

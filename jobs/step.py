@@ -1,0 +1,49 @@
+"""One optimizer step: schedules -> forward (loss dict) -> engine.backward -> engine.step -> metrics.
+
+Shared by the trainer and bench/train.py, so the benchmark times exactly what the trainer runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from jobs.engine import set_lr
+
+_VIEW_KEYS = ("view1", "view2")
+_MASK_KEYS = ("mask_keys1", "mask_keys2")
+
+
+@dataclass
+class StepOutput:
+    losses: dict[str, torch.Tensor]  # detached, on device, averaged over the micro-batches of this rank
+    applied: bool  # False when DeepSpeed skipped the update (non-finite gradient norm on some rank)
+
+
+def model_inputs(batch: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Views in the engine's dtype (bf16 params need bf16 inputs); mask keys stay fp32: in bf16 they would tie, and
+    ties change which patches the argsort keeps."""
+    inputs = {k: batch[k].to(dtype) for k in _VIEW_KEYS if k in batch}
+    inputs.update({k: batch[k] for k in _MASK_KEYS if k in batch})
+    return inputs
+
+
+def train_step(engine, batches: Iterator[dict], grad_accum: int, lr: float, poison: bool = False) -> StepOutput:
+    """Runs `grad_accum` micro-batches from `batches`; DeepSpeed applies the update at the last one.
+
+    No host sync here (no .item()): losses stay on the device until the logger reduces them. `poison` makes the loss
+    NaN (a test hook): the NaN gradient reaches every rank through the gradient all-reduce, so all ranks skip.
+    """
+    set_lr(engine, lr)  # schedule
+    totals: dict[str, torch.Tensor] = {}
+    for _ in range(grad_accum):
+        losses = engine(**model_inputs(next(batches), engine.get_data_types()[0]))  # forward: named terms
+        loss = losses["loss"] * float("nan") if poison else losses["loss"]
+        engine.backward(loss)
+        engine.step()  # a no-op until the accumulation boundary; then clip, update, zero grads
+        for name, value in losses.items():
+            value = loss if name == "loss" else value
+            totals[name] = totals.get(name, 0.0) + value.detach().float() / grad_accum
+    return StepOutput(losses=totals, applied=engine.was_step_applied())

@@ -1,0 +1,85 @@
+"""Fixtures for the trainer's end-to-end tests: JPEG shards on the loopback S3 server, and a launcher that runs the
+real entry point (`deepspeed --num_gpus 2 jobs/pretrain.py` or `python jobs/pretrain.py`) as a subprocess."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "jobs" / "configs" / "test_cpu.yaml"
+VENV_BIN = Path(sys.executable).parent
+
+
+def _jpeg(rng: np.random.Generator) -> bytes:
+    """48x64 image with some structure (flat blocks + noise) so reconstruction has something to learn."""
+    img = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    img[:24, :32] = rng.integers(0, 255, 3)
+    img[24:, 32:] = rng.integers(0, 255, 3)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def shards_url(s3_server) -> str:
+    from pipeline.ingest.writer import write_shard
+
+    bucket = s3_server.make_bucket("jobs-e2e")
+    rng = np.random.default_rng(0)
+    for s in range(4):
+        samples = [(f"img{s:02d}{i:04d}", {"jpg": _jpeg(rng), "cls": str(i % 5).encode()}) for i in range(24)]
+        write_shard(f"{bucket}/shards/shard-{s:06d}.tar", samples)
+    return f"{bucket}/shards/"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Trainer:
+    """Starts jobs/pretrain.py with test_cpu.yaml; output goes to OUT_DIR/launch-N.log."""
+
+    def __init__(self, s3_env: dict, shards: str):
+        self.env = {**os.environ, **s3_env, "PYTHONUNBUFFERED": "1"}
+        self.shards = shards
+        self.launches = 0
+
+    def command(self, out_dir: Path, ranks: int, sets: list[str]) -> list[str]:
+        overrides = [f"data.shards={self.shards}", f"output_dir={out_dir}", *sets]
+        args = ["jobs/pretrain.py", "--config", str(CONFIG)] + [a for o in overrides for a in ("--set", o)]
+        if ranks == 1:
+            return [sys.executable, *args]
+        return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port()), *args]
+
+    def start(self, out_dir: Path, ranks: int = 2, sets: list[str] = ()) -> tuple[subprocess.Popen, Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.launches += 1
+        log = out_dir / f"launch-{self.launches}.log"
+        proc = subprocess.Popen(self.command(out_dir, ranks, list(sets)), cwd=REPO, env=self.env,
+                                stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        return proc, log
+
+    def run(self, out_dir: Path, ranks: int = 2, sets: list[str] = (), timeout: float = 300) -> tuple[int, str]:
+        proc, log = self.start(out_dir, ranks, sets)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            raise AssertionError(f"trainer did not finish in {timeout} s:\n{log.read_text()[-3000:]}")
+        return code, log.read_text()
+
+
+@pytest.fixture(scope="session")
+def trainer(s3_server, shards_url) -> Trainer:
+    return Trainer(s3_server.env, shards_url)
