@@ -10,6 +10,7 @@ ingest and streaming, and DALI's own S3 client for its webdataset reader.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import time
@@ -75,6 +76,8 @@ def serve(port: int | None = None, set_env: bool = True) -> Iterator[LocalS3]:
     """Run moto's S3 server in a thread of this process; optionally export its endpoint into os.environ."""
     from moto.server import ThreadedMotoServer
 
+    # werkzeug logs every request at INFO: thousands of lines that would bury the demo's and the tests' output.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     host, port = "127.0.0.1", port or free_port()
     server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
     server.start()
