@@ -1,0 +1,136 @@
+"""Fine-tune a pre-trained encoder end to end with a linear head (CAN_SPEC.md evaluation protocol), under DeepSpeed.
+
+    deepspeed --num_gpus 8 jobs/finetune.py --config jobs/configs/finetune_vit_base.yaml \
+        --set encoder=runs/can_vit_base --set train_data.shards=... --set val_data.shards=...
+    torchrun --nproc_per_node 8 jobs/finetune.py --config ...     # same script; RANK/WORLD_SIZE from the launcher
+    python jobs/finetune.py --config jobs/configs/finetune_test_cpu.yaml --set ...   # one process
+
+--set encoder=: a pre-training run directory (its latest complete checkpoint), a checkpoint, or an exported
+encoder.safetensors. Layer-wise lr decay, drop path and label smoothing come from the `head` section. Checkpoints,
+resume and preemption behave as in jobs/pretrain.py: the same output_dir resumes from its latest complete checkpoint;
+SIGTERM / SIGUSR1 save at the next step boundary and exit 0. At the end every rank scores its share of the validation
+shards; rank 0 logs top-1 / top-5 and writes OUTPUT_DIR/finetune.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from jobs.derived import Derived, derive
+from jobs.engine import build_engine, resolve_precision
+from jobs.errors import ConfigError
+from jobs.eval.encoder_source import resolve_source
+from jobs.eval.finetune_loop import evaluate, finetune
+from jobs.eval.finetune_model import Classifier, build_classifier
+from jobs.finetune_config import FinetuneConfig, check_finetune_config, dump_finetune_yaml, load_finetune_config
+from jobs.launch import Dist, init_distributed
+from jobs.pretrain import build_data, resume, setup_logging
+from jobs.validate import check_shards
+from model.flops import block_flops
+
+log = logging.getLogger("jobs.finetune")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file in jobs/configs/ (finetune_*.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, dotted key, YAML value (repeatable): --set encoder=runs/x")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
+    return parser.parse_args(argv)
+
+
+def derived_values(cfg: FinetuneConfig, world_size: int) -> Derived:
+    o, s = cfg.optim, cfg.schedule
+    return derive(o.global_batch, cfg.train_data.batch_size, world_size, o.base_lr, o.lr_base_batch, s.total_samples,
+                  s.warmup_samples)
+
+
+def prepare_run_dir(cfg: FinetuneConfig, derived: Derived, world: Dist) -> Path:
+    """output_dir/resolved.yaml: the config as run, with the derived values, beside the checkpoints."""
+    out = Path(cfg.output_dir)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        extra = {f.name: getattr(derived, f.name) for f in fields(derived)}
+        extra["precision"] = resolve_precision(cfg.deepspeed.precision, world.device.type == "cuda")
+        (out / "resolved.yaml").write_text(dump_finetune_yaml(cfg, extra))
+        log.info("derived: %s", extra)
+    torch.distributed.barrier()
+    return out
+
+
+def build_network(cfg: FinetuneConfig) -> Classifier:
+    torch.manual_seed(cfg.seed)  # the same head init on every rank
+    h = cfg.head
+    return build_classifier(resolve_source(cfg.encoder), h.num_classes, h.global_pool, h.drop_path, h.layer_decay,
+                            h.label_smoothing, h.head_init_std)
+
+
+def train_flops_per_image(vit) -> float:
+    """3 x the encoder's forward on all 1 + L tokens (the head is negligible): the cost model of CAN_SPEC.md."""
+    return 3.0 * vit.depth * block_flops(1 + vit.num_patches, vit.embed_dim)
+
+
+def check_input_shape(model: Classifier, cfg: FinetuneConfig) -> None:
+    pe = model.vit.patch_embed
+    if (cfg.train_data.img_size, cfg.train_data.patch_size) != (pe.img_size, pe.patch_size):
+        raise ConfigError(f"train_data.img_size / patch_size: {cfg.train_data.img_size} / {cfg.train_data.patch_size}, "
+                          f"but the encoder was trained at {pe.img_size} px with patch {pe.patch_size}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_finetune_config(args.config, args.set)
+    world = init_distributed(cfg.deepspeed.dist_backend)
+    setup_logging(world.rank)
+    check_finetune_config(cfg)
+    for section, data in (("train_data", cfg.train_data), ("val_data", cfg.val_data)):
+        try:
+            check_shards(data.sources, data.storage_options, data.mode)
+        except ConfigError as e:
+            raise ConfigError(f"{section}.{str(e).removeprefix('data.')}") from None
+    derived = derived_values(cfg, world.world_size)
+    out_dir = prepare_run_dir(cfg, derived, world)
+    model = build_network(cfg)
+    check_input_shape(model, cfg)
+    flops = train_flops_per_image(model.vit)
+    engine = build_engine(model, cfg.optim, cfg.deepspeed, derived, world.device)
+    progress, loader_state = resume(engine, out_dir / "checkpoints", world, cfg.checkpoint.resume)
+    loader = build_data(cfg.train_data, world, loader_state)
+    outcome = finetune(engine, loader, cfg, derived, world, progress, out_dir, flops)
+    loader.close()
+    if world.is_main:  # for schedulers, as jobs/pretrain.py
+        (out_dir / "status.json").write_text(json.dumps({"outcome": outcome, "step": progress.step}) + "\n")
+    if outcome == "done":
+        report(engine, cfg, progress.step, world, out_dir)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+def report(engine, cfg: FinetuneConfig, step: int, world: Dist, out_dir: Path) -> None:
+    """Validation top-1 / top-5 of the final weights: terminal (rank 0's log) and OUTPUT_DIR/finetune.json."""
+    val = build_data(cfg.val_data, world, None)
+    scores = evaluate(engine, val, world.device)
+    val.close()
+    if world.is_main:
+        result = scores | {"step": step, "encoder": cfg.encoder, "num_classes": cfg.head.num_classes}
+        (out_dir / "finetune.json").write_text(json.dumps(result, indent=2) + "\n")
+        log.info("fine-tune: top-1 %.2f %%, top-5 %.2f %% on %d validation images -> %s", scores["top1"],
+                 scores["top5"], scores["num_val"], out_dir / "finetune.json")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ConfigError as e:
+        logging.getLogger("jobs.finetune").error("config error: %s", e)
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
