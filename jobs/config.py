@@ -3,9 +3,9 @@
     cfg = load_config("jobs/configs/demo_cpu.yaml", ["optim.base_lr=1e-3", "model.preset=vit_small"])
 
 YAML sections: model (model.config.ModelConfig), data (pipeline.config.DataConfig), optim, schedule, deepspeed,
-logging, checkpoint, debug, plus top-level output_dir and seed. Every key is checked: an unknown key in the file or in
---set fails with its dotted name. --set values are parsed with yaml.safe_load, so 1e-3, [3, 4] and true mean what
-they look like. Derived values (effective lr, steps, micro-batch, accumulation) live in jobs/derived.py.
+logging, checkpoint, monitor, debug, plus top-level output_dir and seed. Every key is checked: an unknown key in the
+file or in --set fails with its dotted name. --set values are parsed with yaml.safe_load, so 1e-3, [3, 4] and true
+mean what they look like. Derived values (effective lr, steps, micro-batch, accumulation) live in jobs/derived.py.
 """
 
 from __future__ import annotations
@@ -31,14 +31,23 @@ _REGISTRIES: dict[tuple[type, str], dict] = {(ModelConfig, "preset"): VIT_PRESET
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with the linear scaling rule (Goyal et al.): peak lr = base_lr * global_batch / lr_base_batch."""
+    """AdamW or LARS with the linear scaling rule (Goyal et al.): peak lr = base_lr * global_batch / lr_base_batch.
 
+    LARS runs (SimCLR, BYOL, MSCN) keep lr_base_batch 256 and write the papers' rule as base_lr: SimCLR's
+    0.3 x batch / 256 (4.8 at 4096) is base_lr 0.3, BYOL's 0.2 x batch / 256 (3.2 at 4096) is base_lr 0.2.
+    """
+
+    name: Literal["adamw", "lars"] = "adamw"  # lars needs deepspeed.zero_stage 0 (per-tensor trust ratios)
     global_batch: int = 4096  # images per optimizer step, all ranks and accumulation steps together
     base_lr: float = 2.5e-4  # per lr_base_batch images (CAN_SPEC.md; MAE's recipe uses 1.5e-4)
     lr_base_batch: int = 256
-    betas: tuple[float, float] = (0.9, 0.95)  # MAE's beta2 = 0.95: steadier than 0.999 at large batch
-    eps: float = 1e-8
-    weight_decay: float = 0.05  # not applied to biases, norms, position embeddings, tokens (model.param_groups)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW. MAE's beta2 = 0.95: steadier than 0.999 at large batch
+    eps: float = 1e-8  # AdamW
+    momentum: float = 0.9  # LARS (SimCLR, BYOL)
+    trust_coefficient: float = 1e-3  # LARS eta (SimCLR, BYOL)
+    # Not applied to biases, norms, position embeddings, tokens (model.param_groups). AdamW 0.05 (MAE); LARS runs
+    # set SimCLR's 1e-6 or BYOL's 1.5e-6.
+    weight_decay: float = 0.05
     grad_clip: float = 1.0  # global L2 norm; MAE uses none, CAN_SPEC.md asks for it explicitly. 0 turns it off
     max_nonfinite_in_a_row: int = 5  # skipped (non-finite) steps in a row before the run stops
 
@@ -54,8 +63,13 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class DeepSpeedConfig:
-    zero_stage: Literal[0, 1, 2, 3] = 1  # 1 shards optimizer state: enough for ViT-L, no extra communication
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU (no fast bf16 GEMMs there)
+    # 1 shards optimizer state: enough for ViT-L, no extra communication. 0 = plain data parallel (LARS runs).
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    # auto: bf16 on CUDA, fp32 on CPU (no fast bf16 GEMMs there). bf16 = bf16 weights with fp32 master copies kept
+    # by DeepSpeed's optimizer wrapper (flat partitions); amp_bf16 = fp32 weights under torch.autocast(bf16), which
+    # leaves the optimizer the model's own tensors (LARS's per-layer trust ratio needs them). auto picks amp_bf16 on
+    # CUDA for LARS.
+    precision: Literal["auto", "bf16", "amp_bf16", "fp32"] = "auto"
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
     reduce_bucket_size: int = 200_000_000  # elements per gradient all-reduce bucket
     overlap_comm: bool = True  # overlap gradient reduction with backward (ZeRO 2/3)
@@ -79,6 +93,22 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """Weighted kNN top-1 (jobs/eval/monitor.py) on a small labelled set, logged as knn_top1 by rank 0.
+
+    The shards are read with the training stream's img_size and augment settings in eval mode (centre crop; MSCN's
+    high-pass stays on), decoded once at start-up and kept in host memory: keep the sets small (a few thousand).
+    """
+
+    knn_every_steps: int = 0  # 0 = off; else a kNN evaluation every N steps (and at the last step)
+    knn_memory_shards: str = ""  # labelled shards (KEY.cls) for the memory bank (e.g. a class-balanced train subset)
+    knn_query_shards: str = ""  # labelled shards scored against the bank (e.g. a validation subset)
+    knn_num_classes: int = 0
+    knn_k: int = 20  # DINO's weighted kNN: k = 20, temperature 0.07
+    knn_temperature: float = 0.07
+
+
+@dataclass(frozen=True)
 class DebugConfig:
     nan_at_steps: tuple[int, ...] = ()  # rank 0's loss is made NaN at these steps: exercises the skip path
     max_steps: int | None = None  # stop after this step without changing the schedule (tests, benchmarks)
@@ -93,6 +123,7 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     output_dir: str = "runs/default"
     seed: int = 0

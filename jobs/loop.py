@@ -1,4 +1,5 @@
-"""The training loop: seeded steps, non-finite guard, logging window, checkpoint and preemption boundaries."""
+"""The training loop: seeded steps, the model's after-step hook, non-finite guard, logging window with the kNN
+monitor, checkpoint and preemption boundaries."""
 
 from __future__ import annotations
 
@@ -56,9 +57,18 @@ def trainer_state(progress: Progress, loader) -> dict:
     return {"progress": asdict(progress), "data": loader.state_dict(), "rng": rng_state.capture()}
 
 
+def knn_metrics(engine, monitor) -> dict[str, float]:
+    """monitor(encoder) ({"knn_top1"}) where this rank runs the monitor, {} elsewhere (see pretrain.build_monitor:
+    rank 0, or every rank under ZeRO-3, whose forward hooks all-gather each layer's weights collectively)."""
+    return monitor(engine.module.encoder) if monitor is not None else {}
+
+
 def train(engine, loader, cfg: TrainConfig, derived: Derived, dist: Dist, progress: Progress, out_dir: Path,
-          flops_per_image: float) -> str:
-    """Runs until the schedule's end (or debug.max_steps) or a preemption; returns "done" or "preempted"."""
+          flops_per_image: float, monitor=None) -> str:
+    """Runs until the schedule's end (or debug.max_steps) or a preemption; returns "done" or "preempted".
+
+    monitor: this rank's jobs.eval.monitor.KNNMonitor, or None (pretrain.build_monitor says which ranks run it).
+    """
     preemption = PreemptionFlag()
     guard = NonFiniteGuard(cfg.optim.max_nonfinite_in_a_row)
     writer = MetricsWriter(out_dir, cfg.logging.tensorboard) if dist.is_main else None
@@ -76,6 +86,8 @@ def train(engine, loader, cfg: TrainConfig, derived: Derived, dist: Dist, progre
             poison = dist.is_main and step in cfg.debug.nan_at_steps
             out = train_step(engine, batches, derived.grad_accum, lr, poison)
             progress.step, progress.samples_seen = step, progress.samples_seen + derived.global_batch
+            if out.applied:  # every rank: BYOL moves its EMA target here; the other models do nothing
+                engine.module.on_step_applied(step, derived.total_steps)
             guard.update(progress, out, step)
             window.add(out.losses)
             if bar is not None:
@@ -85,12 +97,15 @@ def train(engine, loader, cfg: TrainConfig, derived: Derived, dist: Dist, progre
                 record.update(step=step, samples_seen=progress.samples_seen, lr=lr, grad_norm=_grad_norm(engine),
                               skipped_steps=progress.skipped_total)
                 record.update({f"data_{k}": v for k, v in loader.counters().items()})  # this rank's stream
-                window.reset(batches.wait_s)
+                every_knn = cfg.monitor.knn_every_steps  # a multiple of logging.every_steps (jobs/validate.py)
+                if every_knn > 0 and (step % every_knn == 0 or step == last):
+                    record.update(knn_metrics(engine, monitor))
+                window.reset(batches.wait_s)  # after the kNN pass, so its time is not counted as training
                 if writer is not None:
                     writer.write(record)
                     log.info("step %d/%d loss %.4f lr %.3g %.1f img/s/device", step, last, record["loss"], lr,
                              record["images_per_s_per_device"])
-            preempted = preemption.requested_anywhere(dist.device)
+            preempted = preemption.requested_anywhere()
             if preempted or step % cfg.checkpoint.every_steps == 0 or step == last:
                 checkpoint.save(engine, ckpt_dir, step, trainer_state(progress, loader), dist.rank,
                                 cfg.checkpoint.keep)

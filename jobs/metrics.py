@@ -32,6 +32,14 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
     return None
 
 
+def mfu(images_per_s: float, flops_per_image: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved training FLOP/s per device / its peak; None without a known peak.
+
+    The one definition: the trainer's logs and bench/train.py both call it, so their figures agree by construction.
+    """
+    return images_per_s * flops_per_image / peak if peak else None
+
+
 class TimedIterator:
     """Wraps the batch iterator and adds up the time spent blocked in next(): the data-wait share."""
 
@@ -77,7 +85,7 @@ class Window:
         ips = self.steps * images_per_step_per_device / elapsed if elapsed > 0 else float("nan")
         out = {n: v for n, v in zip(names, values)}
         out.update(images_per_s_per_device=ips,
-                   mfu=ips * flops_per_image / peak if peak else None,
+                   mfu=mfu(ips, flops_per_image, peak),
                    data_wait_share=(wait_s - self.wait_start) / elapsed if elapsed > 0 else None,
                    step_time_s=elapsed / max(1, self.steps))
         out.update(memory_stats(self.device))

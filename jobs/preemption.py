@@ -25,9 +25,30 @@ class PreemptionFlag:
     def _handle(self, signum: int, frame) -> None:
         self.signal_name = signal.Signals(signum).name
 
-    def requested_anywhere(self, device: torch.device) -> bool:
-        """True on every rank as soon as any rank got a signal. One tiny all-reduce: negligible beside a step."""
-        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    def requested_anywhere(self) -> bool:
+        """True on every rank as soon as any rank got a signal.
+
+        The vote is a one-element all-reduce of a CPU tensor over gloo: a CUDA tensor would make the host wait for the
+        step's kernels (a host-device sync every step) just to read one flag.
+        """
+        local = self.signal_name is not None
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return local
+        flag = torch.tensor([1.0 if local else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_cpu_group())
         return bool(flag.item())
+
+
+_CPU_GROUP: list = []
+
+
+def _cpu_group():
+    """The default group when it already runs on gloo (CPU runs), else a gloo group over the same ranks, made once.
+
+    Every rank reaches the first call at the same step boundary, which new_group (a collective) requires.
+    """
+    if dist.get_backend() == "gloo":
+        return None
+    if not _CPU_GROUP:
+        _CPU_GROUP.append(dist.new_group(backend="gloo"))
+    return _CPU_GROUP[0]

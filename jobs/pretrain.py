@@ -1,4 +1,5 @@
-"""Pre-train a ViT with CAN (or its mae / simclr / can_no_noise recipes) under DeepSpeed ZeRO.
+"""Pre-train an encoder under DeepSpeed: CAN and its mae / simclr / can_no_noise recipes (ViT), and the
+joint-embedding recipes mscn_simclr, mscn_byol, supcon (ResNet-50 or ViT; model.recipes).
 
     deepspeed --num_gpus 8 jobs/pretrain.py --config jobs/configs/can_vit_large.yaml [--set optim.base_lr=2e-4 ...]
     torchrun --nproc_per_node 8 jobs/pretrain.py --config ...        # same script; RANK/WORLD_SIZE from the launcher
@@ -20,15 +21,16 @@ from pathlib import Path
 import torch
 
 from jobs import checkpoint, rng_state
-from jobs.config import TrainConfig, dump_yaml, load_config
+from jobs.config import MonitorConfig, TrainConfig, dump_yaml, load_config
 from jobs.derived import Derived, derive
 from jobs.engine import build_engine, resolve_precision
 from jobs.errors import ConfigError
+from jobs.eval.monitor import KNNMonitor
 from jobs.launch import Dist, init_distributed
 from jobs.loop import Progress, train
 from jobs.plots import plot_run
 from jobs.validate import check_config
-from model.can import CANModel, build_model
+from model.build import build_model
 from model.config import ModelConfig
 from model.distributed import convert_sync_batchnorm
 from model.flops import train_flops_per_image
@@ -66,14 +68,14 @@ def prepare_run_dir(cfg: TrainConfig, derived: Derived, dist: Dist) -> Path:
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         extra = {f.name: getattr(derived, f.name) for f in fields(derived)}
-        extra["precision"] = resolve_precision(cfg.deepspeed.precision, dist.device.type == "cuda")
+        extra["precision"] = resolve_precision(cfg.deepspeed.precision, dist.device.type == "cuda", cfg.optim.name)
         (out / "resolved.yaml").write_text(dump_yaml(cfg, extra))
         log.info("derived: %s", extra)
     torch.distributed.barrier()
     return out
 
 
-def build_network(cfg: ModelConfig, seed: int, device: torch.device) -> CANModel:
+def build_network(cfg: ModelConfig, seed: int, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's weights)
     # Projector BatchNorm (recipes that have one) must see the global batch: SyncBatchNorm on multi-GPU runs.
     return convert_sync_batchnorm(build_model(cfg), device)
@@ -84,6 +86,25 @@ def build_data(cfg: DataConfig, dist: Dist, state: dict | None) -> Loader:
     if state is not None:
         loader.load_state_dict(state)
     return loader
+
+
+def build_monitor(cfg: MonitorConfig, data: DataConfig, zero_stage: int, dist: Dist) -> KNNMonitor | None:
+    """The kNN monitor (decodes its labelled sets once, here) on rank 0, or None when off or on other ranks.
+
+    Under ZeRO-3 every rank runs it: the encoder's forward hooks all-gather each layer collectively, so one rank
+    alone would wait for the others forever (GatheredParameters does not stop those hooks). The ranks compute the
+    same number; rank 0 logs it.
+    """
+    if cfg.knn_every_steps <= 0 or not (dist.is_main or zero_stage == 3):
+        return None
+    memory, query = (data.with_(shards=url, mode="eval") for url in (cfg.knn_memory_shards, cfg.knn_query_shards))
+    # pool=None: the encoder's own forward_head, so the ResNet and the ViT (with its global_pool) are both scored
+    # on the features a probe would see.
+    monitor = KNNMonitor.from_data(memory, query, cfg.knn_num_classes, k=cfg.knn_k, temperature=cfg.knn_temperature,
+                                   pool=None)
+    log.info("kNN monitor: %d memory and %d query images, every %d steps", len(monitor.memory.labels),
+             len(monitor.queries.labels), cfg.knn_every_steps)
+    return monitor
 
 
 def resume(engine, ckpt_dir: Path, dist: Dist, enabled: bool) -> tuple[Progress, dict | None]:
@@ -107,7 +128,8 @@ def export_encoder(engine, cfg: ModelConfig, out_dir: Path, dist: Dist) -> None:
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
         if dist.is_main:
             state = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
-            write_encoder(state, out_dir / "encoder.safetensors", preset=cfg.preset, global_pool=cfg.global_pool)
+            write_encoder(state, out_dir / "encoder.safetensors", preset=cfg.preset, global_pool=cfg.global_pool,
+                          img_size=cfg.img_size)
             log.info("encoder exported to %s", out_dir / "encoder.safetensors")
 
 
@@ -122,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = build_engine(build_network(cfg.model, cfg.seed, dist.device), cfg.optim, cfg.deepspeed, derived, dist.device)
     progress, loader_state = resume(engine, out_dir / "checkpoints", dist, cfg.checkpoint.resume)
     loader = build_data(cfg.data, dist, loader_state)
-    outcome = train(engine, loader, cfg, derived, dist, progress, out_dir, train_flops_per_image(cfg.model))
+    monitor = build_monitor(cfg.monitor, cfg.data, cfg.deepspeed.zero_stage, dist)
+    outcome = train(engine, loader, cfg, derived, dist, progress, out_dir, train_flops_per_image(cfg.model), monitor)
     loader.close()
     if dist.is_main:  # for schedulers: jobs/slurm_pretrain.sh requeues itself unless the run is done
         (out_dir / "status.json").write_text(json.dumps({"outcome": outcome, "step": progress.step}) + "\n")

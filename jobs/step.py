@@ -12,7 +12,7 @@ import torch
 
 from jobs.engine import set_lr
 
-_VIEW_KEYS = ("view1", "view2")
+_VIEW_KEYS = ("view1", "view2", "views_extra")  # views_extra: (B, M, 3, H, W), MSCN's extra masked copies
 _MASK_KEYS = ("mask_keys1", "mask_keys2")
 
 
@@ -23,10 +23,13 @@ class StepOutput:
 
 
 def model_inputs(batch: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Views in the engine's dtype (bf16 params need bf16 inputs); mask keys stay fp32: in bf16 they would tie, and
-    ties change which patches the argsort keeps."""
+    """The batch fields every model's forward takes (model.build), whichever the loader produced: views in the
+    engine's dtype (bf16 params need bf16 inputs); mask keys stay fp32: in bf16 they would tie, and ties change which
+    patches the argsort keeps; labels (B,) long, -1 = none (supcon uses them, the others ignore them)."""
     inputs = {k: batch[k].to(dtype) for k in _VIEW_KEYS if k in batch}
     inputs.update({k: batch[k] for k in _MASK_KEYS if k in batch})
+    if "labels" in batch:
+        inputs["labels"] = batch["labels"].long()
     return inputs
 
 

@@ -11,12 +11,19 @@ import fsspec
 from jobs.config import TrainConfig
 from jobs.errors import ConfigError
 from model.recipes import resolve_recipe
+from pipeline.config import ShardSource
 from pipeline.shards import resolve
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Model/data agreement, recipe consistency, and that every data source exists and can be read."""
+    """Model/data agreement, recipe consistency, optimizer/engine fit, and that every data source (the kNN monitor's
+    too) exists and can be read.
+
+    Not checked: that supcon's shards carry labels (KEY.cls). The loader reports -1 for unlabelled samples, and the
+    supcon term has no positives among them; train supcon on labelled shards only."""
     check_model_data_agreement(cfg)
+    check_engine(cfg)
+    check_monitor(cfg)
     check_shards(cfg.data.sources, cfg.data.storage_options, cfg.data.mode)
     if cfg.logging.every_steps <= 0:
         raise ConfigError(f"logging.every_steps: must be positive, got {cfg.logging.every_steps}")
@@ -38,12 +45,50 @@ def check_model_data_agreement(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.num_views: {d.num_views}, but recipe {m.recipe!r} uses {recipe.num_views}")
     if d.mode != "train":
         raise ConfigError(f"data.mode: pre-training reads the train stream, got {d.mode!r}")
+    # MSCN multi-masks: the pipeline makes num_masks masked copies of view 1; the model expects M = num_masks - 1 of
+    # them besides view 1 itself, in batch["views_extra"].
+    masks = d.augment.mscn.num_masks if d.augment.mscn is not None else 1
+    if masks - 1 != m.extra_masks:
+        raise ConfigError(f"model.extra_masks: {m.extra_masks}, but data.augment.mscn.num_masks {masks} sends "
+                          f"{masks - 1} extra masked views")
+    if d.augment.mscn is not None and recipe.family == "can":
+        raise ConfigError(f"data.augment.mscn: pixel masks are for the joint-embedding recipes, not {m.recipe!r}")
 
 
-def check_shards(sources, storage_options: dict, mode: str) -> None:
+def check_engine(cfg: TrainConfig) -> None:
+    o, ds = cfg.optim, cfg.deepspeed
+    if o.name == "lars" and ds.zero_stage != 0:
+        # ZeRO 1-3 give the optimizer one flat partition per param group: the per-layer trust ratio would be lost.
+        raise ConfigError(f"deepspeed.zero_stage: {ds.zero_stage}, but optim.name lars needs 0 (per-layer trust "
+                          "ratios need the model's own parameters)")
+    if o.name == "lars" and ds.precision == "bf16":
+        raise ConfigError("deepspeed.precision: bf16 keeps flat fp32 master weights, which LARS cannot use per layer; "
+                          "use amp_bf16 (or auto)")
+    if resolve_recipe(cfg.model).family == "byol" and ds.zero_stage == 3:
+        # The EMA update reads every online parameter and writes every target parameter on each rank.
+        raise ConfigError("deepspeed.zero_stage: 3 partitions the parameters, which BYOL's EMA target update "
+                          f"(recipe {cfg.model.recipe!r}) needs whole on every rank; use 0-2")
+
+
+def check_monitor(cfg: TrainConfig) -> None:
+    mon = cfg.monitor
+    if mon.knn_every_steps <= 0:
+        return
+    if mon.knn_every_steps % cfg.logging.every_steps:
+        raise ConfigError(f"monitor.knn_every_steps: {mon.knn_every_steps} is not a multiple of logging.every_steps "
+                          f"{cfg.logging.every_steps} (kNN accuracy is logged with that step's record)")
+    if mon.knn_num_classes < 2:
+        raise ConfigError(f"monitor.knn_num_classes: must be at least 2, got {mon.knn_num_classes}")
+    for name, url in (("knn_memory_shards", mon.knn_memory_shards), ("knn_query_shards", mon.knn_query_shards)):
+        if not url:
+            raise ConfigError(f"monitor.{name}: required when monitor.knn_every_steps > 0")
+        check_shards((ShardSource(url),), cfg.data.storage_options, "eval", f"monitor.{name}")
+
+
+def check_shards(sources, storage_options: dict, mode: str, name: str = "data.shards") -> None:
     """Each source resolves to at least one shard, and its first shard exists and yields bytes."""
     for i, src in enumerate(sources):
-        field = "data.shards" if len(sources) == 1 else f"data.shards[{i}]"
+        field = name if len(sources) == 1 else f"{name}[{i}]"
         try:
             urls, _ = resolve(src, storage_options)
         except FileNotFoundError:

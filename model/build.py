@@ -13,11 +13,12 @@ from model.recipes import RECIPES
 from model.siamese import SiameseModel
 
 # Every model takes forward(view1, view2=None, mask_keys1=None, mask_keys2=None, labels=None, ...) and returns
-# {"loss", named terms}; every model has param_groups(weight_decay), num_views, recipe and weights.
+# {"loss", named terms}; every model has param_groups(weight_decay), on_step_applied(step, total_steps) (the trainer
+# calls it after each applied optimizer step: BYOL's EMA target update, a no-op elsewhere), num_views, recipe, weights.
 MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "can": CANModel,  # ViT; CAN, MAE, SimCLR with token masking and a pixel decoder
     "siamese": SiameseModel,  # ViT or ResNet-50; MSCN-SimCLR, SupCon
-    "byol": BYOLModel,  # ViT or ResNet-50; MSCN-BYOL (has update_target / target_momentum)
+    "byol": BYOLModel,  # ViT or ResNet-50; MSCN-BYOL (EMA target: update_target / target_momentum)
 }
 
 

@@ -7,7 +7,8 @@ Same views, pairs and multi-masks as SiameseModel (model/siamese.py). Every view
 
 The target (target_encoder, target_projector) gets no gradient: requires_grad False and its forward runs under
 torch.no_grad. It runs in train mode, so its BatchNorm uses batch statistics, as in BYOL. The trainer calls
-update_target(target_momentum(step, total_steps)) after every optimizer step.
+on_step_applied(step, total_steps) after every applied optimizer step, which moves the target by
+update_target(target_momentum(step, total_steps)).
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ class BYOLModel(SiameseModel):
     def target_momentum(self, step: int, total_steps: int) -> float:
         """BYOL's cosine schedule from cfg.ema_momentum at step 0 to 1 at total_steps (model.ema.byol_momentum)."""
         return byol_momentum(step, total_steps, self.momentum_base)
+
+    def on_step_applied(self, step: int, total_steps: int) -> None:
+        """After optimizer step `step` (1-based) of total_steps, on every rank: the EMA update of the target."""
+        self.update_target(self.target_momentum(step, total_steps))
 
     def update_target(self, momentum: float) -> None:
         """target <- momentum * target + (1 - momentum) * online; call after each optimizer step (every rank)."""

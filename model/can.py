@@ -147,6 +147,9 @@ class CANModel(nn.Module):
         """Decayed matrices; undecayed (and LARS-excluded) biases, norm weights, position embeddings and tokens."""
         return param_groups(self, weight_decay, NO_DECAY_SUFFIXES)
 
+    def on_step_applied(self, step: int, total_steps: int) -> None:
+        """The trainer's hook after each applied optimizer step (every rank): CAN keeps no state outside its weights."""
+
 
 def build_model(cfg: ModelConfig) -> CANModel:
     """CAN-family recipes only; model.build.build_model is the entry point for every recipe."""

@@ -16,7 +16,7 @@ def param_groups(
 
     decayed: weight matrices and conv kernels, {"weight_decay": weight_decay, "lars_exclude": False};
     not decayed: biases, norm weights (every tensor with ndim <= 1) and names ending in no_decay_suffixes,
-    {"weight_decay": 0.0, "lars_exclude": True}. AdamW ignores lars_exclude; LARS (jobs/eval/lars.py) also skips
+    {"weight_decay": 0.0, "lars_exclude": True}. AdamW ignores lars_exclude; LARS (jobs/lars.py) also skips
     the trust-ratio adaptation there, as SimCLR and BYOL do for biases and BatchNorm.
     """
     decay, no_decay = [], []

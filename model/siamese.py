@@ -116,3 +116,6 @@ class SiameseModel(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Decayed conv / Linear weights; undecayed, LARS-excluded biases and BatchNorm / LayerNorm parameters."""
         return param_groups(self, weight_decay)
+
+    def on_step_applied(self, step: int, total_steps: int) -> None:
+        """The trainer's hook after each applied optimizer step (every rank); BYOLModel moves its target here."""

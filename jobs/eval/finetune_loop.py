@@ -79,7 +79,7 @@ def finetune(engine, loader, cfg: FinetuneConfig, derived: Derived, world: Dist,
                     writer.write(record)
                     log.info("step %d/%d loss %.4f train top-1 %.1f%% lr %.3g", step, last, record["loss"],
                              record["top1"], lr)
-            preempted = preemption.requested_anywhere(world.device)
+            preempted = preemption.requested_anywhere()
             if preempted or step % cfg.checkpoint.every_steps == 0 or step == last:
                 checkpoint.save(engine, out_dir / "checkpoints", step, trainer_state(progress, loader), world.rank,
                                 cfg.checkpoint.keep)

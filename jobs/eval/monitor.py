@@ -54,8 +54,10 @@ class KNNMonitor:
         k: int = 20,
         temperature: float = 0.07,
         batch_size: int = 256,
-        pool: str = "avg",
+        pool: str | None = "avg",
     ):
+        """pool: "avg" / "token" pool the ViT's tokens (jobs.eval.features.pool_tokens); None = the encoder's own
+        forward_head(pre_logits=True), which any backbone with the timm interface has (ViT, ResNet)."""
         self.memory, self.queries = memory, queries
         self.num_classes, self.k, self.temperature = num_classes, k, temperature
         self.batch_size, self.pool = batch_size, pool
@@ -71,11 +73,15 @@ class KNNMonitor:
         out = []
         for x in images.split(self.batch_size):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out.append(pool_tokens(encoder.forward_features(x.to(device)), self.pool).float())
+                feats = encoder.forward_features(x.to(device))
+                if self.pool is None:
+                    out.append(encoder.forward_head(feats, pre_logits=True).float())
+                else:
+                    out.append(pool_tokens(feats, self.pool).float())
         return torch.cat(out)
 
     def __call__(self, encoder: nn.Module) -> dict[str, float]:
-        """encoder: a VisionTransformer (forward_features). Its train/eval mode is restored afterwards."""
+        """encoder: a VisionTransformer, or any backbone with pool=None. Its train/eval mode is restored afterwards."""
         was_training = encoder.training
         encoder.eval()
         try:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jobs.eval.knn import topk_accuracy
-from jobs.eval.lars import LARS
+from jobs.lars import LARS
 from jobs.eval.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,12 @@ from jobs.validate import check_config
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+# finetune_*.yaml are jobs/finetune.py's configs (another schema); every other file is a pre-training config.
+PRETRAIN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("finetune_"))
+FINETUNE_CONFIGS = sorted(CONFIGS.glob("finetune_*.yaml"))
+
+
+@pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_agrees_with_its_model(path):
     cfg = load_config(path)
     assert isinstance(cfg, TrainConfig)
@@ -24,6 +29,15 @@ def test_every_shipped_config_loads_and_agrees_with_its_model(path):
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("#"), "each config starts with a header comment (command, hardware, run time)"
     assert "command:" in path.read_text() and "run time:" in path.read_text() and "hardware:" in path.read_text()
+
+
+@pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_finetune_config_loads(path):
+    from jobs.finetune_config import FinetuneConfig, load_finetune_config
+
+    assert isinstance(load_finetune_config(path), FinetuneConfig)
+    text = path.read_text()
+    assert text.startswith("#") and "command:" in text and "run time:" in text and "hardware:" in text
 
 
 def test_production_config_matches_the_spec():

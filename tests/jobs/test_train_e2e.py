@@ -18,10 +18,14 @@ def _metrics(out_dir):
 @pytest.mark.slow
 def test_zero3_two_ranks_trains_skips_a_nan_step_and_exports(trainer, tmp_path):
     """ZeRO-3 (parameters partitioned) with 2 accumulation steps per rank; rank 0 alone gets a NaN loss at step 2:
-    every rank must skip that update (or the run would hang or diverge), and training goes on."""
+    every rank must skip that update (or the run would hang or diverge), and training goes on. The kNN monitor runs
+    at step 3 on the gathered encoder (every rank enters the gather, rank 0 scores)."""
     out = tmp_path / "z3"
+    monitor = ["monitor.knn_every_steps=3", "monitor.knn_num_classes=5",
+               f"monitor.knn_memory_shards={trainer.shards}shard-{{000000..000001}}.tar",
+               f"monitor.knn_query_shards={trainer.shards}shard-{{000002..000003}}.tar"]
     code, log = trainer.run(out, sets=["deepspeed.zero_stage=3", "debug.max_steps=3", "debug.nan_at_steps=[2]",
-                                       "checkpoint.export_encoder=true", "logging.plot=true"])
+                                       "checkpoint.export_encoder=true", "logging.plot=true", *monitor])
     assert code == 0, log[-3000:]
     records = _metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -32,6 +36,7 @@ def test_zero3_two_ranks_trains_skips_a_nan_step_and_exports(trainer, tmp_path):
             assert math.isfinite(r[term]), (term, r)
         assert r["mfu"] is None  # CPU: no peak in the table and none configured
         assert 0 <= r["data_wait_share"] <= 1
+    assert "knn_top1" not in records[0] and 0.0 <= records[2]["knn_top1"] <= 100.0  # percent, 48 queries
     assert records[2]["samples_seen"] == 3 * 16
     resolved = yaml.safe_load((out / "resolved.yaml").read_text())
     assert resolved["derived"]["grad_accum"] == 2 and resolved["derived"]["world_size"] == 2

@@ -5,6 +5,10 @@ Per parameter tensor, the update g + wd * w is rescaled by the trust ratio eta *
 momentum (MAE's and BYOL's formulation). Biases and normalisation parameters are excluded from both the adaptation
 and weight decay (BYOL, appendix C): by default every tensor with ndim <= 1; a param group may also set
 "lars_exclude": True (all its tensors excluded) or False (none excluded, even 1-D ones).
+
+Shared by pre-training (jobs/engine.py) and the linear probe (jobs/eval/probe.py). The trust ratio is per tensor, so
+LARS must see the model's own parameters: ZeRO stages 1-3 hand the optimizer one flat partition per group instead
+(jobs/validate.py refuses that combination).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class LARS(torch.optim.Optimizer):
         trust_coefficient: float = 0.001,
         eps: float = 0.0,
         nesterov: bool = False,
+        skip_nonfinite: bool = False,
     ):
         if lr < 0 or momentum < 0 or weight_decay < 0 or trust_coefficient <= 0:
             raise ValueError(f"invalid LARS hyper-parameters: lr={lr} momentum={momentum} wd={weight_decay}")
@@ -38,6 +43,10 @@ class LARS(torch.optim.Optimizer):
             nesterov=nesterov, lars_exclude=None,
         )
         super().__init__(params, defaults)
+        # DeepSpeed's protocol for optimizers that may skip an update: engine.was_step_applied() reads `overflow`.
+        # Without ZeRO, DeepSpeed itself never skips a step with non-finite gradients; skip_nonfinite does (one host
+        # sync per step). Gradients are all-reduced before step(), so every rank makes the same choice.
+        self.skip_nonfinite, self.overflow = skip_nonfinite, False
 
     @staticmethod
     def _excluded(p: torch.Tensor, group: dict) -> bool:
@@ -49,6 +58,11 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.skip_nonfinite:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            self.overflow = not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else False
+            if self.overflow:
+                return loss
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:

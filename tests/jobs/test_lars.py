@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from jobs.eval.lars import LARS
+from jobs.lars import LARS
 
 
 def test_adapted_tensor_follows_the_trust_ratio():
@@ -46,3 +46,16 @@ def test_zero_weights_take_the_plain_gradient():
     w.grad = torch.ones(2, 2)
     LARS([w], lr=0.1, momentum=0.0).step()
     torch.testing.assert_close(w.data, torch.full((2, 2), -0.1))
+
+
+def test_nonfinite_gradient_skips_the_update_and_reports_overflow():
+    """skip_nonfinite: the trainer's LARS leaves weights and momentum untouched and sets `overflow`, which DeepSpeed's
+    engine reads for was_step_applied() (ZeRO stage 0 has no skip of its own)."""
+    w = torch.nn.Parameter(torch.ones(2, 2))
+    lars = LARS([w], lr=0.1, momentum=0.9, skip_nonfinite=True)
+    w.grad = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
+    lars.step()
+    assert lars.overflow and torch.equal(w.data, torch.ones(2, 2)) and not lars.state[w]
+    w.grad = torch.ones(2, 2)
+    lars.step()
+    assert not lars.overflow and not torch.equal(w.data, torch.ones(2, 2))
