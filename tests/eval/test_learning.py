@@ -1,16 +1,22 @@
-"""bench/learning.py with a fixed budget: can pre-training must beat the same encoder at random init by >= 5 points
-of linear-probe top-1 on held-out digits (mae is reported beside it, not asserted)."""
+"""bench/learning.py at its default budget: can pre-training must beat the same encoder at random init by >= 5 points
+of linear-probe top-1 on held-out digits (issue 6); mae, kNN and the raw-pixel reference are printed beside it."""
 
 import pytest
 
 from bench import learning
 
+MIN_MARGIN = 5.0  # points of top-1, the issue's "clear margin"
+
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured on 2 shared cores (load ~7): random init 92.2, mae 93.5, can 94.2 "
-                   "top-1 -> margin +2.0 < 5 at this budget (637 s); needs a larger budget or a harder probe set")
-def test_can_beats_random_init(tmp_path):
-    results = learning.main(["--steps", "60", "--batch-size", "64", "--img-size", "16", "--out", str(tmp_path)])
-    assert set(results) == {"random init", "mae", "can"}
-    margin = results["can"]["top1"] - results["random init"]["top1"]
-    assert margin >= 5.0, {name: r["top1"] for name, r in results.items()}
+@pytest.mark.xfail(strict=True, reason="measured (60 x 64, vit_tiny/8 at 32 px, digit-suited views, 2 shared cores): "
+                   "random init 91.7, mae 89.9, can 91.2 top-1 -> margin -0.5 < 5; the best longer run (4-deep "
+                   "encoder, 12 epochs) reached only +0.8 (see bench/learning.py)")
+def test_can_beats_random_init(tmp_path, capsys):
+    results = learning.main(["--out", str(tmp_path)])
+    assert set(results) == {"raw pixels", "random init", "mae", "can"}
+    top1 = {name: r["top1"] for name, r in results.items()}
+    with capsys.disabled():
+        print(f"\nlinear-probe top-1: {top1} (mae reported, not asserted)")
+    margin = top1["can"] - top1["random init"]
+    assert margin >= MIN_MARGIN, top1
