@@ -129,8 +129,10 @@ class TrainConfig:
     seed: int = 0
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """YAML file + `key.sub=value` overrides -> TrainConfig. Raises ConfigError naming the offending key."""
+def load_config(path: str | Path, overrides: list[str] = (), cls: type = TrainConfig):
+    """YAML file + `key.sub=value` overrides -> cls (TrainConfig, or another job's config such as jobs/finetune.py's).
+
+    Raises ConfigError naming the offending key."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
@@ -139,7 +141,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         if not sep:
             raise ConfigError(f"--set {item!r}: expected key=value")
         apply_override(raw, key.strip(), yaml.safe_load(text))
-    return build(TrainConfig, raw, "")
+    return build(cls, raw, "")
 
 
 def apply_override(raw: dict, dotted: str, value: Any) -> None:

@@ -5,7 +5,7 @@
 Sections: head (what is trained on top of the encoder and how), train_data / val_data (pipeline.config.DataConfig),
 optim, deepspeed, logging, checkpoint, debug (the trainer's own dataclasses from jobs/config.py, reused), schedule (in
 epochs here: fine-tuning recipes are written in epochs), plus top-level encoder, output_dir and seed. Keys are checked
-and --set values parsed exactly as in jobs/config.py (its build/apply_override are reused).
+and --set values parsed exactly as in jobs/config.py (its load_config is reused).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Literal
 
 import yaml
 
-from jobs.config import (CheckpointConfig, DebugConfig, DeepSpeedConfig, LoggingConfig, OptimConfig, apply_override,
-                         build, redact, to_plain)
+from jobs.config import (CheckpointConfig, DebugConfig, DeepSpeedConfig, LoggingConfig, OptimConfig, load_config,
+                         redact, to_plain)
 from jobs.errors import ConfigError
 from pipeline.config import DataConfig
 
@@ -75,16 +75,8 @@ class FinetuneConfig:
 
 
 def load_finetune_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
-    """YAML file + `key.sub=value` overrides -> FinetuneConfig. Raises ConfigError naming the offending key."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        apply_override(raw, key.strip(), yaml.safe_load(text))
-    return build(FinetuneConfig, raw, "")
+    """YAML file + `key.sub=value` overrides -> FinetuneConfig, with the trainer's strict key checks."""
+    return load_config(path, overrides, FinetuneConfig)
 
 
 def check_finetune_config(cfg: FinetuneConfig) -> None:
