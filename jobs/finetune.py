@@ -31,7 +31,7 @@ from jobs.eval.finetune_loop import evaluate, finetune
 from jobs.eval.finetune_model import Classifier, build_classifier
 from jobs.finetune_config import FinetuneConfig, check_finetune_config, dump_finetune_yaml, load_finetune_config
 from jobs.launch import Dist, init_distributed
-from jobs.pretrain import build_data, resume, setup_logging
+from jobs.run import build_data, resume, setup_logging
 from jobs.validate import check_shards
 from model.flops import block_flops
 

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from jobs import checkpoint, rng_state
 from jobs.config import MonitorConfig, TrainConfig, dump_yaml, load_config
 from jobs.derived import Derived, derive
 from jobs.engine import build_engine, resolve_precision
 from jobs.errors import ConfigError
 from jobs.eval.monitor import KNNMonitor
 from jobs.launch import Dist, init_distributed
-from jobs.loop import Progress, train
+from jobs.loop import train
+from jobs.run import build_data, resume, setup_logging
 from jobs.plots import plot_run
 from jobs.validate import check_config
 from model.build import build_model
@@ -35,7 +35,6 @@ from model.config import ModelConfig
 from model.distributed import convert_sync_batchnorm
 from model.flops import train_flops_per_image
 from pipeline.config import DataConfig
-from pipeline.loader import Loader, build_loader
 
 log = logging.getLogger("jobs.pretrain")
 
@@ -48,12 +47,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same, and is what we read.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", force=True)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
 def derived_values(cfg: TrainConfig, world_size: int) -> Derived:
@@ -81,13 +74,6 @@ def build_network(cfg: ModelConfig, seed: int, device: torch.device) -> torch.nn
     return convert_sync_batchnorm(build_model(cfg), device)
 
 
-def build_data(cfg: DataConfig, dist: Dist, state: dict | None) -> Loader:
-    loader = build_loader(cfg, dist.rank, dist.world_size, dist.device)
-    if state is not None:
-        loader.load_state_dict(state)
-    return loader
-
-
 def build_monitor(cfg: MonitorConfig, data: DataConfig, zero_stage: int, dist: Dist) -> KNNMonitor | None:
     """The kNN monitor (decodes its labelled sets once, here) on rank 0, or None when off or on other ranks.
 
@@ -105,18 +91,6 @@ def build_monitor(cfg: MonitorConfig, data: DataConfig, zero_stage: int, dist: D
     log.info("kNN monitor: %d memory and %d query images, every %d steps", len(monitor.memory.labels),
              len(monitor.queries.labels), cfg.knn_every_steps)
     return monitor
-
-
-def resume(engine, ckpt_dir: Path, dist: Dist, enabled: bool) -> tuple[Progress, dict | None]:
-    """Progress and this rank's loader state from the latest complete checkpoint, or a fresh start."""
-    tag = checkpoint.agreed_latest(ckpt_dir, dist.rank) if enabled else None
-    if tag is None:
-        return Progress(), None
-    state = checkpoint.load(engine, ckpt_dir, tag, dist.rank)
-    rng_state.restore(state["rng"])
-    progress = Progress(**state["progress"])
-    log.info("resumed from %s: step %d, %d samples seen", tag, progress.step, progress.samples_seen)
-    return progress, state["data"]
 
 
 def export_encoder(engine, cfg: ModelConfig, out_dir: Path, dist: Dist) -> None:

@@ -1,0 +1,39 @@
+"""The pieces every training job starts with (pretrain.py, finetune.py): logging, the resumed state, the loader."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from jobs import checkpoint, rng_state
+from jobs.launch import Dist
+from jobs.loop import Progress
+from pipeline.config import DataConfig
+from pipeline.loader import Loader, build_loader
+
+log = logging.getLogger("jobs.run")
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", force=True)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def build_data(cfg: DataConfig, dist: Dist, state: dict | None) -> Loader:
+    loader = build_loader(cfg, dist.rank, dist.world_size, dist.device)
+    if state is not None:
+        loader.load_state_dict(state)
+    return loader
+
+
+def resume(engine, ckpt_dir: Path, dist: Dist, enabled: bool) -> tuple[Progress, dict | None]:
+    """Progress and this rank's loader state from the latest complete checkpoint, or a fresh start."""
+    tag = checkpoint.agreed_latest(ckpt_dir, dist.rank) if enabled else None
+    if tag is None:
+        return Progress(), None
+    state = checkpoint.load(engine, ckpt_dir, tag, dist.rank)
+    rng_state.restore(state["rng"])
+    progress = Progress(**state["progress"])
+    log.info("resumed from %s: step %d, %d samples seen", tag, progress.step, progress.samples_seen)
+    return progress, state["data"]
