@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from jobs.eval.finetune_loop import evaluate, finetune
 from jobs.eval.finetune_model import Classifier, build_classifier
 from jobs.finetune_config import FinetuneConfig, check_finetune_config, dump_finetune_yaml, load_finetune_config
 from jobs.launch import Dist, init_distributed
-from jobs.run import build_data, resume, setup_logging
+from jobs.run import build_data, prepare_run_dir, resume, setup_logging
 from jobs.validate import check_shards
 from model.flops import block_flops
 
@@ -51,19 +50,6 @@ def derived_values(cfg: FinetuneConfig, world_size: int) -> Derived:
     o, s = cfg.optim, cfg.schedule
     return derive(o.global_batch, cfg.train_data.batch_size, world_size, o.base_lr, o.lr_base_batch, s.total_samples,
                   s.warmup_samples)
-
-
-def prepare_run_dir(cfg: FinetuneConfig, derived: Derived, world: Dist) -> Path:
-    """output_dir/resolved.yaml: the config as run, with the derived values, beside the checkpoints."""
-    out = Path(cfg.output_dir)
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        extra = {f.name: getattr(derived, f.name) for f in fields(derived)}
-        extra["precision"] = resolve_precision(cfg.deepspeed.precision, world.device.type == "cuda")
-        (out / "resolved.yaml").write_text(dump_finetune_yaml(cfg, extra))
-        log.info("derived: %s", extra)
-    torch.distributed.barrier()
-    return out
 
 
 def build_network(cfg: FinetuneConfig) -> Classifier:
@@ -97,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             raise ConfigError(f"{section}.{str(e).removeprefix('data.')}") from None
     derived = derived_values(cfg, world.world_size)
-    out_dir = prepare_run_dir(cfg, derived, world)
+    precision = resolve_precision(cfg.deepspeed.precision, world.device.type == "cuda", cfg.optim.name)
+    out_dir = prepare_run_dir(cfg.output_dir, derived, precision, lambda extra: dump_finetune_yaml(cfg, extra), world)
     model = build_network(cfg)
     check_input_shape(model, cfg)
     flops = train_flops_per_image(model.vit)

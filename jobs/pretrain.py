@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from jobs.errors import ConfigError
 from jobs.eval.monitor import KNNMonitor
 from jobs.launch import Dist, init_distributed
 from jobs.loop import train
-from jobs.run import build_data, resume, setup_logging
+from jobs.run import build_data, prepare_run_dir, resume, setup_logging
 from jobs.plots import plot_run
 from jobs.validate import check_config
 from model.build import build_model
@@ -53,19 +52,6 @@ def derived_values(cfg: TrainConfig, world_size: int) -> Derived:
     o, s = cfg.optim, cfg.schedule
     return derive(o.global_batch, cfg.data.batch_size, world_size, o.base_lr, o.lr_base_batch, s.total_samples,
                   s.warmup_samples)
-
-
-def prepare_run_dir(cfg: TrainConfig, derived: Derived, dist: Dist) -> Path:
-    """output_dir/resolved.yaml: the config as run, with the derived values, beside the checkpoints."""
-    out = Path(cfg.output_dir)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        extra = {f.name: getattr(derived, f.name) for f in fields(derived)}
-        extra["precision"] = resolve_precision(cfg.deepspeed.precision, dist.device.type == "cuda", cfg.optim.name)
-        (out / "resolved.yaml").write_text(dump_yaml(cfg, extra))
-        log.info("derived: %s", extra)
-    torch.distributed.barrier()
-    return out
 
 
 def build_network(cfg: ModelConfig, seed: int, device: torch.device) -> torch.nn.Module:
@@ -114,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(dist.rank)
     check_config(cfg)
     derived = derived_values(cfg, dist.world_size)
-    out_dir = prepare_run_dir(cfg, derived, dist)
+    precision = resolve_precision(cfg.deepspeed.precision, dist.device.type == "cuda", cfg.optim.name)
+    out_dir = prepare_run_dir(cfg.output_dir, derived, precision, lambda extra: dump_yaml(cfg, extra), dist)
     engine = build_engine(build_network(cfg.model, cfg.seed, dist.device), cfg.optim, cfg.deepspeed, derived, dist.device)
     progress, loader_state = resume(engine, out_dir / "checkpoints", dist, cfg.checkpoint.resume)
     loader = build_data(cfg.data, dist, loader_state)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 from jobs import checkpoint, rng_state
+from jobs.derived import Derived
 from jobs.launch import Dist
 from jobs.loop import Progress
 from pipeline.config import DataConfig
@@ -18,6 +23,19 @@ def setup_logging(rank: int) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", force=True)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def prepare_run_dir(output_dir: str, derived: Derived, precision: str, dump: Callable[[dict], str], dist: Dist) -> Path:
+    """output_dir/resolved.yaml: the config as run (`dump(extra)`), with the derived values, beside the checkpoints."""
+    out = Path(output_dir)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        extra = {f.name: getattr(derived, f.name) for f in fields(derived)}
+        extra["precision"] = precision
+        (out / "resolved.yaml").write_text(dump(extra))
+        log.info("derived: %s", extra)
+    torch.distributed.barrier()
+    return out
 
 
 def build_data(cfg: DataConfig, dist: Dist, state: dict | None) -> Loader:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 
 import torch
 import torch.distributed as dist
@@ -10,6 +9,7 @@ import torch.multiprocessing as mp
 
 from model.can import build_model
 from model.config import ModelConfig
+from tools.local_s3 import free_port
 
 WORLD = 2
 PER_RANK = 3
@@ -40,12 +40,6 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     loss, grads = loss_and_grads(model, view1[part], view2[part], keys[:, part])
     torch.save({"loss": loss, "grads": grads}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_gathered_info_nce_matches_single_process(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 from model.build import build_model
 from model.config import ModelConfig
 from model.losses import info_nce, supcon
+from tools.local_s3 import free_port
 
 
 def brute_force_supcon(z1, z2, labels, t):
@@ -90,12 +90,6 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     loss, grads = loss_and_grads(model, view1[part], view2[part], LABELS[part])
     torch.save({"loss": loss, "grads": grads}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_labels_are_gathered_with_the_embeddings(tmp_path):
