@@ -14,7 +14,6 @@ shards; rank 0 logs top-1 / top-5 and writes OUTPUT_DIR/finetune.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -30,20 +29,11 @@ from jobs.eval.finetune_loop import evaluate, finetune
 from jobs.eval.finetune_model import Classifier, build_classifier
 from jobs.finetune_config import FinetuneConfig, check_finetune_config, dump_finetune_yaml, load_finetune_config
 from jobs.launch import Dist, init_distributed
-from jobs.run import build_data, prepare_run_dir, resume, setup_logging
+from jobs.run import build_data, parse_job_args, prepare_run_dir, resume, setup_logging
 from jobs.validate import check_shards
 from model.flops import block_flops
 
 log = logging.getLogger("jobs.finetune")
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file in jobs/configs/ (finetune_*.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, dotted key, YAML value (repeatable): --set encoder=runs/x")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
-    return parser.parse_args(argv)
 
 
 def derived_values(cfg: FinetuneConfig, world_size: int) -> Derived:
@@ -72,7 +62,7 @@ def check_input_shape(model: Classifier, cfg: FinetuneConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_job_args(argv, __doc__, "encoder=runs/x")
     cfg = load_finetune_config(args.config, args.set)
     world = init_distributed(cfg.deepspeed.dist_backend)
     setup_logging(world.rank)

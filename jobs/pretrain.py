@@ -11,7 +11,6 @@ checkpoint at the next step boundary and exit 0 (see jobs/preemption.py).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -26,7 +25,7 @@ from jobs.errors import ConfigError
 from jobs.eval.monitor import KNNMonitor
 from jobs.launch import Dist, init_distributed
 from jobs.loop import train
-from jobs.run import build_data, prepare_run_dir, resume, setup_logging
+from jobs.run import build_data, parse_job_args, prepare_run_dir, resume, setup_logging
 from jobs.plots import plot_run
 from jobs.validate import check_config
 from model.build import build_model
@@ -36,16 +35,6 @@ from model.flops import train_flops_per_image
 from pipeline.config import DataConfig
 
 log = logging.getLogger("jobs.pretrain")
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file in jobs/configs/")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, dotted key, YAML value (repeatable): --set optim.base_lr=1.0e-3")
-    # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same, and is what we read.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
 
 
 def derived_values(cfg: TrainConfig, world_size: int) -> Derived:
@@ -94,7 +83,7 @@ def export_encoder(engine, cfg: ModelConfig, out_dir: Path, dist: Dist) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_job_args(argv, __doc__, "optim.base_lr=1.0e-3")
     cfg = load_config(args.config, args.set)
     dist = init_distributed(cfg.deepspeed.dist_backend)
     setup_logging(dist.rank)

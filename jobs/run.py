@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import fields
 from pathlib import Path
@@ -17,6 +18,17 @@ from pipeline.config import DataConfig
 from pipeline.loader import Loader, build_loader
 
 log = logging.getLogger("jobs.run")
+
+
+def parse_job_args(argv: list[str] | None, doc: str, set_example: str) -> argparse.Namespace:
+    """The command line every training job takes: --config FILE, repeatable --set key=value overrides."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file in jobs/configs/")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config value, dotted key, YAML value (repeatable): --set {set_example}")
+    # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same, and is what we read.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
 
 
 def setup_logging(rank: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
 
 import pytest
@@ -21,12 +22,7 @@ def _cfg(shards: str, **kw) -> DataConfig:
 
 
 def _take(loader, n: int) -> list[dict]:
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
+    return list(itertools.islice(loader, n))
 
 
 def _eval_keys(cfg: DataConfig, world: int) -> list[list[str]]:

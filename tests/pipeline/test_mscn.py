@@ -3,6 +3,7 @@ images, and the real loader (noise fill, branch asymmetry, multi-masks, eval hig
 
 from __future__ import annotations
 
+import itertools
 import dataclasses
 import io
 import pickle
@@ -67,7 +68,8 @@ def test_branches_differ_and_draws_are_a_pure_function_of_the_batch():
     assert len(set(keys)) == len(keys) and len({m.noise_seed for m in flat}) == len(flat)
     # Asymmetry: branch 2 masks more than branch 1 (0.5 vs 0.2).
     m1, m2 = (draw_masks(N, S, CFG, br, mask_rng(0, 0, 0, br, 0)) for br in (0, 1))
-    assert 1 - keep_pixels(m2, S).mean() > 1 - keep_pixels(m1, S).mean() + 0.25
+    masked1, masked2 = (1.0 - keep_pixels(m, S).mean() for m in (m1, m2))
+    assert masked2 > masked1 + 0.25
 
 
 def test_presets_and_yaml_overrides():
@@ -146,12 +148,7 @@ def _cfg(shards: str, mscn: MSCNMaskConfig, **kw) -> DataConfig:
 
 
 def _take(loader, n: int) -> list[dict]:
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
+    return list(itertools.islice(loader, n))
 
 
 def test_loader_fills_masks_with_each_branchs_noise(constant_shard):
