@@ -34,6 +34,8 @@ from jobs.derived import derive
 from jobs.engine import build_engine
 from jobs.launch import init_distributed
 from jobs.loop import Progress, train
+from jobs.pretrain import pretrain_hooks
+from jobs.step import train_step
 from model.build import build_model
 from model.flops import train_flops_per_image
 
@@ -43,7 +45,7 @@ FETCH = "bench::next_batch"
 
 
 class SyntheticLoader:
-    """The loader interface jobs.loop.train uses (iteration, counters, state_dict), over one synthetic batch; each
+    """The loader interface pre-training's loop uses (iteration, counters, state_dict), over one synthetic batch; each
     fetch is marked in the profile, so loop iterations can be cut out of it."""
 
     def __init__(self, batch: int, img_size: int, num_patches: int, num_views: int):
@@ -143,14 +145,16 @@ def main() -> None:
         loader = SyntheticLoader(cfg.data.batch_size, cfg.model.img_size, model.num_patches, model.num_views)
         engine = build_engine(model, cfg.optim, cfg.deepspeed, derived, dist.device)
         flops = train_flops_per_image(cfg.model)
+        hooks = pretrain_hooks(engine, loader, cfg, derived, None)  # the loop as jobs/pretrain.py runs it, less kNN
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             # The last step also checkpoints: it ends after the last fetch, so it falls outside the analysed window.
-            train(engine, loader, cfg, derived, dist, Progress(), Path(tmp), flops)
+            train(engine, loader, cfg, derived, dist, Progress(), Path(tmp), flops, step_fn=train_step, hooks=hooks)
         report = analyse(prof.events(), args.steps)
         loader.fetches = 0
         (Path(tmp) / "sites").mkdir()
         with SyncSites(loader, args.warmup, total - 1) as sites:  # the same steps, untimed, for where syncs come from
-            train(engine, loader, cfg, derived, dist, Progress(), Path(tmp) / "sites", flops)
+            train(engine, loader, cfg, derived, dist, Progress(), Path(tmp) / "sites", flops, step_fn=train_step,
+                  hooks=hooks)
         report["sync_sites"] = {k: v / args.steps for k, v in sites.sites.most_common()}
     if args.trace:
         prof.export_chrome_trace(args.trace)

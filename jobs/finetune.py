@@ -25,10 +25,11 @@ from jobs.derived import Derived, derive
 from jobs.engine import build_engine, resolve_precision
 from jobs.errors import ConfigError
 from jobs.eval.encoder_source import resolve_source
-from jobs.eval.finetune_loop import evaluate, finetune
+from jobs.eval.finetune_loop import evaluate, finetune_hooks, finetune_step
 from jobs.eval.finetune_model import Classifier, build_classifier
 from jobs.finetune_config import FinetuneConfig, check_finetune_config, dump_finetune_yaml, load_finetune_config
 from jobs.launch import Dist, init_distributed
+from jobs.loop import train
 from jobs.run import build_data, parse_job_args, prepare_run_dir, resume, setup_logging
 from jobs.validate import check_shards
 from model.flops import block_flops
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = build_engine(model, cfg.optim, cfg.deepspeed, derived, world.device)
     progress, loader_state = resume(engine, out_dir / "checkpoints", world, cfg.checkpoint.resume)
     loader = build_data(cfg.train_data, world, loader_state)
-    outcome = finetune(engine, loader, cfg, derived, world, progress, out_dir, flops)
+    outcome = train(engine, loader, cfg, derived, world, progress, out_dir, flops, step_fn=finetune_step,
+                    hooks=finetune_hooks(cfg.schedule))
     loader.close()
     if world.is_main:  # for schedulers, as jobs/pretrain.py
         (out_dir / "status.json").write_text(json.dumps({"outcome": outcome, "step": progress.step}) + "\n")

@@ -1,5 +1,5 @@
-"""The training loop: seeded steps, the model's after-step hook, non-finite guard, logging window with the kNN
-monitor, checkpoint and preemption boundaries."""
+"""The training loop of both jobs (jobs/pretrain.py, jobs/finetune.py): seeded steps, non-finite guard, logging window,
+checkpoint and preemption boundaries. What a job adds comes in as its step function and a LoopHooks."""
 
 from __future__ import annotations
 
@@ -8,19 +8,24 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 
 from jobs import checkpoint, rng_state
 from jobs.config import TrainConfig
 from jobs.derived import Derived
+from jobs.finetune_config import FinetuneConfig
 from jobs.launch import Dist
 from jobs.metrics import MetricsWriter, TimedIterator, Window, peak_flops
 from jobs.preemption import PreemptionFlag
 from jobs.schedules import lr_at
-from jobs.step import StepOutput, train_step
+from jobs.step import StepOutput
 
 log = logging.getLogger(__name__)
+
+# (engine, batches, grad_accum, lr, poison) -> StepOutput: jobs.step.train_step, jobs.eval.finetune_loop.finetune_step
+StepFn = Callable[[Any, Iterator[dict], int, float, bool], StepOutput]
 
 
 @dataclass
@@ -57,37 +62,42 @@ def trainer_state(progress: Progress, loader) -> dict:
     return {"progress": asdict(progress), "data": loader.state_dict(), "rng": rng_state.capture()}
 
 
-def knn_metrics(engine, monitor) -> dict[str, float]:
-    """monitor(encoder) ({"knn_top1"}) where this rank runs the monitor, {} elsewhere (see pretrain.build_monitor:
-    rank 0, or every rank under ZeRO-3, whose forward hooks all-gather each layer's weights collectively)."""
-    return monitor(engine.module.encoder) if monitor is not None else {}
+@dataclass(frozen=True)
+class LoopHooks:
+    """What one job adds to the shared loop; the defaults add nothing."""
+
+    # step -> None, on every rank after each applied update only: a skipped step changed no weights to follow.
+    on_step_applied: Callable[[int], None] = lambda step: None
+    # (progress, last step?) -> more metrics.jsonl fields at each logging window. Called on every rank, not only the
+    # writing one: an evaluation in it may be collective (the kNN monitor under ZeRO-3).
+    extra_record: Callable[[Progress, bool], dict] = lambda progress, final: {}
+    # record -> the end of rank 0's "step s/last loss x" log line
+    log_suffix: Callable[[dict], str] = lambda record: f"lr {record['lr']:.3g}"
+    progress_bar: bool = False  # a tqdm bar as cfg.logging.progress says
 
 
-def train(engine, loader, cfg: TrainConfig, derived: Derived, dist: Dist, progress: Progress, out_dir: Path,
-          flops_per_image: float, monitor=None) -> str:
-    """Runs until the schedule's end (or debug.max_steps) or a preemption; returns "done" or "preempted".
-
-    monitor: this rank's jobs.eval.monitor.KNNMonitor, or None (pretrain.build_monitor says which ranks run it).
-    """
+def train(engine, loader, cfg: TrainConfig | FinetuneConfig, derived: Derived, dist: Dist, progress: Progress,
+          out_dir: Path, flops_per_image: float, *, step_fn: StepFn, hooks: LoopHooks) -> str:
+    """Runs until the schedule's end (or debug.max_steps) or a preemption; returns "done" or "preempted"."""
     preemption = PreemptionFlag()
     guard = NonFiniteGuard(cfg.optim.max_nonfinite_in_a_row)
     writer = MetricsWriter(out_dir, cfg.logging.tensorboard) if dist.is_main else None
     window, batches = Window(dist.device), TimedIterator(iter(loader))
     peak = peak_flops(dist.device, cfg.logging.peak_flops)
     last = min(derived.total_steps, cfg.debug.max_steps or derived.total_steps)
-    bar = _progress_bar(cfg.logging.progress, dist, progress.step, last)
+    bar = _progress_bar(cfg.logging.progress, dist, progress.step, last) if hooks.progress_bar else None
     ckpt_dir, sched = out_dir / "checkpoints", cfg.schedule
     try:
         while progress.step < last:
             step = progress.step + 1
-            torch.manual_seed(rng_state.step_seed(cfg.seed, step, dist.rank))  # noise/drop-path: resume-exact
+            torch.manual_seed(rng_state.step_seed(cfg.seed, step, dist.rank))  # noise/drop path: resume-exact
             lr = lr_at(progress.samples_seen, derived.peak_lr, sched.warmup_samples, sched.total_samples,
                        sched.min_lr_ratio)
             poison = dist.is_main and step in cfg.debug.nan_at_steps
-            out = train_step(engine, batches, derived.grad_accum, lr, poison)
+            out = step_fn(engine, batches, derived.grad_accum, lr, poison)
             progress.step, progress.samples_seen = step, progress.samples_seen + derived.global_batch
-            if out.applied:  # every rank: BYOL moves its EMA target here; the other models do nothing
-                engine.module.on_step_applied(step, derived.total_steps)
+            if out.applied:
+                hooks.on_step_applied(step)
             guard.update(progress, out, step)
             window.add(out.losses)
             if bar is not None:
@@ -96,15 +106,11 @@ def train(engine, loader, cfg: TrainConfig, derived: Derived, dist: Dist, progre
                 record = window.reduce(batches.wait_s, derived.micro_batch * derived.grad_accum, flops_per_image, peak)
                 record.update(step=step, samples_seen=progress.samples_seen, lr=lr, grad_norm=_grad_norm(engine),
                               skipped_steps=progress.skipped_total)
-                record.update({f"data_{k}": v for k, v in loader.counters().items()})  # this rank's stream
-                every_knn = cfg.monitor.knn_every_steps  # a multiple of logging.every_steps (jobs/validate.py)
-                if every_knn > 0 and (step % every_knn == 0 or step == last):
-                    record.update(knn_metrics(engine, monitor))
-                window.reset(batches.wait_s)  # after the kNN pass, so its time is not counted as training
+                record.update(hooks.extra_record(progress, step == last))
+                window.reset(batches.wait_s)  # after the extras, so an evaluation among them is not training time
                 if writer is not None:
                     writer.write(record)
-                    log.info("step %d/%d loss %.4f lr %.3g %.1f img/s/device", step, last, record["loss"], lr,
-                             record["images_per_s_per_device"])
+                    log.info("step %d/%d loss %.4f %s", step, last, record["loss"], hooks.log_suffix(record))
             preempted = preemption.requested_anywhere()
             if preempted or step % cfg.checkpoint.every_steps == 0 or step == last:
                 checkpoint.save(engine, ckpt_dir, step, trainer_state(progress, loader), dist.rank,

@@ -24,9 +24,10 @@ from jobs.engine import build_engine, resolve_precision
 from jobs.errors import ConfigError
 from jobs.eval.monitor import KNNMonitor
 from jobs.launch import Dist, init_distributed
-from jobs.loop import train
+from jobs.loop import LoopHooks, Progress, train
 from jobs.run import build_data, parse_job_args, prepare_run_dir, resume, setup_logging
 from jobs.plots import plot_run
+from jobs.step import train_step
 from jobs.validate import check_config
 from model.build import build_model
 from model.config import ModelConfig
@@ -68,6 +69,23 @@ def build_monitor(cfg: MonitorConfig, data: DataConfig, zero_stage: int, dist: D
     return monitor
 
 
+def pretrain_hooks(engine, loader, cfg: TrainConfig, derived: Derived, monitor: KNNMonitor | None) -> LoopHooks:
+    """Pre-training's part of jobs.loop.train; monitor: this rank's kNN monitor or None (build_monitor says which)."""
+    every_knn = cfg.monitor.knn_every_steps  # a multiple of logging.every_steps (jobs/validate.py)
+
+    def extra_record(progress: Progress, final: bool) -> dict:
+        record = {f"data_{k}": v for k, v in loader.counters().items()}  # this rank's stream
+        if monitor is not None and every_knn > 0 and (progress.step % every_knn == 0 or final):
+            record.update(monitor(engine.module.encoder))  # {"knn_top1"}
+        return record
+
+    # every rank: BYOL moves its EMA target here; the other models do nothing
+    return LoopHooks(on_step_applied=lambda step: engine.module.on_step_applied(step, derived.total_steps),
+                     extra_record=extra_record,
+                     log_suffix=lambda r: f"lr {r['lr']:.3g} {r['images_per_s_per_device']:.1f} img/s/device",
+                     progress_bar=True)
+
+
 def export_encoder(engine, cfg: ModelConfig, out_dir: Path, dist: Dist) -> None:
     """encoder.safetensors (+ .json) for timm and the probes; ZeRO-3 first gathers the partitioned weights."""
     import deepspeed
@@ -95,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     progress, loader_state = resume(engine, out_dir / "checkpoints", dist, cfg.checkpoint.resume)
     loader = build_data(cfg.data, dist, loader_state)
     monitor = build_monitor(cfg.monitor, cfg.data, cfg.deepspeed.zero_stage, dist)
-    outcome = train(engine, loader, cfg, derived, dist, progress, out_dir, train_flops_per_image(cfg.model), monitor)
+    outcome = train(engine, loader, cfg, derived, dist, progress, out_dir, train_flops_per_image(cfg.model),
+                    step_fn=train_step, hooks=pretrain_hooks(engine, loader, cfg, derived, monitor))
     loader.close()
     if dist.is_main:  # for schedulers: jobs/slurm_pretrain.sh requeues itself unless the run is done
         (out_dir / "status.json").write_text(json.dumps({"outcome": outcome, "step": progress.step}) + "\n")
