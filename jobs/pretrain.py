@@ -33,7 +33,7 @@ from model.build import build_model
 from model.config import ModelConfig
 from model.distributed import convert_sync_batchnorm
 from model.flops import train_flops_per_image
-from pipeline.config import DataConfig
+from pipeline.config import AugmentConfig, DataConfig, eval_preprocessing
 
 log = logging.getLogger("jobs.pretrain")
 
@@ -86,8 +86,11 @@ def pretrain_hooks(engine, loader, cfg: TrainConfig, derived: Derived, monitor: 
                      progress_bar=True)
 
 
-def export_encoder(engine, cfg: ModelConfig, out_dir: Path, dist: Dist) -> None:
-    """encoder.safetensors (+ .json) for timm and the probes; ZeRO-3 first gathers the partitioned weights."""
+def export_encoder(engine, cfg: ModelConfig, augment: AugmentConfig, out_dir: Path, dist: Dist) -> None:
+    """encoder.safetensors (+ .json) for timm and the probes; ZeRO-3 first gathers the partitioned weights.
+
+    The JSON records the eval preprocessing of `augment` (MSCN's high-pass), so a copied export is probed on the images
+    its encoder was trained on, without the run directory's resolved.yaml."""
     import deepspeed
     from model.export import export_encoder as write_encoder
 
@@ -96,7 +99,7 @@ def export_encoder(engine, cfg: ModelConfig, out_dir: Path, dist: Dist) -> None:
         if dist.is_main:
             state = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
             write_encoder(state, out_dir / "encoder.safetensors", preset=cfg.preset, global_pool=cfg.global_pool,
-                          img_size=cfg.img_size)
+                          img_size=cfg.img_size, eval_preprocessing=eval_preprocessing(augment))
             log.info("encoder exported to %s", out_dir / "encoder.safetensors")
 
 
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         (out_dir / "status.json").write_text(json.dumps({"outcome": outcome, "step": progress.step}) + "\n")
     if outcome == "done":
         if cfg.checkpoint.export_encoder:
-            export_encoder(engine, cfg.model, out_dir, dist)
+            export_encoder(engine, cfg.model, cfg.data.augment, out_dir, dist)
         if cfg.logging.plot and dist.is_main:
             log.info("loss curves: %s", plot_run(out_dir))
     torch.distributed.barrier()

@@ -62,22 +62,31 @@ def describe_encoder(state: dict[str, torch.Tensor], preset: str | None = None) 
 
 
 def export_encoder(
-    state_dict: dict, path: str | Path, preset: str | None = None, global_pool: str = "avg", img_size: int | None = None
+    state_dict: dict,
+    path: str | Path,
+    preset: str | None = None,
+    global_pool: str = "avg",
+    img_size: int | None = None,
+    eval_preprocessing: dict | None = None,
 ) -> dict:
     """Write the encoder in `state_dict` (see encoder_state_dict) to `path` (safetensors) and its JSON beside it.
 
     A ResNet encoder (recognised by its tensor names) goes to model.export_resnet.export_resnet with img_size (the
     training resolution, which its weights do not record); preset and global_pool apply to the ViT, whose
     img_size comes from its position embedding. global_pool records how features were pooled in training, for
-    load_encoder. Returns the JSON's content.
+    load_encoder. eval_preprocessing (pipeline.config.eval_preprocessing's dict: highpass_sigma, mean, std,
+    eval_resize_ratio) is what evaluation must do to images for this encoder (MSCN's high-pass); recorded under
+    that key when given, for the probes. Returns the JSON's content.
     """
     if is_resnet(state_dict):
-        return export_resnet(state_dict, path, img_size)
+        return export_resnet(state_dict, path, img_size, eval_preprocessing)
     state = encoder_state_dict(state_dict)
     meta = {**describe_encoder(state, preset), "global_pool": global_pool}
+    if eval_preprocessing is not None:
+        meta["eval_preprocessing"] = dict(eval_preprocessing)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={k: str(v) for k, v in meta.items()})
+    save_file(state, str(path), metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
     meta_path(path).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 

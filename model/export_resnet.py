@@ -59,10 +59,16 @@ def describe_resnet(state: dict[str, torch.Tensor], img_size: int | None) -> dic
     }
 
 
-def export_resnet(state_dict: dict, path: str | Path, img_size: int | None = None) -> dict:
-    """Write the ResNet in `state_dict` to `path` (safetensors) and its JSON beside it; returns the JSON's content."""
+def export_resnet(
+    state_dict: dict, path: str | Path, img_size: int | None = None, eval_preprocessing: dict | None = None
+) -> dict:
+    """Write the ResNet in `state_dict` to `path` (safetensors) and its JSON beside it; returns the JSON's content.
+
+    eval_preprocessing (model.export.export_encoder) is recorded under that key when given."""
     state = resnet_state_dict(state_dict)
     meta = describe_resnet(state, img_size)
+    if eval_preprocessing is not None:
+        meta["eval_preprocessing"] = dict(eval_preprocessing)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
@@ -75,4 +81,14 @@ def load_resnet(path: str | Path) -> ResNet:
     meta = json.loads(meta_path(path).read_text())
     net = ResNet(tuple(meta["layers"]), meta["width"])
     net.load_state_dict(load_file(str(path)))
+    return net.eval()
+
+
+def resnet_from_state_dict(state_dict: dict) -> ResNet:
+    """The ResNet in a training state_dict (see resnet_state_dict: a SiameseModel's / BYOLModel's online
+    `encoder.`, any wrapping) built to its shape and loaded strictly, in eval mode."""
+    state = resnet_state_dict(state_dict)
+    meta = describe_resnet(state, None)
+    net = ResNet(tuple(meta["layers"]), meta["width"])
+    net.load_state_dict(state)
     return net.eval()

@@ -53,6 +53,7 @@ class VisionTransformer(nn.Module):
         if global_pool not in ("avg", "token"):
             raise ValueError(f"global_pool must be 'avg' or 'token', got {global_pool!r}")
         self.embed_dim = embed_dim
+        self.num_features = embed_dim  # width of the pooled features (timm's name; the ResNet has it too)
         self.depth = depth
         self.num_heads = num_heads
         self.global_pool = global_pool

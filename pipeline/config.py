@@ -90,6 +90,52 @@ AUGMENT_PRESETS: dict[str, AugmentConfig] = {
 }
 
 
+# What evaluation does to an image, as recorded beside an encoder (export JSON "eval_preprocessing") and compared by
+# the linear probe's feature cache: resize the shorter side to S / eval_resize_ratio, centre-crop S, high-pass
+# (x - GaussianBlur(x, highpass_sigma), 0 = off), then (x - mean) / std on the 0-255 scale. mean is 0 when the
+# high-pass is on (its output is zero-mean; the eval pipeline subtracts nothing). No masks: evaluation has none.
+EVAL_PREPROCESSING_KEYS = ("highpass_sigma", "mean", "std", "eval_resize_ratio")
+
+
+def eval_preprocessing(aug: AugmentConfig) -> dict[str, Any]:
+    """The part of `aug` that the eval pipeline applies, as plain JSON values (EVAL_PREPROCESSING_KEYS)."""
+    sigma = float(aug.mscn.highpass_sigma) if aug.mscn is not None else 0.0
+    return {
+        "highpass_sigma": sigma,
+        "mean": [0.0, 0.0, 0.0] if sigma > 0 else [float(v) for v in aug.mean],
+        "std": [float(v) for v in aug.std],
+        "eval_resize_ratio": float(aug.eval_resize_ratio),
+    }
+
+
+def eval_augment(prep: dict[str, Any] | None) -> AugmentConfig:
+    """An AugmentConfig whose eval pipeline applies `prep` (eval_preprocessing's dict; missing keys and None mean the
+    defaults). Train-only fields keep their defaults; a high-pass comes with MSCNMaskConfig's (unused) mask knobs."""
+    prep = dict(prep or {})
+    unknown = sorted(set(prep) - set(EVAL_PREPROCESSING_KEYS))
+    if unknown:
+        raise ValueError(f"eval preprocessing has unknown keys {unknown} (known: {list(EVAL_PREPROCESSING_KEYS)})")
+    base = AugmentConfig()
+    sigma = float(prep.get("highpass_sigma", 0.0))
+    return replace(
+        base,
+        mean=tuple(float(v) for v in prep.get("mean", base.mean)),
+        std=tuple(float(v) for v in prep.get("std", base.std)),
+        eval_resize_ratio=float(prep.get("eval_resize_ratio", base.eval_resize_ratio)),
+        mscn=MSCNMaskConfig(highpass_sigma=sigma) if sigma > 0 else None,
+    )
+
+
+def run_eval_preprocessing(run_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The eval preprocessing of a training run's config (its resolved.yaml, or the YAML it was started from): its
+    data.augment section read with the trainer's conventions (data_config_from_dict: a preset name or overrides, mscn
+    included). None when the config has no data section."""
+    data = run_config.get("data")
+    if not isinstance(data, dict):
+        return None
+    return eval_preprocessing(data_config_from_dict({"augment": data.get("augment") or {}}).augment)
+
+
 @dataclass(frozen=True)
 class ShardSource:
     """One dataset: a brace pattern, a prefix to list, or a manifest.parquet URL; weight is its mixing share."""

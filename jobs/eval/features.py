@@ -31,7 +31,12 @@ class Features:
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
-    """tokens: (B, 1 + L, D), cls first -> (B, D): "avg" = mean of the L patch tokens (CAN/MAE probing), "token" = cls."""
+    """tokens: (B, 1 + L, D), cls first -> (B, D): "avg" = mean of the L patch tokens (CAN/MAE probing), "token" = cls.
+
+    A ViT's tokens only: a ResNet's feature map (B, C, h, w) is refused (pool it with pooled_features)."""
+    if tokens.ndim != 3:
+        raise ValueError(f"pool_tokens takes ViT tokens (B, 1 + L, D), got shape {tuple(tokens.shape)}; "
+                         "pool other backbones with pooled_features(encoder, x)")
     if pool == "avg":
         return tokens[:, 1:].mean(dim=1)
     if pool == "token":
@@ -39,12 +44,27 @@ def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
     raise ValueError(f"pool must be 'avg' or 'token', got {pool!r}")
 
 
-@torch.no_grad()
-def extract_features(encoder: nn.Module, batches: Iterable[dict[str, Any]], pool: str = "avg") -> Features:
-    """Run `encoder.forward_features` over eval batches {"view1": (B, 3, H, W), "labels": (B,), "keys": [B]}.
+def pooled_features(encoder: nn.Module, x: torch.Tensor, pool: str | None = None) -> torch.Tensor:
+    """x: (B, 3, H, W) -> the (B, D) features a probe sees.
 
-    Returns this rank's features only (see gather_features). The encoder is put in eval mode (no drop path) and
-    left there; bf16 autocast on CUDA halves the cost and does not move linear-probe accuracy measurably.
+    pool None: the encoder's own `forward_head(forward_features(x), pre_logits=True)`, which every backbone has (the
+    ViT pools as its global_pool says; the ResNet averages its (B, C, h, w) map to C = num_features). "avg" /
+    "token": pool a ViT's tokens explicitly (pool_tokens).
+    """
+    feats = encoder.forward_features(x)
+    if pool is None:
+        return encoder.forward_head(feats, pre_logits=True)
+    return pool_tokens(feats, pool)
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, batches: Iterable[dict[str, Any]], pool: str | None = None) -> Features:
+    """Pooled features (pooled_features: pool None = the encoder's forward_head) of eval batches
+    {"view1": (B, 3, H, W), "labels": (B,), "keys": [B]}.
+
+    Returns this rank's features only (see gather_features). The encoder is put in eval mode (no drop path, BatchNorm
+    running statistics) and left there; bf16 autocast on CUDA halves the cost and does not move linear-probe
+    accuracy measurably.
     """
     encoder.eval()
     device = next(encoder.parameters()).device
@@ -52,11 +72,11 @@ def extract_features(encoder: nn.Module, batches: Iterable[dict[str, Any]], pool
     for batch in batches:
         x = batch["view1"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            tokens = encoder.forward_features(x)
-        feats.append(pool_tokens(tokens, pool).float().cpu())
+            pooled = pooled_features(encoder, x, pool)
+        feats.append(pooled.float().cpu())
         labels.append(batch["labels"].long().cpu())
         keys.extend(batch["keys"])
-    dim = getattr(encoder, "embed_dim", 0)
+    dim = getattr(encoder, "num_features", 0)
     return Features(
         feats=torch.cat(feats).numpy() if feats else np.zeros((0, dim), np.float32),
         labels=torch.cat(labels).numpy() if labels else np.zeros((0,), np.int64),

@@ -56,6 +56,8 @@ def build_classifier(source: EncoderSource, num_classes: int, global_pool: str, 
                      layer_decay: float, label_smoothing: float, head_init_std: float) -> Classifier:
     """The encoder's weights in a ViT of the same shape with drop path and a fresh head (the only new weights)."""
     encoder = load_source(source, global_pool)
+    if not isinstance(encoder, VisionTransformer):
+        raise ValueError(f"{source.path}: fine-tuning takes a ViT encoder, this is a {type(encoder).__name__}")
     pe = encoder.patch_embed
     vit = VisionTransformer(img_size=pe.img_size, patch_size=pe.patch_size, embed_dim=encoder.embed_dim,
                             depth=encoder.depth, num_heads=encoder.num_heads, drop_path=drop_path,

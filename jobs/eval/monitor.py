@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from jobs.eval.features import pool_tokens
+from jobs.eval.features import pooled_features
 from jobs.eval.knn import knn_accuracy
 from pipeline.config import DataConfig
 from pipeline.loader import build_loader
@@ -54,10 +54,11 @@ class KNNMonitor:
         k: int = 20,
         temperature: float = 0.07,
         batch_size: int = 256,
-        pool: str | None = "avg",
+        pool: str | None = None,
     ):
-        """pool: "avg" / "token" pool the ViT's tokens (jobs.eval.features.pool_tokens); None = the encoder's own
-        forward_head(pre_logits=True), which any backbone with the timm interface has (ViT, ResNet)."""
+        """pool: None = the encoder's own forward_head(pre_logits=True), which every backbone has (the ViT pools as
+        its global_pool says, the ResNet averages its feature map); "avg" / "token" pool a ViT's tokens explicitly
+        (jobs.eval.features.pooled_features)."""
         self.memory, self.queries = memory, queries
         self.num_classes, self.k, self.temperature = num_classes, k, temperature
         self.batch_size, self.pool = batch_size, pool
@@ -73,15 +74,12 @@ class KNNMonitor:
         out = []
         for x in images.split(self.batch_size):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                feats = encoder.forward_features(x.to(device))
-                if self.pool is None:
-                    out.append(encoder.forward_head(feats, pre_logits=True).float())
-                else:
-                    out.append(pool_tokens(feats, self.pool).float())
+                out.append(pooled_features(encoder, x.to(device), self.pool).float())
         return torch.cat(out)
 
     def __call__(self, encoder: nn.Module) -> dict[str, float]:
-        """encoder: a VisionTransformer, or any backbone with pool=None. Its train/eval mode is restored afterwards."""
+        """encoder: a VisionTransformer or a ResNet (any backbone with the timm interface when pool is None). Its
+        train/eval mode is restored afterwards."""
         was_training = encoder.training
         encoder.eval()
         try:

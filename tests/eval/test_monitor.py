@@ -3,6 +3,7 @@
 import torch
 
 from jobs.eval.monitor import KNNMonitor, LabelledImages
+from model.resnet import resnet50
 from model.vit import vit_from_preset
 from pipeline.config import DataConfig
 
@@ -21,6 +22,17 @@ def test_monitor_scores_colour_classes(colour_shards):
     assert set(out) == {"knn_top1"}
     assert out["knn_top1"] >= 90.0  # colour alone decides the class
     assert encoder.training  # the trainer's mode is restored
+
+
+def test_monitor_scores_a_resnet_with_its_default_pooling(colour_shards):
+    """MSCN runs monitor a ResNet: its (N, C, h, w) map is globally averaged (forward_head), not token-pooled."""
+    monitor = KNNMonitor.from_data(_cfg(colour_shards["train"]), _cfg(colour_shards["val"]), num_classes=3, k=5)
+    torch.manual_seed(0)
+    encoder = resnet50(width=8).train()
+    assert monitor._embed(encoder.eval(), monitor.queries.images).shape == (24, 256)
+    encoder.train()
+    assert monitor(encoder)["knn_top1"] >= 90.0
+    assert encoder.training
 
 
 def test_monitor_is_at_chance_when_labels_carry_no_signal():

@@ -6,11 +6,14 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from model.can import build_model
+from model.build import build_model as build_any_model
 from model.config import ModelConfig
 from model.export import export_encoder, load_encoder
+from pipeline.config import AugmentConfig, eval_preprocessing
 from tools.export import export_checkpoint
 from tools.export import main as export_cli
 
@@ -86,3 +89,35 @@ def test_cli_and_a_bare_encoder_state_dict(tmp_path, capsys):
 def test_state_dict_without_an_encoder_is_refused(tmp_path):
     with pytest.raises(ValueError):
         export_encoder({"decoder.mask_token": torch.zeros(1, 1, 8)}, tmp_path / "x.safetensors")
+
+
+MSCN_PREP = eval_preprocessing(AugmentConfig.preset("mscn_simclr"))  # high-pass sigma 5, mean 0, ImageNet std
+
+
+@pytest.mark.parametrize("backbone", ["vit", "resnet50"])
+def test_eval_preprocessing_is_recorded_when_given(tmp_path, backbone):
+    cfg = ModelConfig(preset="vit_tiny", img_size=32, patch_size=4, recipe="mscn_simclr", backbone=backbone,
+                      resnet_width=8)
+    state = build_any_model(cfg).state_dict()  # SiameseModel: the encoder under "encoder."
+    meta = export_encoder(state, tmp_path / "enc.safetensors", img_size=32, eval_preprocessing=MSCN_PREP)
+    assert meta == json.loads((tmp_path / "enc.json").read_text()) and meta["eval_preprocessing"] == MSCN_PREP
+    with safe_open(str(tmp_path / "enc.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["eval_preprocessing"]) == MSCN_PREP
+    assert "eval_preprocessing" not in export_encoder(state, tmp_path / "plain.safetensors", img_size=32)
+
+
+def test_cli_takes_the_preprocessing_from_the_run_config(tmp_path, capsys):
+    model = build_model(TINY)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000001").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "step_00000001" / "mp_rank_00_model_states.pt"
+    torch.save({"module": model.state_dict()}, ckpt)
+    (run / "resolved.yaml").write_text("data:\n  augment:\n    preset: mscn_byol\n    mscn: {highpass_sigma: 3.0}\n")
+    export_cli([str(ckpt), str(tmp_path / "a.safetensors")])  # found beside the checkpoints
+    expected = {**MSCN_PREP, "highpass_sigma": 3.0}
+    assert json.loads(capsys.readouterr().out)["eval_preprocessing"] == expected
+    other = tmp_path / "other.yaml"
+    other.write_text("data: {augment: {eval_resize_ratio: 1.0}}\n")  # no mscn: the defaults, resize 1.0
+    export_cli([str(ckpt), str(tmp_path / "b.safetensors"), "--run-config", str(other)])
+    assert json.loads(capsys.readouterr().out)["eval_preprocessing"] == {
+        **eval_preprocessing(AugmentConfig()), "eval_resize_ratio": 1.0}
