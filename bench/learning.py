@@ -7,14 +7,15 @@ Data: sklearn's load_digits (1,797 real 8 x 8 scans of handwritten digits, 10 cl
 split stratified with a fixed seed into 1,400 training and 397 validation images, written as labelled shards by
 tools/shard.py (--labels-from-folders). Each recipe pre-trains vit_tiny/8 on the training shards through the real
 trainer (jobs/pretrain.py, one process per recipe, jobs/configs/digits_cpu.yaml) for the same number of steps, P
-recipes at a time on an equal share of the cores; then jobs.linear_probe extracts frozen mean-pooled features and
-trains the BN + Linear probe (same probe budget for every row). Beside the probe: weighted kNN (k=20) on the same
-features, and a raw-pixel reference row (the probe and kNN on the eval-mode pixels themselves). Every row is probed on
-the same eval images (digits_cpu.yaml: whole image, no centre crop). Prints one table, writes OUT/learning.json.
-The can row uses CAN_SPEC.md's objective unchanged (weights 0.03 / 0.67 / 0.30, mask 0.5, sigma_max 0.05).
+recipes side by side (THREADS below gives each one's threads); then jobs.linear_probe extracts frozen mean-pooled
+features and trains the BN + Linear probe (same probe budget for every row). Beside the probe: weighted kNN (k=20)
+on the same features, and a raw-pixel reference row (the probe and kNN on the eval-mode pixels themselves). Every
+row is probed on the same eval images (digits_cpu.yaml: whole image, no centre crop). Prints one table, writes
+OUT/learning.json. The can row uses CAN_SPEC.md's objective unchanged (weights 0.03 / 0.67 / 0.30, mask 0.5,
+sigma_max 0.05).
 
 What the default budget rests on (2 CPU cores, 2026-11-22):
-- Real trainer, 1,400 steps x 32 (32 epochs), `python -m bench.learning --recipes mae can --parallel 1` with
+- Real trainer, 1,400 steps x 32 (32 epochs), one recipe at a time with 2 threads, with
   the ImageNet eval crop (resize 32 / 0.875, centre crop): random init 91.7, mae 96.0, can 96.7 (+5.0); mae 317 s,
   can 510 s with 2 threads on a quiet machine. The same encoders re-probed on whole images (eval_resize_ratio 1.0,
   now digits_cpu.yaml's): random init 90.4, mae 95.2, can 97.0 (+6.6). A 32 px digit fills its frame, so the centre
@@ -141,36 +142,49 @@ def pretrain_command(recipe: str, shards: str, out: Path, budget: Budget) -> lis
     return cmd
 
 
+# OMP threads per pre-training process (capped at the machine's cores), with OMP_WAIT_POLICY=PASSIVE: spinning
+# threads starve each other once three share two cores (measured: can at 26 images/s with 2 spinning threads beside
+# mae with 1). Passive, 300 steps of 32 on 2 cores: can (2 threads) 50-60 images/s beside mae (1 thread) 100-140;
+# one thread each: 57 and 100; can alone with 2 threads: 97, so it speeds up once mae is done.
+THREADS = {"mae": 1, "can": 2, "mscn": 2, "supcon": 2}
+
+
 def pretrain_all(recipes: tuple[str, ...], shards: str, out: Path, budget: Budget,
                  parallel: int) -> dict[str, tuple[Path, float]]:
-    """Pre-train every recipe, `parallel` processes at a time, each with an equal share of the cores (OMP threads):
-    on 2 cores, two one-thread trainers do about 1.4x the images of one two-thread trainer (small matrix products
-    leave the second thread idle much of the time; measured in-process with the can model: 146 vs 100 images/s).
+    """Pre-train every recipe, `parallel` processes at a time (THREADS each).
     Returns {recipe: (exported encoder, wall seconds of its round)}."""
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    cores = os.cpu_count() or 1
     encoders, pending = {}, list(recipes)
     while pending:
         batch, pending = pending[:parallel], pending[parallel:]
         t0 = time.monotonic()
         procs = {}
         for r in batch:
+            threads = min(cores, THREADS[r])
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                   "OMP_WAIT_POLICY": "PASSIVE"}
             (out / r).mkdir(parents=True, exist_ok=True)
             log_file = open(out / r / "pretrain.log", "w")
             procs[r] = (subprocess.Popen(pretrain_command(r, shards, out / r, budget), cwd=REPO, env=env,
                                          stdout=log_file, stderr=subprocess.STDOUT), log_file)
-        for r, (proc, log_file) in procs.items():
-            code = proc.wait()
-            log_file.close()
-            if code != 0:
-                for other, _ in procs.values():
-                    other.kill()
-                tail = (out / r / "pretrain.log").read_text()[-4000:]
-                raise RuntimeError(f"pretraining {r} failed (exit {code}), {out / r / 'pretrain.log'}:\n{tail}")
-            seconds = time.monotonic() - t0
-            log.info("%s: %d steps of %d images in %.0f s (%d at a time, %d thread(s) each)", r, budget.steps,
-                     budget.batch_size, seconds, len(batch), threads)
-            encoders[r] = (out / r / "encoder.safetensors", seconds)
+        running = dict(procs)
+        while running:  # poll, so each recipe's time is its own even when a later one finishes first
+            time.sleep(1.0)
+            for r, (proc, log_file) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del running[r]
+                log_file.close()
+                if code != 0:
+                    for other, _ in running.values():
+                        other.kill()
+                    tail = (out / r / "pretrain.log").read_text()[-4000:]
+                    raise RuntimeError(f"pretraining {r} failed (exit {code}), {out / r / 'pretrain.log'}:\n{tail}")
+                seconds = time.monotonic() - t0
+                log.info("%s: %d steps of %d images in %.0f s (%d side by side)", r, budget.steps, budget.batch_size,
+                         seconds, len(batch))
+                encoders[r] = (out / r / "encoder.safetensors", seconds)
     return encoders
 
 
@@ -234,7 +248,7 @@ def run(out: Path, budget: Budget, recipes: tuple[str, ...] = tuple(RECIPES), pa
     """The whole comparison; returns {row: result} for "raw pixels", "random init" and each of `recipes`.
 
     Every result has top1, top5, train_top1, knn_top1 and seconds (probing that row, plus, for a pre-trained row,
-    the wall time of the pre-training round it ran in: rows pre-trained side by side share their cores).
+    its pre-training wall time: rows pre-trained side by side share the cores).
     """
     dumps = write_digit_dumps(out / "dump", budget.img_size, budget.seed)
     shards = {split: shard_dump(dumps[split], out / "shards" / split, budget.img_size) for split in dumps}
@@ -275,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=list(RECIPES),
                    help="pre-training rows (default: all); random init and raw pixels are always measured")
-    p.add_argument("--parallel", type=int, default=2, help="pre-training processes at a time (cores shared)")
+    p.add_argument("--parallel", type=int, default=2, help="pre-training processes side by side (cores shared)")
     p.add_argument("--out", default="runs/bench_learning")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
