@@ -31,6 +31,8 @@ What the default budget rests on (2 CPU cores, 2026-11-22):
   worse at every epoch (87.4 at 8); batch 64 at equal epochs (half the steps) and crop 0.5-1 learn more slowly
   (can, 16 epochs, batch 32: 92.9 with crop 0.5-1 vs 93.5 with 0.3-1; SimCLR after 12 epochs: 94.0 at batch 32,
   92.4 at batch 64); rotations of +-15 degrees did not help (92.4 vs 93.5).
+- mscn and supcon rows, so far at a quarter of the budget only (--recipes can mscn supcon --steps 350, 8 epochs,
+  whole-image eval, 458 s): random init 90.4, can 90.2, mscn 81.4, supcon 90.7 (kNN 66.2 / 71.5 / 54.2 / 76.6).
 - The first budget (60 steps x 64, ImageNet crop, crop 0.5-1) measured random 91.7, mae 89.9, can 91.2: two epochs
   of a reconstruction-dominated objective make mean-pooled features less linearly separable before they make them
   more.
