@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +71,20 @@ class Trainer:
         proc = subprocess.Popen(self.command(out_dir, ranks, list(sets)), cwd=REPO, env=self.env,
                                 stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         return proc, log
+
+    def kill_after_checkpoint(self, out_dir: Path, tag: str, sets: list[str] = (), timeout: float = 300) -> str:
+        """Start a 2-rank run, SIGKILL its whole process group (no handler runs: like a node failure) as soon as
+        checkpoints/latest reaches `tag`; returns the tag it was killed at."""
+        latest = out_dir / "checkpoints" / "latest"
+        proc, log = self.start(out_dir, sets=sets)
+        deadline = time.monotonic() + timeout
+        while (latest.read_text().strip() if latest.is_file() else "") < tag:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no {tag} checkpoint within {timeout} s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return latest.read_text().strip()
 
     def run(self, out_dir: Path, ranks: int = 2, sets: list[str] = (), timeout: float = 300) -> tuple[int, str]:
         proc, log = self.start(out_dir, ranks, sets)

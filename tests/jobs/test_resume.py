@@ -4,9 +4,6 @@ checkpoint and continues the step counter, schedules and data stream."""
 from __future__ import annotations
 
 import math
-import os
-import signal
-import time
 
 import pytest
 
@@ -15,10 +12,6 @@ from jobs.plots import read_metrics
 STEPS = 4
 SETS = ["deepspeed.zero_stage=1", f"debug.max_steps={STEPS}", "checkpoint.every_steps=2", "checkpoint.keep=2"]
 
-
-def _latest(out_dir) -> str:
-    path = out_dir / "checkpoints" / "latest"
-    return path.read_text().strip() if path.is_file() else ""
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +23,7 @@ def runs(trainer, tmp_path_factory):
     assert code == 0, log[-3000:]
 
     killed = tmp_path_factory.mktemp("killed")
-    proc, log_path = trainer.start(killed, sets=SETS)
-    deadline = time.monotonic() + 300
-    while _latest(killed) < "step_00000002":
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        assert time.monotonic() < deadline, "no step-2 checkpoint within 300 s"
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: like a node failure
-    proc.wait()
-    killed_at = _latest(killed)
+    killed_at = trainer.kill_after_checkpoint(killed, "step_00000002", SETS)
     code, resumed_log = trainer.run(killed, sets=SETS)
     assert code == 0, resumed_log[-3000:]
     return {"ref": read_metrics(ref / "metrics.jsonl"), "resumed": read_metrics(killed / "metrics.jsonl"),

@@ -9,9 +9,6 @@ buffer feeds every LARS update. The losses compare them indirectly; the final ch
 from __future__ import annotations
 
 import math
-import os
-import signal
-import time
 
 import pytest
 import torch
@@ -26,10 +23,6 @@ STEPS = 4
 SETS = [*TINY, *RECIPES["mscn_byol"], f"debug.max_steps={STEPS}", "checkpoint.every_steps=2", "checkpoint.keep=2"]
 KILL_AT = "step_00000002"
 
-
-def _latest(out_dir) -> str:
-    path = out_dir / "checkpoints" / "latest"
-    return path.read_text().strip() if path.is_file() else ""
 
 
 def _checkpoint(out_dir, step: int) -> dict:
@@ -48,15 +41,7 @@ def runs(trainer, tmp_path_factory):
     assert code == 0, log[-3000:]
 
     killed = tmp_path_factory.mktemp("lars_killed")
-    proc, log_path = trainer.start(killed, sets=SETS)
-    deadline = time.monotonic() + 300
-    while _latest(killed) < KILL_AT:
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        assert time.monotonic() < deadline, "no step-2 checkpoint within 300 s"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: like a node failure
-    proc.wait()
-    killed_at = _latest(killed)
+    killed_at = trainer.kill_after_checkpoint(killed, KILL_AT, SETS)
     killed_metrics = read_metrics(killed / "metrics.jsonl")
     code, resumed_log = trainer.run(killed, sets=SETS)
     assert code == 0, resumed_log[-3000:]
