@@ -56,13 +56,15 @@ class Trainer:
         self.env = {**os.environ, **s3_env, "PYTHONUNBUFFERED": "1"}
         self.shards = shards
         self.launches = 0
+        self.ports: list[str] = []  # MASTER_PORT of each multi-rank launch, in order
 
     def command(self, out_dir: Path, ranks: int, sets: list[str]) -> list[str]:
         overrides = [f"data.shards={self.shards}", f"output_dir={out_dir}", *sets]
         args = ["jobs/pretrain.py", "--config", str(CONFIG)] + [a for o in overrides for a in ("--set", o)]
         if ranks == 1:
             return [sys.executable, *args]
-        return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port()), *args]
+        self.ports.append(str(_free_port()))
+        return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", self.ports[-1], *args]
 
     def start(self, out_dir: Path, ranks: int = 2, sets: list[str] = ()) -> tuple[subprocess.Popen, Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
