@@ -195,14 +195,20 @@ def digits_augment() -> AugmentConfig:
     return load_config(CONFIG, []).data.augment
 
 
-def random_init_encoder(out: Path, budget: Budget) -> Path:
+def random_init_encoder(out: Path, budget: Budget, augment: AugmentConfig | None = None) -> Path:
     """The encoder exactly as the trainer initialises it (seeded build_model), exported like a trained one (with the
-    same eval preprocessing as the trainer records, so the probe sees the same images for every row)."""
+    same eval preprocessing as the trainer records for `augment`, default digits_cpu.yaml's, so the probe sees the
+    same images as the rows it is compared with)."""
     torch.manual_seed(budget.seed)
     model = build_model(ModelConfig(preset="vit_tiny", img_size=budget.img_size, patch_size=budget.patch_size))
     export_encoder(model.state_dict(), out / "encoder.safetensors", preset="vit_tiny",
-                   eval_preprocessing=eval_preprocessing(digits_augment()))
+                   eval_preprocessing=eval_preprocessing(augment or digits_augment()))
     return out / "encoder.safetensors"
+
+
+def mscn_augment() -> AugmentConfig:
+    """The mscn row's views: its eval preprocessing includes the high-pass, applied at evaluation too (issue 8)."""
+    return load_config(CONFIG, RECIPES["mscn"]).data.augment
 
 
 def probe_config(budget: Budget) -> ProbeConfig:
@@ -247,7 +253,8 @@ def raw_pixel_reference(shards: dict[str, str], budget: Budget) -> dict:
 
 
 def run(out: Path, budget: Budget, recipes: tuple[str, ...] = tuple(RECIPES), parallel: int = 2) -> dict[str, dict]:
-    """The whole comparison; returns {row: result} for "raw pixels", "random init" and each of `recipes`.
+    """The whole comparison; returns {row: result} for "raw pixels", "random init" (also "random init, high-passed"
+    when mscn is run) and each of `recipes`.
 
     Every result has top1, top5, train_top1, knn_top1 and seconds (probing that row, plus, for a pre-trained row,
     its pre-training wall time: rows pre-trained side by side share the cores).
@@ -257,6 +264,9 @@ def run(out: Path, budget: Budget, recipes: tuple[str, ...] = tuple(RECIPES), pa
     t0 = time.monotonic()
     results = {"raw pixels": raw_pixel_reference(shards, budget) | {"seconds": time.monotonic() - t0}}
     rows = {"random init": (random_init_encoder(out / "random_init", budget), 0.0)}
+    if "mscn" in recipes:  # mscn is probed on high-passed images; its baseline is random init on the same images
+        rows["random init, high-passed"] = (random_init_encoder(out / "random_init_highpass", budget, mscn_augment()),
+                                            0.0)
     rows |= pretrain_all(recipes, shards["train"], out, budget, parallel)
     for name, (encoder, pretrain_s) in rows.items():
         t0 = time.monotonic()
