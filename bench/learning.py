@@ -31,8 +31,11 @@ What the default budget rests on (2 CPU cores, 2026-11-22):
   worse at every epoch (87.4 at 8); batch 64 at equal epochs (half the steps) and crop 0.5-1 learn more slowly
   (can, 16 epochs, batch 32: 92.9 with crop 0.5-1 vs 93.5 with 0.3-1; SimCLR after 12 epochs: 94.0 at batch 32,
   92.4 at batch 64); rotations of +-15 degrees did not help (92.4 vs 93.5).
-- mscn and supcon rows, so far at a quarter of the budget only (--recipes can mscn supcon --steps 350, 8 epochs,
-  whole-image eval, 458 s): random init 90.4, can 90.2, mscn 81.4, supcon 90.7 (kNN 66.2 / 71.5 / 54.2 / 76.6).
+- mscn and supcon rows at the default budget (--recipes mscn supcon --parallel 1, 2 threads each, 1,459 s in all):
+  probe top-1 / kNN: random init 90.4 / 66.2; random init on high-passed images (sigma 1, mscn's eval) 81.1 / 42.6;
+  mscn 83.1 / 70.5 (pre-training 741 s); supcon 97.7 / 97.5. The high-pass costs 32 px digits 9 probe points before
+  any training; MSCN gains 2 probe and 28 kNN points over that baseline. At a quarter of the budget (--recipes can
+  mscn supcon --steps 350, 458 s): random init 90.4, can 90.2, mscn 81.4, supcon 90.7 (kNN 66.2 / 71.5 / 54.2 / 76.6).
 - The first budget (60 steps x 64, ImageNet crop, crop 0.5-1) measured random 91.7, mae 89.9, can 91.2: two epochs
   of a reconstruction-dominated objective make mean-pooled features less linearly separable before they make them
   more.
@@ -148,6 +151,8 @@ def pretrain_command(recipe: str, shards: str, out: Path, budget: Budget) -> lis
 # threads starve each other once three share two cores (measured: can at 26 images/s with 2 spinning threads beside
 # mae with 1). Passive, 300 steps of 32 on 2 cores: can (2 threads) 50-60 images/s beside mae (1 thread) 100-140;
 # one thread each: 57 and 100; can alone with 2 threads: 97, so it speeds up once mae is done.
+# mscn and supcon were measured one at a time (--parallel 1); the default pairing of all four rows puts them side by
+# side with 4 threads on 2 cores, which is unmeasured: --parallel 1 reproduces the README's figures.
 THREADS = {"mae": 1, "can": 2, "mscn": 2, "supcon": 2}
 
 
