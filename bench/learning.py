@@ -195,9 +195,10 @@ def pretrain_all(recipes: tuple[str, ...], shards: str, out: Path, budget: Budge
     return encoders
 
 
-def digits_augment() -> AugmentConfig:
-    """digits_cpu.yaml's views; its eval part (resize ratio 1.0) is what every row is probed with."""
-    return load_config(CONFIG, []).data.augment
+def digits_augment(recipe: str | None = None) -> AugmentConfig:
+    """digits_cpu.yaml's views, with `recipe`'s overrides if given; their eval part (resize ratio 1.0, and for mscn
+    the high-pass, applied at evaluation too) is what the rows are probed with."""
+    return load_config(CONFIG, RECIPES[recipe] if recipe else []).data.augment
 
 
 def random_init_encoder(out: Path, budget: Budget, augment: AugmentConfig | None = None) -> Path:
@@ -209,11 +210,6 @@ def random_init_encoder(out: Path, budget: Budget, augment: AugmentConfig | None
     export_encoder(model.state_dict(), out / "encoder.safetensors", preset="vit_tiny",
                    eval_preprocessing=eval_preprocessing(augment or digits_augment()))
     return out / "encoder.safetensors"
-
-
-def mscn_augment() -> AugmentConfig:
-    """The mscn row's views: its eval preprocessing includes the high-pass, applied at evaluation too (issue 8)."""
-    return load_config(CONFIG, RECIPES["mscn"]).data.augment
 
 
 def probe_config(budget: Budget) -> ProbeConfig:
@@ -270,8 +266,8 @@ def run(out: Path, budget: Budget, recipes: tuple[str, ...] = tuple(RECIPES), pa
     results = {"raw pixels": raw_pixel_reference(shards, budget) | {"seconds": time.monotonic() - t0}}
     rows = {"random init": (random_init_encoder(out / "random_init", budget), 0.0)}
     if "mscn" in recipes:  # mscn is probed on high-passed images; its baseline is random init on the same images
-        rows["random init, high-passed"] = (random_init_encoder(out / "random_init_highpass", budget, mscn_augment()),
-                                            0.0)
+        highpassed = random_init_encoder(out / "random_init_highpass", budget, digits_augment("mscn"))
+        rows["random init, high-passed"] = (highpassed, 0.0)
     rows |= pretrain_all(recipes, shards["train"], out, budget, parallel)
     for name, (encoder, pretrain_s) in rows.items():
         t0 = time.monotonic()
