@@ -21,6 +21,8 @@ import numpy as np
 from pipeline.config import ShardSource
 
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+# tools/shard.py writes this beside manifest.parquet: one row per shard (shard file name, samples).
+SHARD_INDEX = "shards.parquet"
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -48,18 +50,36 @@ def list_prefix(prefix: str, storage_options: dict) -> list[str]:
 
 
 def read_manifest(url: str, storage_options: dict) -> dict[str, int]:
-    """manifest.parquet (tools/shard.py) -> {shard URL: sample count}; shard column may be a name or a full URL."""
+    """A tools/shard.py output -> {shard URL: sample count}, sorted by URL.
+
+    `url` names the shard index (shards.parquet: one row per shard, columns shard and samples), or the per-sample
+    manifest.parquet beside it (then the index beside it is read instead: a few KB rather than a row per image),
+    or an older per-sample manifest with no index beside it (its shard column counted by Arrow, not in Python).
+    Shard names may be relative to the file's folder or full URLs."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     fs, path = fsspec.core.url_to_fs(url, **storage_options)
-    with fs.open(path, "rb") as f:
-        shards = pq.read_table(f, columns=["shard"]).column("shard").to_pylist()
     base = url.rsplit("/", 1)[0]
-    counts: dict[str, int] = {}
-    for s in shards:
+    index = path.rsplit("/", 1)[0] + "/" + SHARD_INDEX
+    if not path.endswith("/" + SHARD_INDEX) and fs.exists(index):
+        path = index
+    if fs.isdir(path):  # a per-sample manifest written in parts, with no index beside it
+        table = pq.read_table(path, columns=["shard"], filesystem=fs)
+    else:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            table = pf.read(columns=[c for c in ("shard", "samples") if c in pf.schema_arrow.names])
+    if "samples" in table.column_names:
+        shards, samples = table.column("shard").to_pylist(), table.column("samples").to_pylist()
+    else:
+        counts = pc.value_counts(table.column("shard")).to_pylist()
+        shards, samples = [c["values"] for c in counts], [c["counts"] for c in counts]
+    out: dict[str, int] = {}
+    for s, n in zip(shards, samples):
         full = s if "://" in s or s.startswith("/") else f"{base}/{s}"
-        counts[full] = counts.get(full, 0) + 1
-    return dict(sorted(counts.items()))
+        out[full] = out.get(full, 0) + int(n)
+    return dict(sorted(out.items()))
 
 
 def resolve(source: ShardSource, storage_options: dict) -> tuple[list[str], dict[str, int]]:

@@ -31,6 +31,23 @@ def test_prefix_listing_and_manifest(dataset):
     assert counts == {f"{prefix}-manifest/shard-{i:06d}.tar": 12 for i in range(4)}
 
 
+def test_shard_index_beside_a_manifest_in_parts(dataset):
+    """tools/shard.py's layout: manifest.parquet is a folder of parts, shards.parquet one row per shard; the index is
+    what gets read (its counts differ from the parts' here, so reading the parts instead would fail)."""
+    prefix, _ = dataset
+    out = f"{prefix}-index"
+    for i in range(2):
+        with fsspec.open(f"{out}/manifest.parquet/part-{i:06d}.parquet", "wb") as f:
+            pq.write_table(pa.table({"key": ["a", "b"], "shard": [f"shard-{i:06d}.tar"] * 2}), f)
+    parts = {f"{out}/shard-{i:06d}.tar": 2 for i in range(2)}
+    assert read_manifest(f"{out}/manifest.parquet", {}) == parts
+    with fsspec.open(f"{out}/shards.parquet", "wb") as f:
+        pq.write_table(pa.table({"shard": ["shard-000001.tar", "shard-000000.tar"], "samples": [7, 5]}), f)
+    index = {f"{out}/shard-000000.tar": 5, f"{out}/shard-000001.tar": 7}
+    assert read_manifest(f"{out}/manifest.parquet", {}) == index
+    assert read_manifest(f"{out}/shards.parquet", {}) == index
+
+
 def _plan(num_shards: int, readers: int, seed: int = 0) -> ShardPlan:
     return ShardPlan((tuple(f"s{i}" for i in range(num_shards)),), (1.0,), readers, seed)
 
