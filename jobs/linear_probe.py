@@ -133,7 +133,7 @@ def linear_probe(cfg: LinearProbeConfig, world: Dist) -> dict | None:
             encoder.append(load_source(source, cfg.pool).to(world.device))
         return encoder[0]
 
-    shape = _input_shape(source, get_encoder, cfg.img_size)
+    shape = input_shape(source, get_encoder, cfg.img_size)
     recorded, origin = source.eval_preprocessing()
     augment = eval_augment(recorded)
     prep = eval_preprocessing(augment)
@@ -159,7 +159,7 @@ def linear_probe(cfg: LinearProbeConfig, world: Dist) -> dict | None:
     return out
 
 
-def _input_shape(source: EncoderSource, get_encoder: Callable[[], nn.Module], img_size: int | None) -> tuple[int, int]:
+def input_shape(source: EncoderSource, get_encoder: Callable[[], nn.Module], img_size: int | None) -> tuple[int, int]:
     """(img_size, patch_size) for the eval loader.
 
     A ViT's come from its export's JSON, else its weights (the position embedding fixes them). A ResNet takes any
