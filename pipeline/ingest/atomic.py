@@ -58,6 +58,14 @@ def put_bytes(url: str, data: bytes, storage_options: dict | None = None) -> Non
         f.write(data)
 
 
+def put_table(url: str, table, storage_options: dict | None = None, row_group_size: int | None = None) -> None:
+    """A pyarrow Table as one parquet file at `url`, atomically."""
+    import pyarrow.parquet as pq
+
+    with atomic_writer(url, storage_options) as f:
+        pq.write_table(table, f, row_group_size=row_group_size)
+
+
 def remove_stale_temporaries(url: str, storage_options: dict | None = None) -> int:
     """Delete temporaries left by a killed run under a local folder; object stores have none. Returns the count."""
     fs, path = url_to_fs(url, storage_options)

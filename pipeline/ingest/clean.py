@@ -48,8 +48,8 @@ class CleanedImage:
     height: int
     original_width: int  # header size, before EXIF rotation
     original_height: int
-    pixel_hash: bytes  # 16 bytes: SHA-256 of stored RGB pixels and size, truncated
-    phash: int  # 64-bit perceptual hash of the stored pixels
+    pixel_hash: bytes  # 16 bytes: SHA-256 of stored RGB pixels and size, truncated (b"" without dedup)
+    phash: int  # 64-bit perceptual hash of the stored pixels (0 unless dedup is "near")
     copied: bool  # True when `jpeg` is the source file unchanged
 
 
@@ -62,8 +62,9 @@ def target_size(width: int, height: int, max_shorter_side: int) -> tuple[int, in
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def clean_image(data: bytes, cfg: CleanConfig) -> CleanedImage:
-    """Raises Rejected(reason, detail) for anything that must not be stored."""
+def clean_image(data: bytes, cfg: CleanConfig, dedup: str = "near") -> CleanedImage:
+    """Raises Rejected(reason, detail) for anything that must not be stored. Only the hashes `dedup` needs are
+    computed ("none": neither, pixel_hash b"" and phash 0; "exact": pixel_hash; "near": both)."""
     if not data:
         raise Rejected("empty", "zero bytes")
     # Pillow's own bomb guard at our limit; we also check the header below, so this only backs it up.
@@ -95,9 +96,12 @@ def clean_image(data: bytes, cfg: CleanConfig) -> CleanedImage:
         buf = io.BytesIO()
         rgb.save(buf, "JPEG", quality=cfg.quality)
         stored = buf.getvalue()
-    digest = hashlib.sha256(b"px%dx%d:" % rgb.size)
-    digest.update(rgb.tobytes())
-    return CleanedImage(stored, rgb.width, rgb.height, w, h, digest.digest()[:16], phash(rgb), copy)
+    pixel_hash = b""
+    if dedup != "none":
+        digest = hashlib.sha256(b"px%dx%d:" % rgb.size)
+        digest.update(rgb.tobytes())
+        pixel_hash = digest.digest()[:16]
+    return CleanedImage(stored, rgb.width, rgb.height, w, h, pixel_hash, phash(rgb) if dedup == "near" else 0, copy)
 
 
 def _check_header(w: int, h: int, cfg: CleanConfig) -> None:

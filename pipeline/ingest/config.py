@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, field
 
 # Fields that change how the run executes but not which bytes it produces: left out of the fingerprint, so a rerun
 # with more workers, another engine or a quieter log resumes the same output.
-_EXECUTION_ONLY = ("workers", "engine", "ray_address", "quiet", "overwrite", "storage_options", "keep_staging")
+_EXECUTION_ONLY = ("workers", "engine", "ray_address", "quiet", "overwrite", "storage_options", "keep_staging",
+                   "download_threads", "retries", "retry_base_s")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class IngestConfig:
     overwrite: bool = False
     keep_staging: bool = False
     quiet: bool = False
+    download_threads: int = 16  # concurrent fetches of loose files / URLs per task (img2dataset uses 16-64)
+    retries: int = 5  # attempts per read on a transient fault, the first included; then the unit is quarantined
+    retry_base_s: float = 0.5  # first backoff; doubles per attempt (full jitter, capped at 30 s)
 
     def __post_init__(self):
         if self.dedup not in ("none", "exact", "near"):
@@ -49,8 +53,10 @@ class IngestConfig:
             raise ValueError(f"engine must be local or ray, not {self.engine!r}")
         if self.samples_per_shard < 1 or self.unit_size < 1:
             raise ValueError("samples_per_shard and unit_size must be positive")
-        if not 0 <= self.near_threshold < 64:
-            raise ValueError("near_threshold must be in [0, 64)")
+        if not 0 <= self.near_threshold <= 30:
+            raise ValueError("near_threshold must be in [0, 30]")  # 64 / (t + 2) bits per block must stay >= 2
+        if self.download_threads < 1 or self.retries < 1:
+            raise ValueError("download_threads and retries must be positive")
 
     def public_dict(self) -> dict:
         """All fields, with storage_options values redacted: safe to write to config.json and report.json."""

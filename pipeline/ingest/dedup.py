@@ -1,67 +1,192 @@
-"""Phase 2: decide, over the whole run and in input order, which staged samples are kept; first occurrence wins.
+"""Phase 2: duplicates across the whole run, as a shuffle by hash; the lowest input ordinal wins.
 
-Runs in the coordinator on the stage tables only (hashes, no pixels), so its result is the same whatever the
-number of workers or the engine. Exact duplicates: equal pixel hashes. Near duplicates: pHash Hamming distance
-<= t, found without comparing all pairs by multi-index hashing: split the 64 bits into t+1 bands; two hashes
-within distance t agree exactly on at least one band (pigeonhole), so only samples sharing a band are compared.
+An input's ordinal is (unit << 32) | row: its position in input order. Three kinds of record, each keyed by a hash:
+  source   the key of the source identity (always: the same file listed twice is stored once)
+  exact    the pixel hash (--dedup exact or near)
+  near     one record per LSH band (--dedup near; near.py)
+Map (one task per group of units): read the stage tables' hash columns, emit every record into the bucket its
+hash falls in, one file per (bucket, group). Reduce (one task per bucket): read the bucket, sort, and report each
+record that loses: for source and exact records, everything but the earliest of equal hashes; for near records,
+anything with an earlier sample within the threshold (near.py). Losers are written per (group, bucket) for the
+verdict phase. No process ever holds more than one group's or one bucket's records, and both steps are sorts, so
+the result does not depend on which worker ran what.
+
+Records for --dedup none are the source keys only; no pixel hash or pHash was computed for them (clean.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.ingest.phash import hamming
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-KEEP = "keep"
+from pipeline.ingest.atomic import put_table, url_to_fs
+from pipeline.ingest.done import mark_done, read_done
+from pipeline.ingest.layout import Layout
+from pipeline.ingest.near import band_keys, bands, earliest_neighbours
+
+SOURCE, EXACT, NEAR = 0, 1, 2  # record kinds; also the precedence of verdicts (lower wins)
+VERDICTS = {SOURCE: "duplicate_source", EXACT: "duplicate_exact", NEAR: "duplicate_near"}
+RECORD_SCHEMA = pa.schema([("kind", pa.int16()), ("k1", pa.uint64()), ("k2", pa.uint64()), ("ordinal", pa.int64()),
+                           ("phash", pa.uint64()), ("key", pa.binary(10))])
+LOSER_SCHEMA = pa.schema([("ordinal", pa.int64()), ("kind", pa.int8()), ("winner", pa.int64()),
+                          ("winner_key", pa.binary(10))])
 
 
 @dataclass(frozen=True)
-class Decision:
-    verdict: str  # KEEP, a rejection reason from phase 1, or "duplicate_exact" / "duplicate_near" / "duplicate_source"
-    detail: str  # for duplicates: the key of the sample kept instead
+class DedupMapTask:
+    group: int
+    first_unit: int
+    end_unit: int
+    buckets: int
+    mode: str  # "none" | "exact" | "near"
+    threshold: int
+    layout: Layout
+    storage_options: dict
 
 
-class Deduplicator:
-    def __init__(self, mode: str, near_threshold: int):
-        self.mode, self.threshold = mode, near_threshold
-        self._keys: set[str] = set()
-        self._order: dict[str, int] = {}  # key -> rank among kept samples, to report the earliest near match
-        self._exact: dict[bytes, str] = {}
-        bands = near_threshold + 1
-        self._bounds = [(64 * i // bands, 64 * (i + 1) // bands) for i in range(bands)]
-        self._bands: list[dict[int, list[tuple[int, str]]]] = [{} for _ in range(bands)]
+@dataclass(frozen=True)
+class DedupReduceTask:
+    bucket: int
+    group_starts: tuple[int, ...]  # first unit of every group, ascending (a few thousand ints)
+    threshold: int
+    layout: Layout
+    storage_options: dict
 
-    def decide(self, key: str, status: str, detail: str, pixel_hash: bytes, phash: int) -> Decision:
-        if status != "ok":
-            return Decision(status, detail)
-        if key in self._keys:
-            return Decision("duplicate_source", "same source identity listed twice")
-        if self.mode != "none":
-            first = self._exact.get(pixel_hash)
-            if first is not None:
-                return Decision("duplicate_exact", first)
-        if self.mode == "near":
-            first = self._near(phash)
-            if first is not None:
-                return Decision("duplicate_near", first)
-        self._register(key, pixel_hash, phash)
-        return Decision(KEEP, "")
 
-    def _band_values(self, phash: int) -> list[int]:
-        return [(phash >> lo) & ((1 << (hi - lo)) - 1) for lo, hi in self._bounds]
+def run_map(task: DedupMapTask) -> dict:
+    done = read_done(task.layout, "map", task.group, task.storage_options)
+    if done is not None:
+        return done
+    units, rows, keys, pixel, phash = [], [], [], [], []
+    for unit in range(task.first_unit, task.end_unit):
+        table = read_stage(task.layout, unit, ["key", "status", "pixel_hash", "phash"], task.storage_options)
+        ok = np.asarray(table.column("status").to_numpy(zero_copy_only=False) == "ok")
+        idx = np.flatnonzero(ok)
+        units.append(np.full(len(idx), unit, np.int64))
+        rows.append(idx.astype(np.int64))
+        keys.append(_take(table.column("key"), idx))
+        pixel.append(_take(table.column("pixel_hash"), idx))
+        phash.append(table.column("phash").to_numpy(zero_copy_only=False)[idx].astype(np.uint64))
+    ords = (np.concatenate(units or [np.zeros(0, np.int64)]) << 32) | np.concatenate(rows or [np.zeros(0, np.int64)])
+    key_bytes = [bytes.fromhex(k) for part in keys for k in part]
+    ph = np.concatenate(phash or [np.zeros(0, np.uint64)])
+    k = _split64(key_bytes)
+    kinds = [(SOURCE, k[0], k[1])]
+    if task.mode != "none":
+        p = _split64([b for part in pixel for b in part])
+        kinds.append((EXACT, p[0], p[1]))
+    if task.mode == "near":
+        zero = np.zeros(len(ph), np.uint64)
+        kinds += [(NEAR + i, band_keys(ph, band), zero) for i, band in enumerate(bands(task.threshold))]
+    key_arr = pa.array(key_bytes, pa.binary(10))
+    total = 0
+    tables = []
+    for kind, k1, k2 in kinds:
+        tables.append(pa.table({"kind": np.full(len(ords), kind, np.int16), "k1": k1, "k2": k2, "ordinal": ords,
+                                "phash": ph, "key": key_arr}, schema=RECORD_SCHEMA))
+    records = pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
+    bucket = _bucket(records.column("kind").to_numpy(), records.column("k1").to_numpy(),
+                     records.column("k2").to_numpy(), task.buckets)
+    order = np.argsort(bucket, kind="stable")
+    bounds = np.searchsorted(bucket[order], np.arange(task.buckets + 1))
+    for b in range(task.buckets):
+        if bounds[b + 1] > bounds[b]:
+            part = records.take(order[bounds[b] : bounds[b + 1]])
+            put_table(task.layout.dedup_records(b, task.group), part, task.storage_options)
+            total += part.num_rows
+    return mark_done(task.layout, "map", task.group, {"records": total}, task.storage_options)
 
-    def _near(self, phash: int) -> str | None:
-        best: tuple[int, str] | None = None
-        for table, value in zip(self._bands, self._band_values(phash)):
-            for other, key in table.get(value, ()):
-                if hamming(phash, other) <= self.threshold:
-                    best = min(best or (1 << 62, ""), (self._order[key], key))
-        return None if best is None else best[1]
 
-    def _register(self, key: str, pixel_hash: bytes, phash: int) -> None:
-        self._order[key] = len(self._keys)
-        self._keys.add(key)
-        self._exact.setdefault(pixel_hash, key)
-        if self.mode == "near":
-            for table, value in zip(self._bands, self._band_values(phash)):
-                table.setdefault(value, []).append((phash, key))
+def run_reduce(task: DedupReduceTask) -> dict:
+    done = read_done(task.layout, "reduce", task.bucket, task.storage_options)
+    if done is not None:
+        return done
+    records = _read_folder(task.layout.dedup_bucket(task.bucket), RECORD_SCHEMA, task.storage_options)
+    kind = records.column("kind").to_numpy().astype(np.int64)
+    k1, k2 = records.column("k1").to_numpy(), records.column("k2").to_numpy()
+    ords, ph = records.column("ordinal").to_numpy(), records.column("phash").to_numpy()
+    keys = records.column("key")
+    winner = np.full(len(ords), np.iinfo(np.int64).max, np.int64)
+    windex = np.full(len(ords), -1, np.int64)
+    hashed = kind < NEAR
+    if hashed.any():
+        i = np.flatnonzero(hashed)
+        order = i[np.lexsort((ords[i], k2[i], k1[i], kind[i]))]
+        head = np.r_[True, (kind[order][1:] != kind[order][:-1]) | (k1[order][1:] != k1[order][:-1])
+                     | (k2[order][1:] != k2[order][:-1])]
+        first = order[np.maximum.accumulate(np.where(head, np.arange(len(order)), 0))]
+        winner[order[~head]], windex[order[~head]] = ords[first[~head]], first[~head]
+    if (~hashed).any():
+        i = np.flatnonzero(~hashed)
+        # Band id and key as one group id; if two (band, key) pairs collide, their records are only compared
+        # more: every candidate pair is still checked by Hamming distance, so the result does not change.
+        group = (kind[i] << 40) ^ k1[i].astype(np.int64)
+        w, wi = earliest_neighbours(group, ph[i], ords[i], task.threshold)
+        found = wi >= 0
+        winner[i[found]], windex[i[found]] = w[found], i[wi[found]]
+    lost = np.flatnonzero(windex >= 0)
+    verdict = np.minimum(kind[lost], NEAR)
+    # One row per losing input: the strongest verdict (source < exact < near), then the earliest winner.
+    order = lost[np.lexsort((winner[lost], verdict, ords[lost]))]
+    verdict = np.minimum(kind[order], NEAR)
+    head = np.r_[True, ords[order][1:] != ords[order][:-1]][: len(order)]
+    order, verdict = order[head], verdict[head]
+    losers = pa.table({"ordinal": ords[order], "kind": verdict.astype(np.int8), "winner": winner[order],
+                       "winner_key": keys.take(pa.array(windex[order]))}, schema=LOSER_SCHEMA)
+    group_of = np.searchsorted(np.asarray(task.group_starts), ords[order] >> 32, side="right") - 1
+    for g in np.unique(group_of):
+        put_table(task.layout.dedup_losers(int(g), task.bucket), losers.filter(pa.array(group_of == g)),
+               task.storage_options)
+    return mark_done(task.layout, "reduce", task.bucket, {"records": len(ords), "losers": len(order)},
+                 task.storage_options)
+
+
+def read_losers(layout: Layout, group: int, storage_options: dict) -> dict[int, tuple[int, int, bytes]]:
+    """ordinal -> (verdict kind, winner ordinal, winner key) for one group, merged over buckets (strongest first)."""
+    table = _read_folder(layout.dedup_group(group), LOSER_SCHEMA, storage_options)
+    out: dict[int, tuple[int, int, bytes]] = {}
+    for o, kind, w, key in zip(*(table.column(c).to_pylist() for c in ("ordinal", "kind", "winner", "winner_key"))):
+        if o not in out or (kind, w) < out[o][:2]:
+            out[o] = (kind, w, key)
+    return out
+
+
+def read_stage(layout: Layout, unit: int, columns: list[str] | None, storage_options: dict) -> pa.Table:
+    fs, path = url_to_fs(layout.stage_table(unit), storage_options)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).read(columns=columns)  # not pq.read_table: that imports pyarrow.dataset
+
+
+def _take(column: pa.ChunkedArray, idx: np.ndarray) -> list:
+    return column.take(pa.array(idx, pa.int64())).to_pylist()
+
+
+def _split64(values: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Two uint64 words from the first 16 bytes of each value (zero-padded)."""
+    buf = b"".join(v[:16].ljust(16, b"\0") for v in values)
+    words = np.frombuffer(buf, dtype=">u8").astype(np.uint64).reshape(-1, 2) if values else np.zeros((0, 2), np.uint64)
+    return words[:, 0].copy(), words[:, 1].copy()
+
+
+def _bucket(kind: np.ndarray, k1: np.ndarray, k2: np.ndarray, buckets: int) -> np.ndarray:
+    """Bucket of each record: a multiplicative mix of (kind, k1, k2), so band keys with few bits spread too."""
+    with np.errstate(over="ignore"):
+        x = k1 * np.uint64(0x9E3779B97F4A7C15) ^ k2 * np.uint64(0xC2B2AE3D27D4EB4F) ^ \
+            kind.astype(np.uint64) * np.uint64(0x165667B19E3779F9)
+        x ^= x >> np.uint64(29)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(32)
+    return (x % np.uint64(buckets)).astype(np.int64)
+
+
+def _read_folder(url: str, schema: pa.Schema, storage_options: dict) -> pa.Table:
+    fs, path = url_to_fs(url, storage_options)
+    files = sorted(fs.find(path)) if fs.exists(path) else []
+    tables = []
+    for p in files:
+        with fs.open(p, "rb") as f:
+            tables.append(pq.ParquetFile(f).read())
+    return pa.concat_tables(tables) if tables else schema.empty_table()

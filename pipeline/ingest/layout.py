@@ -1,9 +1,18 @@
 """Where an ingest run puts things under its output prefix.
 
-    OUTPUT/shard-000000.tar, shard-000000.idx ...    the dataset (published atomically, tar last)
-    OUTPUT/manifest.parquet, rejects.parquet, report.json, classes.json
+    OUTPUT/shard-000000.tar, shard-000000.idx ...    the dataset (published atomically, index before tar)
+    OUTPUT/shards.parquet                             shard index: one row per shard (shard, samples, bytes)
+    OUTPUT/manifest.parquet/part-000000.parquet ...   one row per sample, a part per shard (pyarrow reads the folder)
+    OUTPUT/rejects.parquet/part-000000.parquet ...    one row per rejected input, a part per dedup group
+    OUTPUT/report.json, classes.json                  report.json last: the run's completion mark
     OUTPUT/_ingest/config.json                        argument fingerprint: refuses a mismatched rerun
-    OUTPUT/_ingest/stage/unit-000000.{tar,parquet}    phase-1 results (deleted after success unless --keep-staging)
+    OUTPUT/_ingest/plan/                              listing parts, plan.json (units, listing fingerprint)
+    OUTPUT/_ingest/stage/unit-00000000.{tar,parquet}  phase 1: cleaned bytes and one row per input, per unit
+    OUTPUT/_ingest/dedup/                             phase 2: hash records by bucket, duplicates by group
+    OUTPUT/_ingest/resolved/                          phase 3: kept rows per group, in input order
+    OUTPUT/_ingest/done/PHASE/ID.json                 a task's summary, written last: the task is done
+    OUTPUT/_ingest/done/PHASE.parquet                 every task's summary: the phase is done
+Everything under _ingest is deleted after success unless --keep-staging.
 """
 
 from __future__ import annotations
@@ -16,37 +25,29 @@ class Layout:
     output: str  # URL without trailing slash
 
     def shard(self, index: int) -> str:
-        return f"{self.output}/shard-{index:06d}.tar"
+        return f"{self.output}/{self.shard_file(index)}"
 
-    def shard_name(self, index: int) -> str:
-        return f"shard-{index:06d}"
-
-    @property
-    def work(self) -> str:
-        return f"{self.output}/_ingest"
+    @staticmethod
+    def shard_file(index: int) -> str:
+        return f"shard-{index:06d}.tar"
 
     @property
-    def stage(self) -> str:
-        return f"{self.work}/stage"
-
-    def stage_tar(self, unit: int) -> str:
-        return f"{self.stage}/unit-{unit:06d}.tar"
-
-    def stage_table(self, unit: int) -> str:
-        """Written after the unit's tar: its presence marks the unit done."""
-        return f"{self.stage}/unit-{unit:06d}.parquet"
-
-    @property
-    def config(self) -> str:
-        return f"{self.work}/config.json"
+    def shard_index(self) -> str:
+        return f"{self.output}/shards.parquet"
 
     @property
     def manifest(self) -> str:
         return f"{self.output}/manifest.parquet"
 
+    def manifest_part(self, shard: int) -> str:
+        return f"{self.manifest}/part-{shard:06d}.parquet"
+
     @property
     def rejects(self) -> str:
         return f"{self.output}/rejects.parquet"
+
+    def rejects_part(self, group: int) -> str:
+        return f"{self.rejects}/part-{group:06d}.parquet"
 
     @property
     def classes(self) -> str:
@@ -56,3 +57,47 @@ class Layout:
     def report(self) -> str:
         """Written last: its presence (with a matching config) marks the whole run done."""
         return f"{self.output}/report.json"
+
+    @property
+    def work(self) -> str:
+        return f"{self.output}/_ingest"
+
+    @property
+    def config(self) -> str:
+        return f"{self.work}/config.json"
+
+    def list_part(self, task: int, sub: int = 0) -> str:
+        """Listing part of initial listing task `task`; sub >= 1: its sub-folder `sub` (their order is input order)."""
+        return f"{self.work}/plan/list-{task:06d}-{sub:08d}.parquet"
+
+    @property
+    def plan(self) -> str:
+        return f"{self.work}/plan/plan.json"
+
+    def stage_tar(self, unit: int) -> str:
+        return f"{self.work}/stage/unit-{unit:08d}.tar"
+
+    def stage_table(self, unit: int) -> str:
+        """Written after the unit's tar: its presence marks the unit done."""
+        return f"{self.work}/stage/unit-{unit:08d}.parquet"
+
+    def dedup_records(self, bucket: int, group: int) -> str:
+        return f"{self.work}/dedup/records/b-{bucket:05d}/g-{group:06d}.parquet"
+
+    def dedup_bucket(self, bucket: int) -> str:
+        return f"{self.work}/dedup/records/b-{bucket:05d}"
+
+    def dedup_losers(self, group: int, bucket: int) -> str:
+        return f"{self.work}/dedup/losers/g-{group:06d}/b-{bucket:05d}.parquet"
+
+    def dedup_group(self, group: int) -> str:
+        return f"{self.work}/dedup/losers/g-{group:06d}"
+
+    def resolved(self, group: int) -> str:
+        return f"{self.work}/resolved/g-{group:06d}.parquet"
+
+    def done(self, phase: str, task: int) -> str:
+        return f"{self.work}/done/{phase}/{task:08d}.json"
+
+    def phase_done(self, phase: str) -> str:
+        return f"{self.work}/done/{phase}.parquet"

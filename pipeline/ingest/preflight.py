@@ -10,7 +10,8 @@ from pipeline.ingest.layout import Layout
 from pipeline.ingest.sources import IngestError
 
 # Files this tool owns under an output prefix: the only ones --overwrite deletes.
-_OWNED_PATTERNS = ("shard-*.tar", "shard-*.idx", "manifest.parquet", "rejects.parquet", "report.json", "classes.json")
+_OWNED_PATTERNS = ("shard-*.tar", "shard-*.idx", "shards.parquet", "manifest.parquet", "rejects.parquet", "report.json",
+                   "classes.json")
 
 
 def check_output(layout: Layout, fingerprint: str, overwrite: bool, storage_options: dict) -> None:
@@ -25,7 +26,7 @@ def check_output(layout: Layout, fingerprint: str, overwrite: bool, storage_opti
     owned = [p for pattern in _OWNED_PATTERNS for p in fs.glob(f"{root}/{pattern}")]
     if overwrite:
         for p in owned:
-            fs.rm_file(p)
+            fs.rm(p, recursive=True)  # manifest.parquet and rejects.parquet are folders of parts
         if fs.exists(url_to_fs(layout.work, storage_options)[1]):
             fs.rm(url_to_fs(layout.work, storage_options)[1], recursive=True)
     elif existing is not None and existing != fingerprint:

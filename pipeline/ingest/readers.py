@@ -1,26 +1,45 @@
-"""Read the raw inputs of one unit as a stream of RawItem, in input order, without ever raising on bad input.
+"""Read the raw inputs of one unit as a stream of RawItem, in input order; bad content never raises.
 
-Archives are read as streams (tar: `r|*`, one pass; zip: through the seekable fsspec file, member by member);
-nothing is extracted to disk and member names are only used as identities, so `../x` or `/etc/x` members cannot
-write anywhere. Anything that cannot be read becomes a RawItem carrying a rejection reason.
+Loose files and URLs are fetched by a pool of threads (fetch.py). Archives are read as streams (tar: `r|*`, one
+pass; zip: through the seekable fsspec file, member by member); nothing is extracted to disk and member names are
+only used as identities, so `../x` or `/etc/x` members cannot write anywhere. Members are grouped by WebDataset key
+(the path up to the first dot of the basename; consecutive members): each image member is one input, and the
+group's .txt (caption), .json (source metadata) and .cls (label) members travel with it, which is how
+img2dataset, LAION and DataComp dumps carry captions. A group with no image is one "no_image" reject.
+
+Parquet files carry either image bytes (a binary column) or URLs to download (a url column and no image column:
+the LAION / DataComp metadata layout), each row with an optional id, caption and label.
+
+What is a reject and what is a fault: content that does not parse (a corrupt archive or parquet file) is a reject,
+deterministic, and a rerun gives the same; an I/O error is a fault of the store or the network, and propagates
+(after the fetch layer's retries) so the unit is retried whole, then quarantined.
 """
 
 from __future__ import annotations
 
+import json
+import posixpath
 import tarfile
 import zipfile
-from dataclasses import dataclass
-from typing import Iterator
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.ingest.atomic import url_to_fs
-from pipeline.ingest.sources import Unit
+from pipeline.ingest.fetch import fetch_all
+from pipeline.ingest.retry import RetryPolicy, TransientFailure
 
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
 _IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "image_bytes", "bytes", "data")
+_URL_COLUMNS = ("url", "image_url", "img_url", "URL")
 _ID_COLUMNS = ("id", "key", "uid", "image_id")
-_CAPTION_COLUMNS = ("caption", "text", "txt")
+_CAPTION_COLUMNS = ("caption", "text", "txt", "TEXT")
 _LABEL_COLUMNS = ("label", "cls", "class", "target")
+# Content errors of a container: the bytes are what they are, a rerun reads the same.
+_CORRUPT = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, pa.ArrowInvalid, KeyError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -30,73 +49,159 @@ class RawItem:
     label: int = -1  # -1 = unlabelled
     caption: str | None = None
     reject: tuple[str, str] | None = None  # (reason, detail)
+    meta: dict | None = field(default=None, compare=False)  # a WebDataset sample's .json, carried into the output
 
 
-def read_unit(unit: Unit, max_bytes: int, image_column: str | None, label_column: str | None,
-              storage_options: dict) -> Iterator[RawItem]:
-    if unit.kind == "files":
-        labels = unit.labels or (-1,) * len(unit.urls)
-        for url, label in zip(unit.urls, labels):
-            yield _read_file(url, label, max_bytes, storage_options)
-    elif unit.kind == "archive":
-        url = unit.urls[0]
-        reader = _read_zip if url.lower().endswith(".zip") else _read_tar
-        try:
-            yield from reader(url, max_bytes, storage_options)
-        except Exception as e:  # noqa: BLE001 - a corrupt archive ends its stream; what was read so far stays
-            yield RawItem(f"{url}::", None, reject=("corrupt_archive", f"{type(e).__name__}: {e}"))
-    else:
-        try:
-            yield from _read_parquet(unit.urls[0], image_column, label_column, storage_options)
-        except Exception as e:  # noqa: BLE001
-            yield RawItem(f"{unit.urls[0]}#", None, reject=("corrupt_parquet", f"{type(e).__name__}: {e}"))
+@dataclass(frozen=True)
+class ReadOptions:
+    max_bytes: int
+    image_column: str | None
+    label_column: str | None
+    storage_options: dict
+    policy: RetryPolicy
+    threads: int  # concurrent fetches of loose files / URLs per task
 
 
-def _read_file(url: str, label: int, max_bytes: int, storage_options: dict) -> RawItem:
+def read_files(urls: list[str], labels: list[int], opts: ReadOptions) -> Iterator[RawItem]:
+    """Loose files or URLs (a listed folder or a text list), fetched ahead by threads."""
+    fetched = fetch_all(urls, opts.max_bytes, opts.storage_options, opts.policy, opts.threads)
+    yield from _guard_web_outage((RawItem(f.url, f.data, label, reject=f.reject), f.transient)
+                                 for f, label in zip(fetched, labels))
+
+
+def read_archive(url: str, opts: ReadOptions) -> Iterator[RawItem]:
+    reader = _zip_members if url.lower().endswith(".zip") else _tar_members
     try:
-        fs, path = url_to_fs(url, storage_options)
-        size = fs.size(path)
-        if size is not None and size > max_bytes:
-            return RawItem(url, None, label, reject=("too_large_file", f"{size} bytes"))
-        return RawItem(url, fs.cat_file(path), label)
-    except Exception as e:  # noqa: BLE001
-        return RawItem(url, None, label, reject=("unreadable", f"{type(e).__name__}: {e}"))
+        yield from _group_samples(url, reader(url, opts))
+    except _CORRUPT as e:  # a corrupt archive ends its stream; what was read so far stays
+        yield RawItem(f"{url}::", None, reject=("corrupt_archive", f"{type(e).__name__}: {e}"))
 
 
-def _read_tar(url: str, max_bytes: int, storage_options: dict) -> Iterator[RawItem]:
-    fs, path = url_to_fs(url, storage_options)
+def read_parquet(url: str, opts: ReadOptions) -> Iterator[RawItem]:
+    fs, path = url_to_fs(url, opts.storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            yield from _parquet_rows(url, pf, opts)
+    except _CORRUPT as e:
+        yield RawItem(f"{url}#", None, reject=("corrupt_parquet", f"{type(e).__name__}: {e}"))
+
+
+def _guard_web_outage(items: Iterable[tuple[RawItem, bool]]) -> Iterator[RawItem]:
+    """Pass items through; if most of a unit's web fetches failed transiently, the fault is ours (network,
+    DNS, proxy), not the servers': raise so the unit is quarantined and retried, instead of rejecting it all."""
+    seen = failed = 0
+    buffered: list[RawItem] = []
+    for item, transient in items:
+        seen, failed = seen + 1, failed + transient
+        buffered.append(item)
+        if len(buffered) >= 64:
+            _check_outage(seen, failed)
+            yield from buffered
+            buffered.clear()
+    _check_outage(seen, failed)
+    yield from buffered
+
+
+def _check_outage(seen: int, failed: int) -> None:
+    if seen >= 8 and failed * 2 > seen:
+        raise TransientFailure("web fetches", failed, ConnectionError(f"{failed} of {seen} URLs failed transiently"))
+
+
+def _tar_members(url: str, opts: ReadOptions) -> Iterator[tuple[str, bytes | None, tuple[str, str] | None]]:
+    fs, path = url_to_fs(url, opts.storage_options)
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
-            source = f"{url}::{member.name}"
             if member.isdir():
                 continue
             if not member.isfile():
-                yield RawItem(source, None, reject=("not_a_regular_file", f"tar type {member.type!r}"))
-            elif member.size > max_bytes:
-                yield RawItem(source, None, reject=("too_large_file", f"{member.size} bytes"))
+                yield member.name, None, ("not_a_regular_file", f"tar type {member.type!r}")
+            elif member.size > opts.max_bytes:
+                yield member.name, None, ("too_large_file", f"{member.size} bytes")
             else:
-                yield RawItem(source, tar.extractfile(member).read())
+                yield member.name, tar.extractfile(member).read(), None
 
 
-def _read_zip(url: str, max_bytes: int, storage_options: dict) -> Iterator[RawItem]:
-    fs, path = url_to_fs(url, storage_options)
+def _zip_members(url: str, opts: ReadOptions) -> Iterator[tuple[str, bytes | None, tuple[str, str] | None]]:
+    fs, path = url_to_fs(url, opts.storage_options)
     with fs.open(path, "rb") as f, zipfile.ZipFile(f) as archive:
         for info in archive.infolist():
-            source = f"{url}::{info.filename}"
             if info.is_dir():
                 continue
-            if info.file_size > max_bytes:
-                yield RawItem(source, None, reject=("too_large_file", f"{info.file_size} bytes"))
+            if info.file_size > opts.max_bytes:
+                yield info.filename, None, ("too_large_file", f"{info.file_size} bytes")
                 continue
             try:
                 with archive.open(info) as member:
-                    data = member.read(max_bytes + 1)  # the declared size can lie: bound what a bomb can inflate to
-                if len(data) > max_bytes:
-                    yield RawItem(source, None, reject=("too_large_file", "inflates past max_bytes"))
-                else:
-                    yield RawItem(source, data)
-            except Exception as e:  # noqa: BLE001 - encrypted, bad CRC, unsupported compression
-                yield RawItem(source, None, reject=("unreadable", f"{type(e).__name__}: {e}"))
+                    data = member.read(opts.max_bytes + 1)  # the declared size can lie: bound what a bomb inflates to
+            except (RuntimeError, NotImplementedError, *_CORRUPT) as e:  # encrypted, bad CRC, unknown compression
+                yield info.filename, None, ("unreadable", f"{type(e).__name__}: {e}")
+                continue
+            if len(data) > opts.max_bytes:
+                yield info.filename, None, ("too_large_file", "inflates past max_bytes")
+            else:
+                yield info.filename, data, None
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """WebDataset's rule: 'dir/abc.seg.jpg' -> ('dir/abc', 'seg.jpg')."""
+    folder, base = posixpath.split(name)
+    stem, dot, ext = base.partition(".")
+    return posixpath.join(folder, stem) if folder else stem, ext.lower() if dot else ""
+
+
+def _group_samples(url: str, members: Iterator[tuple[str, bytes | None, tuple[str, str] | None]]
+                   ) -> Iterator[RawItem]:
+    group: list[tuple[str, str, bytes | None, tuple[str, str] | None]] = []
+    key = None
+    for name, data, reject in members:
+        k, ext = _split_key(name)
+        if group and k != key:
+            yield from _sample_items(url, key, group)
+            group = []
+        key = k
+        group.append((name, ext, data, reject))
+    if group:
+        yield from _sample_items(url, key, group)
+
+
+def _sample_items(url: str, key: str, group: list) -> Iterator[RawItem]:
+    images = [(n, d, r) for n, ext, d, r in group if ext.rsplit(".", 1)[-1] in IMAGE_EXTS]
+    sides = {ext: d for _n, ext, d, r in group if r is None and ext.rsplit(".", 1)[-1] not in IMAGE_EXTS}
+    if not images:
+        if len(group) == 1 and group[0][3] is not None:  # a lone bad member keeps its own reason
+            yield RawItem(f"{url}::{group[0][0]}", None, reject=group[0][3])
+        else:
+            yield RawItem(f"{url}::{key}", None, reject=("no_image", "members: " + ", ".join(e for _, e, _, _ in group)))
+        return
+    caption, meta, label = _side_members(sides)
+    for name, data, reject in images:
+        yield RawItem(f"{url}::{name}", data, label, caption, reject, meta)
+
+
+def _side_members(sides: dict[str, bytes | None]) -> tuple[str | None, dict | None, int]:
+    meta = None
+    if sides.get("json") is not None:
+        try:
+            meta = json.loads(sides["json"])
+        except ValueError:
+            meta = {"unparsed": sides["json"].decode("utf-8", errors="replace")[:10000]}
+        if not isinstance(meta, dict):
+            meta = {"value": meta}
+    caption = sides["txt"].decode("utf-8", errors="replace") if sides.get("txt") is not None else None
+    if caption is None and meta is not None and isinstance(meta.get("caption"), str):
+        caption = meta["caption"]
+    label = _int_or(sides.get("cls"), -1)
+    return caption, meta, label
+
+
+def _int_or(value, default: int) -> int:
+    if value is None:
+        return default
+    try:
+        return int(value.decode().strip() if isinstance(value, bytes) else value)
+    except (TypeError, ValueError, UnicodeDecodeError):
+        return default
 
 
 def _pick(names: list[str], explicit: str | None, candidates: tuple[str, ...]) -> str | None:
@@ -105,49 +210,57 @@ def _pick(names: list[str], explicit: str | None, candidates: tuple[str, ...]) -
             raise KeyError(f"column {explicit!r} not in {names}")
         return explicit
     lower = {n.lower(): n for n in names}
-    return next((lower[c] for c in candidates if c in lower), None)
+    return next((lower[c.lower()] for c in candidates if c.lower() in lower), None)
 
 
-def _read_parquet(url: str, image_column: str | None, label_column: str | None,
-                  storage_options: dict) -> Iterator[RawItem]:
-    fs, path = url_to_fs(url, storage_options)
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        schema = pf.schema_arrow
-        names = schema.names
-        image = _pick(names, image_column, _IMAGE_COLUMNS) or _first_binary(schema)
-        if image is None:
-            raise KeyError(f"no image-bytes column among {names}; pass --image-column")
-        ident, caption = _pick(names, None, _ID_COLUMNS), _pick(names, None, _CAPTION_COLUMNS)
-        label = _pick(names, label_column, _LABEL_COLUMNS)
-        columns = [c for c in (image, ident, caption, label) if c is not None]
-        row = 0
-        for batch in pf.iter_batches(batch_size=256, columns=list(dict.fromkeys(columns))):
-            for rec in batch.to_pylist():
-                source = f"{url}#id={rec[ident]}" if ident else f"{url}#row={row}"
-                row += 1
-                value = rec[image]
-                if isinstance(value, dict):  # Hugging Face image struct {"bytes": ..., "path": ...}
-                    value = value.get("bytes")
-                yield RawItem(source, value if isinstance(value, bytes) else b"", _label(rec, label),
-                              None if caption is None or rec[caption] is None else str(rec[caption]))
+def _parquet_rows(url: str, pf: pq.ParquetFile, opts: ReadOptions) -> Iterator[RawItem]:
+    schema = pf.schema_arrow
+    names = schema.names
+    image = _pick(names, opts.image_column, _IMAGE_COLUMNS) or _first_binary(schema)
+    link = None if image is not None else _pick(names, None, _URL_COLUMNS)
+    if image is None and link is None:
+        raise KeyError(f"no image-bytes or url column among {names}; pass --image-column")
+    ident, caption = _pick(names, None, _ID_COLUMNS), _pick(names, None, _CAPTION_COLUMNS)
+    label = _pick(names, opts.label_column, _LABEL_COLUMNS)
+    columns = list(dict.fromkeys(c for c in (image or link, ident, caption, label) if c is not None))
+    records = _records(url, pf, columns, ident)
+    if image is not None:
+        for source, rec in records:
+            value = rec[image]
+            if isinstance(value, dict):  # Hugging Face image struct {"bytes": ..., "path": ...}
+                value = value.get("bytes")
+            yield RawItem(source, value if isinstance(value, bytes) else b"", _int_or(rec.get(label), -1),
+                          _text(rec, caption))
+        return
+    yield from _download_rows(records, link, caption, label, opts)
+
+
+def _download_rows(records, link: str, caption: str | None, label: str | None, opts: ReadOptions) -> Iterator[RawItem]:
+    """url + caption rows: the images are fetched by threads, in row order; each URL's outcome is kept or a reject."""
+    rows = list(records)  # one parquet file's metadata: ~100 bytes a row, a few MB
+    urls = [str(rec[link] or "") for _, rec in rows]
+    fetched = fetch_all(urls, opts.max_bytes, opts.storage_options, opts.policy, opts.threads)
+    items = ((RawItem(source, f.data, _int_or(rec.get(label), -1), _text(rec, caption), f.reject,
+                      {"url": f.url}), f.transient) for (source, rec), f in zip(rows, fetched))
+    yield from _guard_web_outage(items)
+
+
+def _records(url: str, pf: pq.ParquetFile, columns: list[str], ident: str | None) -> Iterator[tuple[str, dict]]:
+    row = 0
+    for batch in pf.iter_batches(batch_size=256, columns=columns):
+        for rec in batch.to_pylist():
+            yield (f"{url}#id={rec[ident]}" if ident else f"{url}#row={row}"), rec
+            row += 1
+
+
+def _text(rec: dict, column: str | None) -> str | None:
+    return None if column is None or rec.get(column) is None else str(rec[column])
 
 
 def _first_binary(schema) -> str | None:
-    import pyarrow as pa
-
     for fld in schema:
         if pa.types.is_binary(fld.type) or pa.types.is_large_binary(fld.type):
             return fld.name
         if pa.types.is_struct(fld.type) and fld.type.get_field_index("bytes") >= 0:
             return fld.name
     return None
-
-
-def _label(rec: dict, column: str | None) -> int:
-    if column is None or rec[column] is None:
-        return -1
-    try:
-        return int(rec[column])
-    except (TypeError, ValueError):
-        return -1

@@ -1,25 +1,38 @@
-"""Turn SOURCE arguments into an ordered list of work units, failing early (IngestError) on a missing source.
+"""Phase 0, listing: SOURCE arguments -> listing parts (parquet, one row per file in input order), in parallel.
 
-A SOURCE is a directory (walked recursively, sorted), a glob, a .tar/.tar.gz/.tgz/.zip archive, a .parquet file,
-or a text list (.txt/.lst/.list/.urls) of image paths or URLs. Inside a directory or glob, archives and parquet
-files become their own units and every other file is a loose image candidate (a non-image ends up in rejects).
+A SOURCE is a directory (walked recursively), a glob, a .tar/.tar.gz/.tgz/.zip archive, a .parquet file, or a text
+list (.txt/.lst/.list/.urls) of image paths or URLs. Inside a directory or glob, archives and parquet files are
+entries of their own kind and every other file is a loose image candidate (a non-image ends up in rejects).
 
-Units are defined by the inputs alone (runs of `unit_size` loose files; one unit per archive or parquet file), never
-by the worker count: that is what makes the output independent of --workers and lets a rerun skip finished units.
-Input order = SOURCE order, then sorted paths, then member/row order; "first occurrence wins" refers to it.
+Directories are listed by tasks: one lists the top level (its loose files become one part, its sub-folders are
+returned), then one task per sub-folder walks it recursively, so a tree of 300M keys is listed by as many tasks as
+it has top-level folders, never by the driver. Each part is sorted; parts are ordered by (SOURCE, top-level files
+first, then sub-folders by name): that order is the input order "first occurrence wins" refers to. Each task also
+returns a digest of what it listed (path, size, ETag or mtime): the plan's fingerprint is made from these, so a
+source that changed since an interrupted run is noticed before any stale staged work is reused.
+
+The driver only checks that each SOURCE exists (failing early, IngestError, naming it) and expands globs.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipeline.ingest.atomic import url_to_fs
+from pipeline.ingest.atomic import put_bytes, url_to_fs
+from pipeline.ingest.retry import RetryPolicy, retry
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 PARQUET_SUFFIXES = (".parquet",)
 LIST_SUFFIXES = (".txt", ".lst", ".list", ".urls")
+PART_ROW_GROUP = 4096  # a stage task reads only the row groups of its unit
+
+ENTRY_SCHEMA = pa.schema([("kind", pa.string()), ("url", pa.string()), ("cls", pa.string()),
+                          ("size", pa.int64()), ("version", pa.string())])
 
 
 class IngestError(Exception):
@@ -27,47 +40,30 @@ class IngestError(Exception):
 
 
 @dataclass(frozen=True)
-class Unit:
-    index: int
-    kind: str  # "files" | "archive" | "parquet"
-    urls: tuple[str, ...]  # "files": the files; otherwise the one archive / parquet file
-    labels: tuple[int, ...] = ()  # "files" with --labels-from-folders: class index per file, -1 = none
+class ListTask:
+    """List one piece of the sources into `part_url`. mode: "top" (a directory's own files; returns sub-folders),
+    "tree" (a sub-folder, recursively), "list" (a text file of paths / URLs), "entries" (given entries)."""
+
+    part_url: str
+    mode: str
+    unit_size: int  # loose files per unit
+    path: str  # URL of the directory / sub-folder / list file
+    label_root: str | None  # with --labels-from-folders: the SOURCE directory (class = first folder below it)
+    storage_options: dict
+    entries: tuple[tuple[str, str, int, str], ...] = ()  # "entries": (kind, url, size, version)
 
 
 @dataclass(frozen=True)
-class Plan:
-    units: tuple[Unit, ...]
-    classes: tuple[str, ...]  # folder class names; index = label
+class ListResult:
+    part_url: str
+    rows: int
+    digest: str
+    units: tuple[tuple[str, int, int], ...]  # (kind, first row, end row): work units cut from this part
+    classes: tuple[str, ...]
+    subfolders: tuple[str, ...]  # "top" only: sub-folder URLs, sorted
 
 
-def plan_units(sources: tuple[str, ...], unit_size: int, labels_from_folders: bool, storage_options: dict) -> Plan:
-    entries: list[tuple[str, str, str | None]] = []  # (kind, url, class name)
-    for source in sources:
-        entries.extend(_expand(source, labels_from_folders, storage_options))
-    classes = tuple(sorted({c for _, _, c in entries if c is not None}))
-    class_index = {c: i for i, c in enumerate(classes)}
-    units: list[Unit] = []
-    run: list[tuple[str, int]] = []
-
-    def flush():
-        if run:
-            urls, labels = zip(*run)
-            units.append(Unit(len(units), "files", urls, labels if labels_from_folders else ()))
-            run.clear()
-
-    for kind, url, cls in entries:
-        if kind == "file":
-            run.append((url, class_index.get(cls, -1)))
-            if len(run) == unit_size:
-                flush()
-        else:
-            flush()
-            units.append(Unit(len(units), kind, (url,)))
-    flush()
-    return Plan(tuple(units), classes)
-
-
-def _kind(path: str) -> str:
+def kind_of(path: str) -> str:
     lower = path.lower()
     if lower.endswith(ARCHIVE_SUFFIXES):
         return "archive"
@@ -76,55 +72,142 @@ def _kind(path: str) -> str:
     return "file"
 
 
-def _expand(source: str, labels_from_folders: bool, storage_options: dict) -> list[tuple[str, str, str | None]]:
-    try:
-        fs, path = url_to_fs(source, storage_options)
-        if any(ch in path for ch in "*?["):
-            matches = sorted(fs.glob(path))
-            if not matches:
-                raise IngestError(f"SOURCE {source!r} matched no files")
-            out = []
-            for m in matches:
-                out.extend(_expand_path(fs, m, False, storage_options))
-            return out
-        if not fs.exists(path):
-            raise IngestError(f"SOURCE {source!r} does not exist")
-        return _expand_path(fs, path, labels_from_folders, storage_options)
-    except IngestError:
-        raise
-    except Exception as e:  # noqa: BLE001 - credentials, permissions, network: name the source, stop before work
-        raise IngestError(f"SOURCE {source!r} cannot be read: {type(e).__name__}: {e}") from None
+def expand_sources(sources: tuple[str, ...], labels_from_folders: bool, unit_size: int, storage_options: dict,
+                   part_url) -> list[ListTask]:
+    """Driver side: one or more ListTasks per SOURCE, in SOURCE order; `part_url(i)` names part i."""
+    tasks: list[ListTask] = []
+    for source in sources:
+        try:
+            fs, path = url_to_fs(source, storage_options)
+            if any(ch in path for ch in "*?["):
+                matches = fs.glob(path, detail=True)
+                if not matches:
+                    raise IngestError(f"SOURCE {source!r} matched no files")
+                entries = []
+                for p, info in sorted(matches.items()):
+                    if info.get("type") == "directory":
+                        tasks.append(ListTask(part_url(len(tasks)), "top", unit_size, fs.unstrip_protocol(p), None, storage_options))
+                    elif p.lower().endswith(LIST_SUFFIXES):
+                        tasks.append(ListTask(part_url(len(tasks)), "list", unit_size, fs.unstrip_protocol(p), None, storage_options))
+                    else:
+                        entries.append((kind_of(p), fs.unstrip_protocol(p), int(info.get("size") or 0), _version(info)))
+                if entries:
+                    tasks.append(ListTask(part_url(len(tasks)), "entries", unit_size, source, None, storage_options, tuple(entries)))
+                continue
+            if not fs.exists(path):
+                raise IngestError(f"SOURCE {source!r} does not exist")
+            url = fs.unstrip_protocol(path)
+            if fs.isdir(path):
+                tasks.append(ListTask(part_url(len(tasks)), "top", unit_size, url, url if labels_from_folders else None, storage_options))
+            elif path.lower().endswith(LIST_SUFFIXES):
+                tasks.append(ListTask(part_url(len(tasks)), "list", unit_size, url, None, storage_options))
+            else:
+                info = fs.info(path)
+                with fs.open(path, "rb") as f:  # a permission problem shows up now, not as a rejected input later
+                    f.read(1)
+                entry = (kind_of(path), url, int(info.get("size") or 0), _version(info))
+                tasks.append(ListTask(part_url(len(tasks)), "entries", unit_size, source, None, storage_options, (entry,)))
+        except IngestError:
+            raise
+        except Exception as e:  # noqa: BLE001 - credentials, permissions, network: name the source, stop before work
+            raise IngestError(f"SOURCE {source!r} cannot be read: {type(e).__name__}: {e}") from None
+    return tasks
 
 
-def _expand_path(fs: fsspec.AbstractFileSystem, path: str, labels_from_folders: bool, storage_options: dict):
-    if fs.isdir(path):
-        root = path.rstrip("/")
-        out = []
-        for p in sorted(fs.find(root)):
-            rel = p[len(root) + 1 :].split("/")
-            cls = rel[0] if labels_from_folders and len(rel) > 1 else None
-            kind = _kind(p)
-            out.append((kind, fs.unstrip_protocol(p), cls if kind == "file" else None))
-        return out
-    kind = _kind(path)
-    if kind == "file" and path.lower().endswith(LIST_SUFFIXES):
-        return [("file", line, None) for line in _read_list(fs, path, storage_options)]
-    _probe(fs, path)
-    return [(kind, fs.unstrip_protocol(path), None)]
+def subfolder_tasks(top: ListTask, result: ListResult, part_url) -> list[ListTask]:
+    """The walks of a "top" task's sub-folders; `part_url(j)` names the j-th (from 1: the top's own part is 0)."""
+    return [ListTask(part_url(j), "tree", top.unit_size, url, top.label_root, top.storage_options)
+            for j, url in enumerate(result.subfolders, 1)]
 
 
-def _read_list(fs: fsspec.AbstractFileSystem, path: str, storage_options: dict) -> list[str]:
+def run_listing(task: ListTask, policy: RetryPolicy) -> ListResult:
+    fs, path = url_to_fs(task.path, task.storage_options)
+    subfolders: tuple[str, ...] = ()
+    if task.mode == "entries":
+        rows = [(k, u, None, s, v) for k, u, s, v in task.entries]
+    elif task.mode == "list":
+        rows = [("file", u, None, 0, "") for u in _read_list(fs, path, task.storage_options, policy)]
+    else:
+        if task.mode == "top":
+            listed = retry(lambda: fs.ls(path, detail=True), policy, f"list {task.path}")
+            infos = {i["name"]: i for i in listed if i.get("type") != "directory"}
+            subfolders = tuple(sorted(fs.unstrip_protocol(i["name"]) for i in listed if i.get("type") == "directory"))
+        else:
+            infos = retry(lambda: fs.find(path, detail=True), policy, f"list {task.path}")
+        root = url_to_fs(task.label_root, task.storage_options)[1].rstrip("/") if task.label_root else None
+        rows = [(kind_of(p), fs.unstrip_protocol(p), _class(p, root, kind_of(p)), int(info.get("size") or 0),
+                 _version(info)) for p, info in sorted(infos.items())]
+    digest = hashlib.sha256()
+    for kind, url, cls, size, version in rows:
+        digest.update(f"{kind}\t{url}\t{cls}\t{size}\t{version}\n".encode("utf-8", "surrogatepass"))
+    columns = list(zip(*rows)) if rows else [[] for _ in ENTRY_SCHEMA]
+    table = pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, ENTRY_SCHEMA)], schema=ENTRY_SCHEMA)
+    put_bytes(task.part_url, _parquet_bytes(table), task.storage_options)
+    classes = tuple(sorted({c for _, _, c, _, _ in rows if c is not None}))
+    units = cut_units([r[0] for r in rows], task.unit_size)
+    return ListResult(task.part_url, len(rows), digest.hexdigest(), units, classes, subfolders)
+
+
+def cut_units(kinds: list[str], unit_size: int) -> tuple[tuple[str, int, int], ...]:
+    """Runs of up to unit_size loose files; each archive or parquet file a unit of its own. Units depend on the
+    listing alone, never on the worker count: that is what makes output independent of --workers."""
+    units: list[tuple[str, int, int]] = []
+    start = None
+    for i, kind in enumerate(kinds):
+        if kind == "file":
+            if start is None:
+                start = i
+            if i + 1 - start == unit_size:
+                units.append(("files", start, i + 1))
+                start = None
+            continue
+        if start is not None:
+            units.append(("files", start, i))
+            start = None
+        units.append((kind, i, i + 1))
+    if start is not None:
+        units.append(("files", start, len(kinds)))
+    return tuple(units)
+
+
+def read_part_rows(part_url: str, start: int, end: int, storage_options: dict) -> list[dict]:
+    """Rows [start, end) of a listing part, reading only the row groups that hold them."""
+    fs, path = url_to_fs(part_url, storage_options)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        first, last = start // PART_ROW_GROUP, (end - 1) // PART_ROW_GROUP
+        table = pf.read_row_groups(list(range(first, last + 1)))
+    offset = first * PART_ROW_GROUP
+    return table.slice(start - offset, end - start).to_pylist()
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=PART_ROW_GROUP)
+    return sink.getvalue().to_pybytes()
+
+
+def _class(path: str, root: str | None, kind: str) -> str | None:
+    if root is None or kind != "file":
+        return None
+    rel = path[len(root) + 1 :].split("/")
+    return rel[0] if len(rel) > 1 else None
+
+
+def _version(info: dict) -> str:
+    """What changes when the object changes: the ETag on object stores, else the modification time."""
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return ""
+
+
+def _read_list(fs: fsspec.AbstractFileSystem, path: str, storage_options: dict, policy: RetryPolicy) -> list[str]:
     """Non-empty, non-comment lines; plain paths become absolute URLs so keys do not depend on the cwd."""
-    lines = fs.cat_file(path).decode("utf-8", errors="replace").splitlines()
+    lines = retry(lambda: fs.cat_file(path), policy, f"read {path}").decode("utf-8", errors="replace").splitlines()
     out = []
     for line in (raw.strip() for raw in lines):
         if line and not line.startswith("#"):
             item_fs, item_path = url_to_fs(line, storage_options)
             out.append(item_fs.unstrip_protocol(item_path))
     return out
-
-
-def _probe(fs: fsspec.AbstractFileSystem, path: str) -> None:
-    """Open and read one byte, so a permission problem shows up now rather than as a rejected input later."""
-    with fs.open(path, "rb") as f:
-        f.read(1)

@@ -1,8 +1,12 @@
 """Phase 1: read, clean and hash one unit; stage the cleaned samples (tar) and one row per input (parquet).
 
 The stage table holds every input of the unit in input order, kept candidates and rejections alike, with the
-hashes phase 2 needs to resolve duplicates across the whole run. The tar is published first and the table last,
-so a table on storage means a complete unit: a rerun after a kill redoes only units without one.
+hashes dedup needs. The tar is published first and the table last, so a table on storage means a complete unit:
+the task checks for it first and returns at once, so a rerun after a kill only pays for the units in flight.
+
+A transient fault while reading (after the fetch layer's own retries) restarts the unit from its first input,
+up to the retry policy's attempts; past that the task raises, and the engine quarantines the unit: no table is
+written, so the next run retries it.
 """
 
 from __future__ import annotations
@@ -10,17 +14,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.ingest.atomic import put_bytes
+from pipeline.ingest.atomic import put_bytes, url_to_fs
 from pipeline.ingest.clean import Rejected, clean_image
 from pipeline.ingest.config import CleanConfig
 from pipeline.ingest.layout import Layout
-from pipeline.ingest.readers import RawItem, read_unit
-from pipeline.ingest.sources import Unit
+from pipeline.ingest.readers import RawItem, ReadOptions, read_archive, read_files, read_parquet
+from pipeline.ingest.retry import TransientFailure, is_transient
+from pipeline.ingest.sources import read_part_rows
 from pipeline.ingest.writer import write_shard
 
 OK = "ok"
@@ -33,82 +39,116 @@ def key_for(source: str) -> str:
 
 @dataclass(frozen=True)
 class StageTask:
-    unit: Unit
+    unit: int
+    kind: str  # "files" | "archive" | "parquet"
+    part_url: str  # listing part holding the unit's rows
+    start: int  # rows [start, end) of the part
+    end: int
+    classes: tuple[str, ...]  # folder class names; a file's label is its class's index
     layout: Layout
     clean: CleanConfig
-    image_column: str | None
-    label_column: str | None
-    storage_options: dict
+    dedup: str
+    read: ReadOptions
 
 
-@dataclass(frozen=True)
-class StageResult:
-    unit: int
-    inputs: int
-
-
-def run_stage(task: StageTask) -> StageResult:
-    rows: list[dict] = []
-    samples: list[tuple[str, dict[str, bytes]]] = []
-    keys: set[str] = set()
-    items = read_unit(task.unit, task.clean.max_bytes, task.image_column, task.label_column, task.storage_options)
-    for item in items:
-        row = _process(item, task.clean)
-        if row["status"] == OK and row["key"] in keys:
-            row.update(status="duplicate_source", detail="same source identity listed twice")
-        if row["status"] == OK:
-            keys.add(row["key"])
-            samples.append((row["key"], row.pop("_parts")))
-        row.pop("_parts", None)
-        rows.append(row)
-    offsets = {}
-    if samples:
-        info = write_shard(task.layout.stage_tar(task.unit.index), samples, task.storage_options, write_index=False)
-        offsets = {key: {c.ext: (c.offset, c.size) for c in comps} for key, comps in zip(info.keys, info.components)}
-    for row in rows:
-        for ext in ("jpg", "json", "cls"):
-            row[f"{ext}_offset"], row[f"{ext}_size"] = offsets.get(row["key"], {}).get(ext, (-1, -1))
+def run_stage(task: StageTask) -> dict:
+    """Summary: {"inputs": rows in the stage table, "seconds": time spent (0 when already staged)}."""
+    start = time.perf_counter()
+    fs, table_path = url_to_fs(task.layout.stage_table(task.unit), task.read.storage_options)
+    if fs.exists(table_path):
+        with fs.open(table_path, "rb") as f:
+            return {"inputs": pq.ParquetFile(f).metadata.num_rows, "seconds": 0.0}
+    policy = task.read.policy
+    for attempt in range(policy.attempts):
+        try:
+            rows = _stage_unit(task)
+            break
+        except Exception as e:  # noqa: BLE001 - transient faults restart the unit; anything else propagates
+            if not is_transient(e):
+                raise
+            if attempt == policy.attempts - 1:
+                raise TransientFailure(f"unit {task.unit}", policy.attempts, e) from e
+            time.sleep(policy.delay(attempt))
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=STAGE_SCHEMA), buf)
-    put_bytes(task.layout.stage_table(task.unit.index), buf.getvalue(), task.storage_options)
-    return StageResult(task.unit.index, len(rows))
+    put_bytes(task.layout.stage_table(task.unit), buf.getvalue(), task.read.storage_options)
+    return {"inputs": len(rows), "seconds": round(time.perf_counter() - start, 3)}
 
 
-def _process(item: RawItem, cfg: CleanConfig) -> dict:
+def _stage_unit(task: StageTask) -> list[dict]:
+    """Clean every input, streaming the kept candidates into the stage tar (memory: one sample, not the unit);
+    returns one row per input, with where its members lie in the tar."""
+    rows: list[dict] = []
+
+    def samples():
+        keys: set[str] = set()
+        for item in _items(task):
+            row, parts = _process(item, task.clean, task.dedup)
+            if row["status"] == OK and row["key"] in keys:
+                row.update(status="duplicate_source", detail="same source identity listed twice")
+            rows.append(row)
+            if row["status"] == OK:
+                keys.add(row["key"])
+                yield row["key"], parts
+
+    info = write_shard(task.layout.stage_tar(task.unit), samples(), task.read.storage_options, write_index=False)
+    offsets = {key: [{"ext": c.ext, "offset": c.offset, "size": c.size} for c in comps]
+               for key, comps in zip(info.keys, info.components)}
+    for row in rows:
+        row["members"] = offsets.get(row["key"], []) if row["status"] == OK else []
+    return rows
+
+
+def _items(task: StageTask):
+    entries = read_part_rows(task.part_url, task.start, task.end, task.read.storage_options)
+    if task.kind == "files":
+        index = {c: i for i, c in enumerate(task.classes)}
+        return read_files([e["url"] for e in entries], [index.get(e["cls"], -1) for e in entries], task.read)
+    if task.kind == "archive":
+        return read_archive(entries[0]["url"], task.read)
+    return read_parquet(entries[0]["url"], task.read)
+
+
+def _process(item: RawItem, cfg: CleanConfig, dedup: str) -> tuple[dict, dict[str, bytes]]:
     row = {"key": key_for(item.source), "source": item.source, "label": item.label, "caption": item.caption,
            "status": OK, "detail": "", "width": 0, "height": 0, "bytes": 0, "sha256": "", "phash": 0,
            "pixel_hash": b""}
     if item.reject is not None:
         row["status"], row["detail"] = item.reject
-        return row
+        return row, {}
     try:
-        img = clean_image(item.data, cfg)
+        img = clean_image(item.data, cfg, dedup)
     except Rejected as r:
         row["status"], row["detail"] = r.reason, r.detail
-        return row
+        return row, {}
     except Exception as e:  # noqa: BLE001 - a Pillow bug on a hostile file must not end the run
         row["status"], row["detail"] = "decode_error", f"{type(e).__name__}: {e}"[:300]
-        return row
+        return row, {}
     sha = hashlib.sha256(img.jpeg).hexdigest()
     meta = {"key": row["key"], "source": item.source, "original_width": img.original_width,
-            "original_height": img.original_height, "width": img.width, "height": img.height, "sha256": sha,
-            "phash": f"{img.phash:016x}"}
+            "original_height": img.original_height, "width": img.width, "height": img.height, "sha256": sha}
+    if dedup == "near":
+        meta["phash"] = f"{img.phash:016x}"
     if item.caption is not None:
         meta["caption"] = item.caption
     if item.label >= 0:
         meta["label"] = item.label
+    if item.meta is not None:
+        meta["source_meta"] = item.meta
     parts = {"jpg": img.jpeg, "json": json.dumps(meta, ensure_ascii=False).encode()}
+    if item.caption is not None:
+        parts["txt"] = item.caption.encode("utf-8", "surrogatepass")
     if item.label >= 0:
         parts["cls"] = str(item.label).encode()
     row.update(width=img.width, height=img.height, bytes=len(img.jpeg), sha256=sha, phash=img.phash,
-               pixel_hash=img.pixel_hash, _parts=parts)
-    return row
+               pixel_hash=img.pixel_hash)
+    return row, parts
 
 
+MEMBER = pa.struct([("ext", pa.string()), ("offset", pa.int64()), ("size", pa.int64())])
 STAGE_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("label", pa.int64()), ("caption", pa.string()),
     ("status", pa.string()), ("detail", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("bytes", pa.int64()), ("sha256", pa.string()), ("phash", pa.uint64()), ("pixel_hash", pa.binary()),
-    ("jpg_offset", pa.int64()), ("jpg_size", pa.int64()), ("json_offset", pa.int64()), ("json_size", pa.int64()),
-    ("cls_offset", pa.int64()), ("cls_size", pa.int64()),
+    ("members", pa.list_(MEMBER)),
 ])

@@ -11,7 +11,6 @@ from skimage import data as skdata
 
 from pipeline.ingest.clean import Rejected, clean_image, target_size
 from pipeline.ingest.config import CleanConfig
-from pipeline.ingest.dedup import KEEP, Deduplicator
 from pipeline.ingest.phash import _DCT, hamming, phash
 
 
@@ -70,12 +69,3 @@ def test_phash_dct_matches_scipy_reference():
 
     thumb = np.random.default_rng(0).integers(0, 256, (32, 32)).astype(np.float64)
     assert np.allclose(_DCT @ thumb @ _DCT.T, dctn(thumb, type=2)[:8, :8])
-
-
-def test_near_dedup_finds_matches_within_threshold_only():
-    d = Deduplicator("near", near_threshold=3)
-    assert d.decide("a", "ok", "", b"1", 0).verdict == KEEP
-    assert d.decide("b", "ok", "", b"2", 0b111).verdict == "duplicate_near"
-    assert d.decide("c", "ok", "", b"3", 0b1111).verdict == KEEP
-    assert d.decide("d", "ok", "", b"1", 1 << 63).verdict == "duplicate_exact"
-    assert d.decide("a", "ok", "", b"9", 12345).verdict == "duplicate_source"

@@ -53,7 +53,8 @@ def test_every_input_gets_its_expected_verdict(corpus, clean_run):
     assert report["inputs"] == len(expected)
     assert report["kept"] + report["rejected"] + report["duplicates"] == report["inputs"]
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("shard-")) == [
-        "_ingest", "classes.json", "manifest.parquet", "rejects.parquet", "report.json"]
+        "_ingest", "classes.json", "manifest.parquet", "rejects.parquet", "report.json", "shards.parquet"]
+    assert [p.name for p in (out / "_ingest").iterdir()] == ["config.json"]
 
 
 def test_kept_samples_decode_everywhere_and_carry_metadata(clean_run):

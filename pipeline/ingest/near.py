@@ -1,0 +1,121 @@
+"""Near duplicates among 64-bit pHashes: banded LSH whose bands are pairs of blocks, checked by Hamming distance.
+
+Split the 64 bits into b = t + 2 blocks. Two hashes within Hamming distance t differ in at most t blocks, so at
+least two blocks agree exactly (pigeonhole): every such pair shares the key of at least one of the C(b, 2) bands
+(a band = the bits of two blocks). Recall is therefore 100% of brute force for distance <= t, by construction
+(bench/ingest_scale.py measures it anyway). For t = 4: 6 blocks of 10-11 bits, 15 bands of 21-22 bits. The cost is
+15 records per image in the shuffle plus the pairs that share a band key: about N / 2^21 random neighbours per
+band per record, so about 1 Hamming check per image per band at 30M images and 140 at 300M (vectorised: still
+seconds per million images), plus the true near-duplicate clusters.
+
+The rule every engine applies: a sample is a near duplicate when an EARLIER sample (lower input ordinal) lies
+within t bits of it; its winner is the earliest such sample. This is a property of each pair, so it can be
+decided band by band in any order and on any worker, and the result is the same: deterministic and independent
+of the number of workers.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+
+_NONE = np.iinfo(np.int64).max  # "no winner"
+_SMALL_GROUP = 64  # groups up to this size are compared by offsets; larger ones (skew) by dense blocks
+
+
+def bands(threshold: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """The band definitions for `threshold`: pairs of (lo, hi) bit ranges."""
+    blocks = threshold + 2
+    bounds = [(64 * i // blocks, 64 * (i + 1) // blocks) for i in range(blocks)]
+    return [(bounds[a], bounds[b]) for a, b in combinations(range(blocks), 2)]
+
+
+def band_keys(phash: np.ndarray, band: tuple[tuple[int, int], tuple[int, int]]) -> np.ndarray:
+    """uint64 key of each hash for one band: the band's bits, concatenated."""
+    (alo, ahi), (blo, bhi) = band
+    a = (phash >> np.uint64(alo)) & np.uint64((1 << (ahi - alo)) - 1)
+    b = (phash >> np.uint64(blo)) & np.uint64((1 << (bhi - blo)) - 1)
+    return (a << np.uint64(bhi - blo)) | b
+
+
+def earliest_neighbours(group: np.ndarray, phash: np.ndarray, ordinal: np.ndarray, threshold: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """For each record, the earliest other record of the same group within `threshold` bits that comes before it.
+
+    group: [N] int64 group id (band and key, hashed); phash: [N] uint64; ordinal: [N] int64, unique.
+    Returns (winner ordinal [N] int64, _NONE where none; winner index [N] int64 into the inputs, -1 where none).
+    """
+    n = len(group)
+    winner, windex = np.full(n, _NONE, np.int64), np.full(n, -1, np.int64)
+    if n == 0:
+        return winner, windex
+    order = np.lexsort((ordinal, phash, group))
+    g, h, o = group[order], phash[order], ordinal[order]
+    # Identical hashes in a group collapse to one value, represented by its earliest record.
+    first = np.ones(n, bool)
+    first[1:] = (g[1:] != g[:-1]) | (h[1:] != h[:-1])
+    value = np.cumsum(first) - 1  # value id of each sorted record
+    vpos = np.flatnonzero(first)  # sorted position of each value's earliest record
+    vg, vh, vo = g[vpos], h[vpos], o[vpos]
+    best, bval = _value_neighbours(vg, vh, vo, threshold)  # per value: earliest OTHER value within threshold
+    # Later records of a value have its earliest record (distance 0) as a candidate too.
+    cand_o, cand_p = best[value], vpos[np.maximum(bval[value], 0)]
+    later = ~first
+    own = vo[value]
+    take_own = later & (own < cand_o)
+    cand_o = np.where(take_own, own, cand_o)
+    cand_p = np.where(take_own, vpos[value], cand_p)
+    valid = cand_o < o
+    winner[order] = np.where(valid, cand_o, _NONE)
+    windex[order] = np.where(valid, order[np.maximum(cand_p, 0)], -1)
+    return winner, windex
+
+
+def _value_neighbours(g: np.ndarray, h: np.ndarray, o: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per distinct value (sorted by group): min ordinal among the other values of its group within threshold
+    bits, and which value that is (-1: none)."""
+    m = len(g)
+    best, bidx = np.full(m, _NONE, np.int64), np.full(m, -1, np.int64)
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    sizes = np.diff(np.r_[starts, m])
+    pos = np.arange(m) - np.repeat(starts, sizes)  # position within the group
+    size = np.repeat(sizes, sizes)
+    small = size <= _SMALL_GROUP
+    for j in range(1, int(min(sizes.max(), _SMALL_GROUP))):
+        i = np.flatnonzero(small & (pos + j < size))
+        if len(i) == 0:
+            break
+        k = i + j
+        near = np.bitwise_count(h[i] ^ h[k]) <= threshold
+        i, k = i[near], k[near]
+        _improve(best, bidx, i, o[k], k)
+        _improve(best, bidx, k, o[i], i)
+    for s, z in zip(starts[sizes > _SMALL_GROUP], sizes[sizes > _SMALL_GROUP]):
+        _dense(best, bidx, h, o, s, z, threshold)
+    return best, bidx
+
+
+def _improve(best: np.ndarray, bidx: np.ndarray, at: np.ndarray, ords: np.ndarray, src: np.ndarray) -> None:
+    """best[at] = min(best[at], ords), with duplicates in `at` resolved to the minimum."""
+    if len(at) == 0:
+        return
+    order = np.lexsort((ords, at))
+    at, ords, src = at[order], ords[order], src[order]
+    head = np.r_[True, at[1:] != at[:-1]]
+    at, ords, src = at[head], ords[head], src[head]
+    better = ords < best[at]
+    best[at[better]], bidx[at[better]] = ords[better], src[better]
+
+
+def _dense(best, bidx, h, o, start: int, size: int, threshold: int, block: int = 2048) -> None:
+    """All pairs of one large group, a block of rows at a time (memory block x size)."""
+    hs, os_ = h[start : start + size], o[start : start + size]
+    for r in range(0, size, block):
+        rows = np.arange(r, min(r + block, size))
+        near = np.bitwise_count(hs[rows, None] ^ hs[None, :]) <= threshold
+        near[np.arange(len(rows)), rows] = False
+        masked = np.where(near, os_[None, :], _NONE)
+        col = masked.argmin(axis=1)
+        val = masked[np.arange(len(rows)), col]
+        _improve(best, bidx, start + rows, val, start + col)

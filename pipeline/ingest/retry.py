@@ -1,0 +1,96 @@
+"""Transient faults (connection resets, timeouts, S3 5xx and SlowDown, HTTP 5xx/429) retried with backoff.
+
+What is transient is decided by the exception's type, never by the data: a fault of the network or of the store
+may go away on the next attempt, a corrupt byte will not. Deterministic faults (a missing file, a 403, an archive
+or parquet file that does not parse, an image that does not decode) are not retried: they become rejects.
+A transient fault that outlasts every attempt raises TransientFailure; the unit it happened in is then quarantined
+(not staged, reported, retried by a rerun) rather than rejected, so a bad minute of the network loses no data.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import random
+import socket
+import time
+import urllib.error
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+# OSError subclasses that say something about the object, not the connection: retrying cannot help.
+_PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+_PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EINVAL}
+
+
+class TransientFailure(Exception):
+    """A transient fault that persisted through every attempt; `reason` names it for the quarantine list."""
+
+    def __init__(self, what: str, attempts: int, error: BaseException):
+        super().__init__(f"{what}: {attempts} attempts, last {type(error).__name__}: {error}"[:500])
+        self.reason = f"{type(error).__name__}: {error}"[:300]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5  # tries per read, the first included
+    base_delay_s: float = 0.5  # first backoff; doubles per attempt, with full jitter, capped at max_delay_s
+    max_delay_s: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2**attempt))
+
+
+def http_status(error: BaseException) -> int | None:
+    """The HTTP status an exception carries (urllib's HTTPError, aiohttp's ClientResponseError), or None."""
+    for name in ("code", "status"):
+        value = getattr(error, name, None)
+        if isinstance(value, int) and 100 <= value < 600:
+            return value
+    return None
+
+
+def is_transient(error: BaseException) -> bool:
+    status = http_status(error)
+    if status is not None:
+        return status >= 500 or status in (408, 429)
+    if isinstance(error, TransientFailure):
+        return False  # already retried where it happened: retrying around it again would multiply the attempts
+    if isinstance(error, _PERMANENT_OS_ERRORS):
+        return False
+    if isinstance(error, (TimeoutError, socket.timeout, ConnectionError, http.client.IncompleteRead,
+                          http.client.RemoteDisconnected)):
+        return True
+    if isinstance(error, urllib.error.URLError):
+        # DNS failures and refused connections of a web server are how dead links look: permanent for that URL.
+        return isinstance(error.reason, (TimeoutError, socket.timeout, ConnectionResetError))
+    if isinstance(error, OSError):
+        # s3fs maps 5xx / SlowDown to OSError(EBUSY / EREMOTEIO) and unknown service errors to a bare OSError.
+        return error.errno not in _PERMANENT_ERRNOS
+    return _is_client_library_transient(error)
+
+
+def _is_client_library_transient(error: BaseException) -> bool:
+    """aiohttp / botocore connection-level errors, matched by module so neither library must be importable."""
+    module = type(error).__module__ or ""
+    if module.startswith("aiohttp"):
+        return True  # ClientResponseError was handled by its status above; the rest are connection faults
+    if module.startswith("botocore"):
+        return any(n in type(error).__name__ for n in ("Connection", "Timeout", "HTTPClientError", "ReadTimeout"))
+    return False
+
+
+def retry(fn: Callable[[], T], policy: RetryPolicy, what: str) -> T:
+    """fn() with up to policy.attempts tries on transient faults; a permanent fault is raised at once."""
+    for attempt in range(policy.attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified below, never swallowed
+            if not is_transient(e):
+                raise
+            if attempt == policy.attempts - 1:
+                raise TransientFailure(what, policy.attempts, e) from e
+            time.sleep(policy.delay(attempt))
+    raise AssertionError("unreachable")
