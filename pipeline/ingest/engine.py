@@ -43,6 +43,7 @@ from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.dedup import DedupMapTask, DedupReduceTask, run_map, run_reduce
 from pipeline.ingest.executor import Engine, Failed, Resources
 from pipeline.ingest.layout import Layout
+from pipeline.ingest.near import bands
 from pipeline.ingest.preflight import check_output, write_config
 from pipeline.ingest.readers import ReadOptions
 from pipeline.ingest.report import build_report
@@ -56,8 +57,6 @@ log = logging.getLogger(__name__)
 # Test hook: "PHASE:N" SIGKILLs this process group after N completed tasks of that phase (list, stage, map,
 # reduce, resolve, shard).
 KILL_HOOK_ENV = "CANVIT_INGEST_TEST_KILL_AFTER"
-GROUP_INPUTS = 250_000  # inputs per dedup map / resolve task: ~4M shuffle records with --dedup near
-BUCKET_RECORDS = 4_000_000  # shuffle records per reduce task (~200 MB of arrays)
 CHECKPOINT_S = 60.0  # how often a running phase's summaries are saved (a kill costs at most this much re-checking)
 # Memory each task asks Ray for (MB): what it holds at its peak, with room for Python and Pillow.
 _RESOURCES = {"list": Resources(1, 1024), "stage": Resources(1, 1536), "map": Resources(1, 2048),
@@ -122,9 +121,10 @@ def _run_phases(run: "_Run", listing: list[ListTask], fingerprint: str, start: f
     plan = _list(run, listing, policy)
     inputs = run.phase("stage", run_stage, _stage_tasks(plan, cfg, layout, policy), len(plan.unit_kind),
                        ("inputs", "seconds"), progress="inputs")["inputs"]
-    group_starts = _groups(inputs)
-    records = int(inputs.sum()) * (1 + (cfg.dedup != "none") + (15 if cfg.dedup == "near" else 0))
-    buckets = max(1, -(-records // BUCKET_RECORDS))
+    group_starts = _groups(inputs, cfg.group_inputs)
+    per_input = 1 + (cfg.dedup != "none") + (len(bands(cfg.near_threshold)) if cfg.dedup == "near" else 0)
+    records = int(inputs.sum()) * per_input
+    buckets = max(1, -(-records // cfg.bucket_records))
     groups = [(g, int(a), int(b)) for g, (a, b) in enumerate(zip(group_starts, [*group_starts[1:], len(inputs)]))]
     so = cfg.storage_options
     run.phase("map", run_map, ((g, DedupMapTask(g, a, b, buckets, cfg.dedup, cfg.near_threshold, layout, so))
@@ -300,11 +300,11 @@ def _stage_tasks(plan: Plan, cfg: IngestConfig, layout: Layout, policy: RetryPol
                            int(plan.unit_end[u]), plan.classes, layout, cfg.clean, cfg.dedup, read)
 
 
-def _groups(inputs: np.ndarray) -> np.ndarray:
-    """First unit of each dedup group: contiguous units of about GROUP_INPUTS inputs (a bigger unit alone)."""
+def _groups(inputs: np.ndarray, group_inputs: int) -> np.ndarray:
+    """First unit of each dedup group: contiguous units of about group_inputs inputs (a bigger unit alone)."""
     starts, total = [0], 0
     for u, n in enumerate(inputs):
-        if total and total + n > GROUP_INPUTS:
+        if total and total + n > group_inputs:
             starts.append(u)
             total = 0
         total += int(n)

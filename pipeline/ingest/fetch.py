@@ -13,6 +13,7 @@ while a web URL gets the reject "download_failed": a dead web server is the web'
 
 from __future__ import annotations
 
+import http.client
 import urllib.request
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -78,8 +79,13 @@ def _http_get(url: str, max_bytes: int) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
         data = response.read(max_bytes + 1)
+        expected = response.headers.get("Content-Length")
     if len(data) > max_bytes:
         raise _TooLarge(f"more than {max_bytes} bytes")
+    # read(n) returns what arrived before a dropped connection without complaint: a cut body must be retried,
+    # not decoded as a truncated image (which would be a permanent reject).
+    if expected is not None and expected.isdigit() and len(data) < int(expected):
+        raise http.client.IncompleteRead(data, int(expected) - len(data))
     return data
 
 

@@ -154,13 +154,18 @@ def _group_samples(url: str, members: Iterator[tuple[str, bytes | None, tuple[st
                    ) -> Iterator[RawItem]:
     group: list[tuple[str, str, bytes | None, tuple[str, str] | None]] = []
     key = None
-    for name, data, reject in members:
-        k, ext = _split_key(name)
-        if group and k != key:
+    try:
+        for name, data, reject in members:
+            k, ext = _split_key(name)
+            if group and k != key:
+                yield from _sample_items(url, key, group)
+                group = []
+            key = k
+            group.append((name, ext, data, reject))
+    except _CORRUPT:
+        if group:  # the members read before the corruption are kept
             yield from _sample_items(url, key, group)
-            group = []
-        key = k
-        group.append((name, ext, data, reject))
+        raise
     if group:
         yield from _sample_items(url, key, group)
 

@@ -81,19 +81,26 @@ def test_source_jpeg_within_limits_is_copied_byte_for_byte(corpus, clean_run):
 
 
 def test_near_duplicates_dropped_with_dedup_near(corpus, tmp_path):
+    """--dedup near, and the same verdicts and shards whatever the split into units, dedup groups and buckets."""
     _root, sources, expected = corpus
     run_ingest(IngestConfig(sources=tuple(sources), output=str(tmp_path / "near"), workers=1, dedup="near", quiet=True))
     got = _by_suffix(verdicts(tmp_path / "near"), expected)
     assert got["dump/chelsea_recompressed.jpg"] == "duplicate_near"
     assert got["dump/chelsea.png"] == KEEP
+    report = run_ingest(IngestConfig(sources=tuple(sources), output=str(tmp_path / "split"), workers=1, dedup="near",
+                                     unit_size=3, group_inputs=4, bucket_records=9, quiet=True))
+    assert report["shards"] == 1 and len(list((tmp_path / "split/rejects.parquet").iterdir())) > 3  # many groups
+    assert verdicts(tmp_path / "split") == verdicts(tmp_path / "near")
+    assert shard_contents(tmp_path / "split") == shard_contents(tmp_path / "near")
 
 
 def test_two_workers_give_identical_shards(corpus, clean_run, tmp_path):
     _root, sources, _expected = corpus
     out, _report = clean_run
     run_ingest(IngestConfig(sources=tuple(sources), output=str(tmp_path / "w2"), workers=2, samples_per_shard=5,
-                            unit_size=4, quiet=True))
+                            unit_size=4, group_inputs=6, bucket_records=5, quiet=True))
     assert shard_contents(tmp_path / "w2") == shard_contents(out)
+    assert verdicts(tmp_path / "w2") == verdicts(out)
 
 
 def test_rerun_is_noop_and_mismatched_arguments_are_refused(corpus, clean_run, tmp_path):

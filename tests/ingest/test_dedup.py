@@ -1,0 +1,53 @@
+"""Near dedup (LSH bands + Hamming check) against brute force, and the bucket mix used by the shuffle."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.ingest.dedup import _bucket
+from pipeline.ingest.near import _NONE, band_keys, bands, earliest_neighbours
+
+
+def _brute_force(phash: np.ndarray, ordinal: np.ndarray, threshold: int) -> np.ndarray:
+    """Earliest earlier record within threshold bits, by comparing every pair."""
+    out = np.full(len(phash), _NONE, np.int64)
+    for i in range(len(phash)):
+        near = (np.bitwise_count(phash ^ phash[i]) <= threshold) & (ordinal < ordinal[i])
+        if near.any():
+            out[i] = ordinal[near].min()
+    return out
+
+
+def _lsh(phash: np.ndarray, ordinal: np.ndarray, threshold: int) -> np.ndarray:
+    """What the reduce tasks compute, all buckets together: the earliest winner over every band."""
+    best = np.full(len(phash), _NONE, np.int64)
+    for b, band in enumerate(bands(threshold)):
+        group = band_keys(phash, band).astype(np.int64) * len(bands(threshold)) + b
+        winner, index = earliest_neighbours(group, phash, ordinal, threshold)
+        found = index >= 0
+        assert (ordinal[index[found]] == winner[found]).all()  # the index points at the winner
+        best = np.minimum(best, winner)
+    return best
+
+
+def test_lsh_finds_every_near_pair_brute_force_finds():
+    rng = np.random.default_rng(0)
+    n, threshold = 4000, 4
+    phash = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64) << np.uint64(1)
+    for i in rng.choice(n, 1500, replace=False):  # planted near duplicates at every distance 0..threshold+1
+        flips = rng.choice(64, rng.integers(0, threshold + 2), replace=False)
+        phash[i] = phash[rng.integers(0, n)] ^ np.bitwise_or.reduce(np.uint64(1) << flips.astype(np.uint64))
+    # One cluster of hundreds of distinct values sharing band keys (skew: the dense path of near.py).
+    two_bits = (np.uint64(1) << rng.integers(0, 64, 600).astype(np.uint64)) | \
+        (np.uint64(1) << rng.integers(0, 64, 600).astype(np.uint64))
+    phash[:600] = phash[0] ^ two_bits
+    ordinal = rng.permutation(n).astype(np.int64) * 3
+    want = _brute_force(phash, ordinal, threshold)
+    assert (want < _NONE).sum() > 1000
+    np.testing.assert_array_equal(_lsh(phash, ordinal, threshold), want)
+
+
+def test_bucket_mix_spreads_short_band_keys():
+    keys = np.arange(4096, dtype=np.uint64)  # band keys with few bits: a plain modulo would fill few buckets
+    counts = np.bincount(_bucket(np.full(4096, 2, np.int64), keys, np.zeros(4096, np.uint64), 16), minlength=16)
+    assert counts.min() > 4096 / 16 / 2

@@ -1,0 +1,130 @@
+"""Transient faults are retried and lose nothing; a unit that keeps failing is quarantined and retried by a rerun;
+only deterministic content faults become rejects. Also the web-dump sources: url + caption parquet (downloaded by
+threads) and WebDataset tars (txt / json / cls carried into the output sample).
+
+The faults come from a loopback server (faults.py) in front of real clients: urllib for web URLs, s3fs and
+botocore for the moto S3 server. Runs are in-process with 1 worker and a short backoff, to stay cheap.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from PIL import Image
+
+from pipeline.ingest import fetch
+from pipeline.ingest.config import IngestConfig
+from pipeline.ingest.engine import QuarantineError, run_ingest
+from tests.ingest.faults import FaultServer
+from tests.ingest.helpers import check_readable, shard_contents, verdicts
+
+
+def _jpeg(i: int) -> bytes:
+    rng = np.random.default_rng(i)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((96 + i, 80)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _cfg(sources, out, **kw) -> IngestConfig:
+    return IngestConfig(sources=tuple(str(s) for s in sources), output=str(out), workers=1, quiet=True, retries=3, retry_base_s=0.01,
+                        **kw)
+
+
+def _samples_by_source(out) -> dict[str, dict[str, bytes]]:
+    return {json.loads(p["json"])["source"]: p for p in shard_contents(out).values()}
+
+
+def test_url_caption_parquet_and_url_list_through_web_faults(tmp_path, monkeypatch):
+    monkeypatch.setattr(fetch, "HTTP_TIMEOUT_S", 1.0)
+    files = {f"/img/{i}.jpg": _jpeg(i) for i in range(12)}
+    with FaultServer(files, slow_s=1.5) as web:
+        urls = [f"{web.url}/img/{i}.jpg" for i in range(10)] + [f"{web.url}/img/missing.jpg", f"{web.url}/img/dead.jpg"]
+        pq.write_table(pa.table({"url": urls, "caption": [f"caption {i}" for i in range(12)],
+                                 "id": [f"r{i}" for i in range(12)]}), tmp_path / "laion.parquet")
+        (tmp_path / "more.txt").write_text(f"{web.url}/img/10.jpg\n{web.url}/img/11.jpg\n")
+        for path, faults in {"/img/0.jpg": ["503", "503"], "/img/1.jpg": ["reset", "reset"], "/img/2.jpg": ["cut"],
+                             "/img/3.jpg": ["slow"], "/img/10.jpg": ["reset"], "/img/dead.jpg": ["503"] * 100}.items():
+            web.fail(path, faults)
+        report = run_ingest(_cfg([tmp_path / "laion.parquet", tmp_path / "more.txt"], tmp_path / "out",
+                                 download_threads=4))
+        assert web.requests["/img/0.jpg"] == 3 and web.requests["/img/dead.jpg"] == 3  # retried, then given up
+    got = verdicts(tmp_path / "out")
+    rejected = {s: v for s, v in got.items() if v != "keep"}
+    parquet = str(tmp_path / "laion.parquet")
+    assert rejected == {f"file://{parquet}#id=r10": "http_404", f"file://{parquet}#id=r11": "download_failed"}
+    assert report["kept"] == 12
+    samples = _samples_by_source(tmp_path / "out")
+    first = samples[f"file://{parquet}#id=r0"]
+    assert first["txt"] == b"caption 0" and json.loads(first["json"])["source_meta"]["url"] == urls[0]
+    assert samples[f"{web.url}/img/10.jpg"]["jpg"] == files["/img/10.jpg"]  # a JPEG within limits is copied
+
+
+def _wds_tar(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_s3_faults_retried_quarantined_then_rerun_loses_nothing(s3_server, s3_bucket, tmp_path, monkeypatch):
+    # Our retries, not the client's: s3fs and botocore retry a failed request once at most here.
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
+    raw = fsspec.filesystem("s3")
+    bucket = s3_bucket.removeprefix("s3://")
+    for i in range(12):
+        raw.pipe(f"{bucket}/dump/img{i:02d}.jpg", _jpeg(i))
+    wds = [("00000/000000000", {"jpg": _jpeg(20), "txt": b"a red thing", "json": b'{"url": "http://x/0", "w": 1}',
+                                "cls": b"3"}),
+           ("00000/000000001", {"jpg": _jpeg(21), "txt": "un chat \u00e9".encode()}),
+           ("00000/000000002", {"txt": b"a caption whose image failed to download"}),
+           ("00000/000000003", {"png": _encode_png(22), "json": b"not json"})]
+    raw.pipe(f"{bucket}/web/part-0.tar", _wds_tar(wds))
+    raw.pipe(f"{bucket}/web/part-1.tar", _wds_tar([("k0", {"jpg": _jpeg(23)}), ("k1", {"jpg": _jpeg(24)})])[:3000])
+    with FaultServer(upstream=s3_server.endpoint_url) as proxy:
+        so = {"client_kwargs": {"endpoint_url": proxy.url},
+              "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+        sources = [f"{s3_bucket}/dump", f"{s3_bucket}/web/*.tar"]
+        cfg = _cfg(sources, tmp_path / "out", unit_size=4, storage_options=so)
+        proxy.fail(f"/{bucket}/dump/img01.jpg", ["503"] * 3)  # outlasts the client's retry, not ours
+        proxy.fail(f"/{bucket}/web/part-0.tar", ["reset"] * 3)  # the archive is re-read from the start
+        proxy.fail(f"/{bucket}/dump/img09.jpg", ["503"] * 1000)  # an outage: unit 2 cannot be read
+        with pytest.raises(QuarantineError, match=r"stage 2: TransientFailure.*img09") as info:
+            run_ingest(cfg)
+        assert [i for i, _ in info.value.failures] == [2]
+        staged = {p.name for p in (tmp_path / "out/_ingest/stage").iterdir()}
+        assert {"unit-00000000.parquet", "unit-00000001.parquet", "unit-00000003.parquet"} <= staged  # went on
+        assert "unit-00000002.parquet" not in staged and not (tmp_path / "out/report.json").exists()
+        proxy.clear()
+        report = run_ingest(cfg)
+    got = verdicts(tmp_path / "out")
+    rejected = {s.removeprefix(f"{s3_bucket}/web/"): v for s, v in got.items() if v != "keep"}
+    assert rejected == {"part-0.tar::00000/000000002": "no_image", "part-1.tar::": "corrupt_archive"}
+    assert report["kept"] == 12 + 3 + 1  # every loose file, three WebDataset images, what preceded the corruption
+    samples = _samples_by_source(tmp_path / "out")
+    first = samples[f"{s3_bucket}/web/part-0.tar::00000/000000000.jpg"]
+    meta = json.loads(first["json"])
+    assert (first["txt"], first["cls"], meta["caption"], meta["source_meta"]) == (
+        b"a red thing", b"3", "a red thing", {"url": "http://x/0", "w": 1})
+    assert samples[f"{s3_bucket}/web/part-0.tar::00000/000000001.jpg"]["txt"] == "un chat \u00e9".encode()
+    assert json.loads(samples[f"{s3_bucket}/web/part-0.tar::00000/000000003.png"]["json"])["source_meta"] == {
+        "unparsed": "not json"}
+    check_readable(tmp_path / "out")
+
+
+def _encode_png(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(_jpeg(i))).save(buf, "PNG")
+    return buf.getvalue()
