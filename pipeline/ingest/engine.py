@@ -95,13 +95,14 @@ def run_ingest(cfg: IngestConfig) -> dict:
     # Sources are checked first: a missing one fails the run before anything is written anywhere.
     listing = expand_sources(cfg.sources, cfg.labels_from_folders, cfg.unit_size, cfg.storage_options,
                              layout.list_part)
+    engine = start_engine(cfg.engine, cfg.workers, cfg.ray_address, layout.output, cfg.sources, cfg.storage_options)
     check_output(layout, fingerprint, cfg.overwrite, cfg.storage_options)
     fs, _ = url_to_fs(layout.output, cfg.storage_options)
     done = _finished_report(fs, layout)
     if done is not None and done.get("fingerprint") == fingerprint:
         log.info("output %s is already complete", layout.output)
+        engine.close()
         return done
-    engine = start_engine(cfg.engine, cfg.workers, cfg.ray_address, layout.output, cfg.sources, cfg.storage_options)
     write_config(layout, fingerprint, cfg.public_dict(), cfg.storage_options)
     try:
         report = _run_phases(_Run(cfg, layout, engine, fs), listing, fingerprint, start)
