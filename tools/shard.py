@@ -5,6 +5,8 @@
 
 SOURCE and URL are local paths or fsspec URLs; credentials and endpoints come from the standard AWS environment,
 plus --storage-options JSON. Library: pipeline.ingest.engine.run_ingest.
+Exit status: 0 done; 2 refused before any work (the message names the culprit); 3 some tasks were quarantined
+after their retries (listed; everything else is saved; rerun the same command to retry them).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import sys
 
 from pipeline.ingest.config import CleanConfig, IngestConfig
-from pipeline.ingest.engine import run_ingest
+from pipeline.ingest.engine import QuarantineError, run_ingest
 from pipeline.ingest.report import format_table
 from pipeline.ingest.sources import IngestError
 
@@ -45,7 +47,11 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
     p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--keep-staging", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="log lines per task instead of a progress bar")
+    p.add_argument("--quiet", action="store_true", help="log lines instead of progress bars")
+    p.add_argument("--download-threads", type=int, default=IngestConfig.download_threads,
+                   help="concurrent fetches of loose files and URLs per task")
+    p.add_argument("--retries", type=int, default=IngestConfig.retries,
+                   help="attempts per read on a transient fault (then the unit is quarantined until a rerun)")
     a = p.parse_args(argv)
     clean = CleanConfig(a.min_side, a.max_aspect, a.max_pixels, a.max_bytes, a.max_shorter_side, a.quality, a.reencode)
     return IngestConfig(
@@ -53,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
         unit_size=a.unit_size, dedup=a.dedup, near_threshold=a.near_threshold,
         labels_from_folders=a.labels_from_folders, image_column=a.image_column, label_column=a.label_column,
         workers=a.workers, engine=a.engine, ray_address=a.ray_address, storage_options=a.storage_options,
-        overwrite=a.overwrite, keep_staging=a.keep_staging, quiet=a.quiet,
+        overwrite=a.overwrite, keep_staging=a.keep_staging, quiet=a.quiet, download_threads=a.download_threads,
+        retries=a.retries,
     )
 
 
@@ -62,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         report = run_ingest(cfg)
+    except QuarantineError as e:  # the run went as far as it could; a rerun retries the quarantined tasks
+        print(f"shard.py: {e}", file=sys.stderr)
+        return 3
     except IngestError as e:
         print(f"shard.py: error: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,9 @@ Records for --dedup none are the source keys only; no pixel hash or pHash was co
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +33,7 @@ SOURCE, EXACT, NEAR = 0, 1, 2  # record kinds; also the precedence of verdicts (
 VERDICTS = {SOURCE: "duplicate_source", EXACT: "duplicate_exact", NEAR: "duplicate_near"}
 RECORD_SCHEMA = pa.schema([("kind", pa.int16()), ("k1", pa.uint64()), ("k2", pa.uint64()), ("ordinal", pa.int64()),
                            ("phash", pa.uint64()), ("key", pa.binary(10))])
+_READ_THREADS = 16
 LOSER_SCHEMA = pa.schema([("ordinal", pa.int64()), ("kind", pa.int8()), ("winner", pa.int64()),
                           ("winner_key", pa.binary(10))])
 
@@ -61,8 +64,8 @@ def run_map(task: DedupMapTask) -> dict:
     if done is not None:
         return done
     units, rows, keys, pixel, phash = [], [], [], [], []
-    for unit in range(task.first_unit, task.end_unit):
-        table = read_stage(task.layout, unit, ["key", "status", "pixel_hash", "phash"], task.storage_options)
+    columns = ["key", "status", "pixel_hash", "phash"]
+    for unit, table in read_stages(task.layout, range(task.first_unit, task.end_unit), columns, task.storage_options):
         ok = np.asarray(table.column("status").to_numpy(zero_copy_only=False) == "ok")
         idx = np.flatnonzero(ok)
         units.append(np.full(len(idx), unit, np.int64))
@@ -144,20 +147,30 @@ def run_reduce(task: DedupReduceTask) -> dict:
                  task.storage_options)
 
 
-def read_losers(layout: Layout, group: int, storage_options: dict) -> dict[int, tuple[int, int, bytes]]:
-    """ordinal -> (verdict kind, winner ordinal, winner key) for one group, merged over buckets (strongest first)."""
+def read_losers(layout: Layout, group: int, storage_options: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One group's losing inputs, merged over buckets (strongest verdict, then earliest winner), sorted by ordinal:
+    (ordinal [L] int64, verdict kind [L] int8, winner key [L] hex str objects)."""
     table = _read_folder(layout.dedup_group(group), LOSER_SCHEMA, storage_options)
-    out: dict[int, tuple[int, int, bytes]] = {}
-    for o, kind, w, key in zip(*(table.column(c).to_pylist() for c in ("ordinal", "kind", "winner", "winner_key"))):
-        if o not in out or (kind, w) < out[o][:2]:
-            out[o] = (kind, w, key)
-    return out
+    ords, kind, winner = (table.column(c).to_numpy() for c in ("ordinal", "kind", "winner"))
+    order = np.lexsort((winner, kind, ords))
+    head = np.r_[True, ords[order][1:] != ords[order][:-1]][: len(order)]
+    order = order[head]
+    keys = np.asarray([k.hex() for k in table.column("winner_key").take(pa.array(order, pa.int64())).to_pylist()],
+                      dtype=object)
+    return ords[order], kind[order], keys
 
 
-def read_stage(layout: Layout, unit: int, columns: list[str] | None, storage_options: dict) -> pa.Table:
-    fs, path = url_to_fs(layout.stage_table(unit), storage_options)
-    with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).read(columns=columns)  # not pq.read_table: that imports pyarrow.dataset
+def read_stages(layout: Layout, units: range, columns: list[str] | None, storage_options: dict
+                ) -> Iterator[tuple[int, pa.Table]]:
+    """(unit, stage table) for each unit in order, read by a pool of threads: a group is up to a thousand small
+    objects, and one GET at a time would leave the task waiting on latency."""
+    def read(unit: int) -> pa.Table:
+        fs, path = url_to_fs(layout.stage_table(unit), storage_options)
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).read(columns=columns)  # not pq.read_table: that imports pyarrow.dataset
+
+    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+        yield from zip(units, pool.map(read, units))
 
 
 def _take(column: pa.ChunkedArray, idx: np.ndarray) -> list:

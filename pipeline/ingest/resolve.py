@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 
 from pipeline.ingest.atomic import put_table
-from pipeline.ingest.dedup import VERDICTS, read_losers, read_stage
+from pipeline.ingest.dedup import VERDICTS, read_losers, read_stages
 from pipeline.ingest.done import mark_done, read_done
 from pipeline.ingest.layout import Layout
 from pipeline.ingest.stage import MEMBER, OK
@@ -27,6 +29,8 @@ RESOLVED_SCHEMA = pa.schema([
     ("height", pa.int32()), ("bytes", pa.int64()), ("sha256", pa.string()), ("phash", pa.uint64()),
     ("source", pa.string()), ("label", pa.int64()), ("caption", pa.string()),
 ])
+STAGE_COLUMNS = ("key", "members", "width", "height", "bytes", "sha256", "phash", "source", "label", "caption", "status",
+                 "detail")
 REJECTS_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
                             ("key", pa.string())])
 
@@ -41,28 +45,36 @@ class ResolveTask:
 
 
 def run_resolve(task: ResolveTask) -> dict:
-    """Summary: {"kept": int, "verdicts": {verdict: count}}."""
+    """Summary: {"kept": int, "verdicts": {verdict: count}}. Columnar (Arrow and numpy), no Python per input."""
     done = read_done(task.layout, "resolve", task.group, task.storage_options)
     if done is not None:
         return done
-    losers = read_losers(task.layout, task.group, task.storage_options)
-    kept: list[dict] = []
-    rejects: list[dict] = []
-    verdicts: Counter = Counter()
-    for unit in range(task.first_unit, task.end_unit):
-        for row_index, row in enumerate(read_stage(task.layout, unit, None, task.storage_options).to_pylist()):
-            verdict, detail = row["status"], row["detail"]
-            if verdict == OK:
-                lost = losers.get((unit << 32) | row_index)
-                verdict, detail = (KEEP, "") if lost is None else (VERDICTS[lost[0]], lost[2].hex())
-            verdicts[verdict] += 1
-            if verdict == KEEP:
-                kept.append({"unit": unit, **{k: row[k] for k in RESOLVED_SCHEMA.names if k != "unit"}})
-            else:
-                rejects.append({"source": row["source"], "reason": verdict, "detail": detail, "key": row["key"]})
-    put_table(task.layout.resolved(task.group), pa.Table.from_pylist(kept, schema=RESOLVED_SCHEMA),
-              task.storage_options, row_group_size=RESOLVED_ROW_GROUP)
-    put_table(task.layout.rejects_part(task.group), pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA),
-              task.storage_options)
-    return mark_done(task.layout, "resolve", task.group, {"kept": len(kept), "verdicts": dict(verdicts)},
-                     task.storage_options)
+    lost_ord, lost_kind, lost_key = read_losers(task.layout, task.group, task.storage_options)
+    kept, rejects, verdicts = [], [], Counter()
+    units = range(task.first_unit, task.end_unit)
+    for unit, table in read_stages(task.layout, units, list(STAGE_COLUMNS), task.storage_options):
+        ords = (np.int64(unit) << np.int64(32)) | np.arange(table.num_rows, dtype=np.int64)
+        at = np.minimum(np.searchsorted(lost_ord, ords), max(len(lost_ord) - 1, 0))
+        lost = (lost_ord[at] == ords) if len(lost_ord) else np.zeros(len(ords), bool)
+        status = table.column("status").to_numpy(zero_copy_only=False).astype(object)
+        ok = status == OK
+        verdict = np.where(ok & ~lost, KEEP, status)
+        dup = ok & lost
+        verdict[dup] = np.asarray([VERDICTS[k] for k in range(3)], dtype=object)[lost_kind[at[dup]]]
+        detail = table.column("detail").to_numpy(zero_copy_only=False).astype(object)
+        detail[dup] = lost_key[at[dup]]
+        verdicts.update(dict(zip(*np.unique(verdict.astype(str), return_counts=True))))
+        keep = pa.array(verdict == KEEP)
+        kept.append(table.filter(keep).append_column("unit", pa.array(np.full(int(keep.true_count), unit)))
+                    .select(RESOLVED_SCHEMA.names).cast(RESOLVED_SCHEMA))
+        reject = pa.compute.invert(keep)
+        rejects.append(pa.table({"source": table.column("source").filter(reject),
+                                 "reason": pa.array(verdict[~(verdict == KEEP)].astype(str)),
+                                 "detail": pa.array(detail[~(verdict == KEEP)].astype(str)),
+                                 "key": table.column("key").filter(reject)}, schema=REJECTS_SCHEMA))
+    kept_table = pa.concat_tables(kept) if kept else RESOLVED_SCHEMA.empty_table()
+    put_table(task.layout.resolved(task.group), kept_table, task.storage_options, row_group_size=RESOLVED_ROW_GROUP)
+    put_table(task.layout.rejects_part(task.group),
+              pa.concat_tables(rejects) if rejects else REJECTS_SCHEMA.empty_table(), task.storage_options)
+    summary = {"kept": kept_table.num_rows, "verdicts": {str(k): int(v) for k, v in verdicts.items()}}
+    return mark_done(task.layout, "resolve", task.group, summary, task.storage_options)
