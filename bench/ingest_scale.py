@@ -98,18 +98,20 @@ def run_phases(output: str, units: int, dedup: str, threshold: int, workers: int
         "map": (run_map, [(g, DedupMapTask(g, a, b, buckets, dedup, threshold, layout, {})) for g, a, b in groups]),
         "reduce": (run_reduce, [(b, DedupReduceTask(b, tuple(int(x) for x in starts), threshold, layout, {}))
                                 for b in range(buckets)]),
-        "resolve": (run_resolve, [(g, ResolveTask(g, a, b, layout, {})) for g, a, b in groups]),
+        "resolve": (run_resolve, [(g, ResolveTask(g, a, b, buckets, layout, {})) for g, a, b in groups]),
     }
     out: dict = {"groups": len(groups), "buckets": buckets}
     kept = np.zeros(len(groups), np.int64)
     for name, (fn, tasks) in phases.items():
-        start, peak = time.perf_counter(), 0
-        for i, (result, rss) in engine.run(_Measured(fn), tasks):
-            assert not isinstance(result, Failed), result
-            peak = max(peak, rss)
+        start, peak, cpu = time.perf_counter(), 0, 0.0
+        for i, measured in engine.run(_Measured(fn), tasks):
+            assert not isinstance(measured, Failed), measured
+            result, rss, seconds = measured
+            peak, cpu = max(peak, rss), cpu + seconds
             if name == "resolve":
-                kept[i] = result[0]["kept"] if isinstance(result, tuple) else result["kept"]
-        out[name] = {"seconds": round(time.perf_counter() - start, 2), "task_peak_mb": round(peak / 1024)}
+                kept[i] = result["kept"]
+        out[name] = {"seconds": round(time.perf_counter() - start, 2), "cpu_s": round(cpu, 2),
+                     "task_peak_mb": round(peak / 1024)}
     start = time.perf_counter()
     shards = sum(1 for _ in _shard_tasks(kept, 5000, layout, {}))
     out["numbering"] = {"seconds": round(time.perf_counter() - start, 2), "shards": shards}
@@ -126,14 +128,16 @@ def peak_rss_kb() -> int:
 
 
 class _Measured:
-    """fn(task) and the peak RSS (KB) of the process that ran it (a Ray worker runs many tasks: an upper bound)."""
+    """fn(task), the peak RSS (KB) of the process that ran it (a Ray worker runs many tasks: an upper bound) and
+    the task's CPU seconds (its own threads included): the cost that contention on a shared machine does not move."""
 
     def __init__(self, fn):
         self.fn = fn
 
     def __call__(self, task):
+        cpu = time.process_time()
         result = self.fn(task)
-        return result, peak_rss_kb()
+        return result, peak_rss_kb(), time.process_time() - cpu
 
 
 def recall(n: int, threshold: int, seed: int = 1) -> tuple[float, int]:
@@ -188,14 +192,16 @@ def main() -> None:
             sys.exit(f"driver failed at N={n}:\n{proc.stderr[-3000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         total = sum(res[k]["seconds"] for k in ("map", "reduce", "resolve", "numbering"))  # Ray start-up excluded
-        phases = ", ".join(f"{k} {res[k]['seconds']} s (task peak {res[k]['task_peak_mb']} MB)"
-                           for k in ("map", "reduce", "resolve"))
-        ratio = f", {total / previous:.2f}x the previous N" if previous else ""
-        print(f"N={n:,}: {total:.1f} s{ratio} ({res['groups']} groups, {res['buckets']} buckets; {phases}; "
-              f"numbering {res['numbering']['seconds']} s for {res['numbering']['shards']} shards); kept "
-              f"{res['kept']:,}; driver peak RSS {res['driver_peak_mb']} MB; "
-              f"{total / n * 1e6:.1f} us per input", flush=True)
-        previous = total
+        cpu = sum(res[k]["cpu_s"] for k in ("map", "reduce", "resolve"))
+        phases = ", ".join(f"{k} {res[k]['seconds']} s / {res[k]['cpu_s']} CPU-s (task peak "
+                           f"{res[k]['task_peak_mb']} MB)" for k in ("map", "reduce", "resolve"))
+        ratio = f", {total / previous[0]:.2f}x wall and {cpu / previous[1]:.2f}x CPU of the previous N" \
+            if previous else ""
+        print(f"N={n:,}: {total:.1f} s wall, {cpu:.1f} task CPU-s{ratio} ({res['groups']} groups, {res['buckets']} "
+              f"buckets; {phases}; numbering {res['numbering']['seconds']} s for {res['numbering']['shards']} "
+              f"shards); kept {res['kept']:,}; driver peak RSS {res['driver_peak_mb']} MB; "
+              f"{cpu / n * 1e6:.1f} CPU-us per input; load average {os.getloadavg()[0]:.2f}", flush=True)
+        previous = (total, cpu)
     shutil.rmtree(a.work, ignore_errors=True)
     if a.recall_sample:
         start = time.perf_counter()

@@ -24,8 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.ingest.atomic import put_table, url_to_fs
+from pipeline.ingest.atomic import url_to_fs
 from pipeline.ingest.done import mark_done, read_done
+from pipeline.ingest.exchange import read_part, write_parts
 from pipeline.ingest.layout import Layout
 from pipeline.ingest.near import band_keys, bands, earliest_neighbours
 
@@ -85,7 +86,6 @@ def run_map(task: DedupMapTask) -> dict:
         zero = np.zeros(len(ph), np.uint64)
         kinds += [(NEAR + i, band_keys(ph, band), zero) for i, band in enumerate(bands(task.threshold))]
     key_arr = pa.array(key_bytes, pa.binary(10))
-    total = 0
     tables = []
     for kind, k1, k2 in kinds:
         tables.append(pa.table({"kind": np.full(len(ords), kind, np.int16), "k1": k1, "k2": k2, "ordinal": ords,
@@ -93,21 +93,17 @@ def run_map(task: DedupMapTask) -> dict:
     records = pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
     bucket = _bucket(records.column("kind").to_numpy(), records.column("k1").to_numpy(),
                      records.column("k2").to_numpy(), task.buckets)
-    order = np.argsort(bucket, kind="stable")
-    bounds = np.searchsorted(bucket[order], np.arange(task.buckets + 1))
-    for b in range(task.buckets):
-        if bounds[b + 1] > bounds[b]:
-            part = records.take(order[bounds[b] : bounds[b + 1]])
-            put_table(task.layout.dedup_records(b, task.group), part, task.storage_options)
-            total += part.num_rows
-    return mark_done(task.layout, "map", task.group, {"records": total}, task.storage_options)
+    write_parts(task.layout.dedup_records(task.group), records, bucket, task.storage_options)
+    return mark_done(task.layout, "map", task.group, {"records": records.num_rows}, task.storage_options)
 
 
 def run_reduce(task: DedupReduceTask) -> dict:
     done = read_done(task.layout, "reduce", task.bucket, task.storage_options)
     if done is not None:
         return done
-    records = _read_folder(task.layout.dedup_bucket(task.bucket), RECORD_SCHEMA, task.storage_options)
+    so = task.storage_options
+    records = pa.concat_tables([read_part(task.layout.dedup_records(g), task.bucket, RECORD_SCHEMA, so)
+                                for g in range(len(task.group_starts))])
     kind = records.column("kind").to_numpy().astype(np.int64)
     k1, k2 = records.column("k1").to_numpy(), records.column("k2").to_numpy()
     ords, ph = records.column("ordinal").to_numpy(), records.column("phash").to_numpy()
@@ -140,17 +136,16 @@ def run_reduce(task: DedupReduceTask) -> dict:
     losers = pa.table({"ordinal": ords[order], "kind": verdict.astype(np.int8), "winner": winner[order],
                        "winner_key": keys.take(pa.array(windex[order]))}, schema=LOSER_SCHEMA)
     group_of = np.searchsorted(np.asarray(task.group_starts), ords[order] >> 32, side="right") - 1
-    for g in np.unique(group_of):
-        put_table(task.layout.dedup_losers(int(g), task.bucket), losers.filter(pa.array(group_of == g)),
-               task.storage_options)
-    return mark_done(task.layout, "reduce", task.bucket, {"records": len(ords), "losers": len(order)},
-                 task.storage_options)
+    write_parts(task.layout.dedup_losers(task.bucket), losers, group_of, so)
+    return mark_done(task.layout, "reduce", task.bucket, {"records": len(ords), "losers": len(order)}, so)
 
 
-def read_losers(layout: Layout, group: int, storage_options: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_losers(layout: Layout, group: int, buckets: int, storage_options: dict
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One group's losing inputs, merged over buckets (strongest verdict, then earliest winner), sorted by ordinal:
     (ordinal [L] int64, verdict kind [L] int8, winner key [L] hex str objects)."""
-    table = _read_folder(layout.dedup_group(group), LOSER_SCHEMA, storage_options)
+    table = pa.concat_tables([read_part(layout.dedup_losers(b), group, LOSER_SCHEMA, storage_options)
+                              for b in range(buckets)])
     ords, kind, winner = (table.column(c).to_numpy() for c in ("ordinal", "kind", "winner"))
     order = np.lexsort((winner, kind, ords))
     head = np.r_[True, ords[order][1:] != ords[order][:-1]][: len(order)]
@@ -193,13 +188,3 @@ def _bucket(kind: np.ndarray, k1: np.ndarray, k2: np.ndarray, buckets: int) -> n
         x *= np.uint64(0xBF58476D1CE4E5B9)
         x ^= x >> np.uint64(32)
     return (x % np.uint64(buckets)).astype(np.int64)
-
-
-def _read_folder(url: str, schema: pa.Schema, storage_options: dict) -> pa.Table:
-    fs, path = url_to_fs(url, storage_options)
-    files = sorted(fs.find(path)) if fs.exists(path) else []
-    tables = []
-    for p in files:
-        with fs.open(p, "rb") as f:
-            tables.append(pq.ParquetFile(f).read())
-    return pa.concat_tables(tables) if tables else schema.empty_table()

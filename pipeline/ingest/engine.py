@@ -133,7 +133,7 @@ def _run_phases(run: "_Run", listing: list[ListTask], fingerprint: str, start: f
     run.phase("reduce", run_reduce, ((b, DedupReduceTask(b, tuple(int(x) for x in group_starts), cfg.near_threshold,
                                                          layout, so)) for b in range(buckets)), buckets,
               ("records", "losers"))
-    resolved = run.phase("resolve", run_resolve, ((g, ResolveTask(g, a, b, layout, so)) for g, a, b in groups),
+    resolved = run.phase("resolve", run_resolve, ((g, ResolveTask(g, a, b, buckets, layout, so)) for g, a, b in groups),
                          len(groups), ("kept",), keep_json="verdicts")
     kept = resolved["kept"]
     num_shards = -(-int(kept.sum()) // cfg.samples_per_shard)

@@ -8,7 +8,7 @@
     OUTPUT/_ingest/config.json                        argument fingerprint: refuses a mismatched rerun
     OUTPUT/_ingest/plan/                              listing parts, plan.json (units, listing fingerprint)
     OUTPUT/_ingest/stage/unit-00000000.{tar,parquet}  phase 1: cleaned bytes and one row per input, per unit
-    OUTPUT/_ingest/dedup/                             phase 2: hash records by bucket, duplicates by group
+    OUTPUT/_ingest/dedup/                             phase 2: hash records per group, losers per bucket
     OUTPUT/_ingest/resolved/                          phase 3: kept rows per group, in input order
     OUTPUT/_ingest/done/PHASE/ID.json                 a task's summary, written last: the task is done
     OUTPUT/_ingest/done/PHASE.parquet                 every task's summary: the phase is done
@@ -81,17 +81,13 @@ class Layout:
         """Written after the unit's tar: its presence marks the unit done."""
         return f"{self.work}/stage/unit-{unit:08d}.parquet"
 
-    def dedup_records(self, bucket: int, group: int) -> str:
-        return f"{self.work}/dedup/records/b-{bucket:05d}/g-{group:06d}.parquet"
+    def dedup_records(self, group: int) -> str:
+        """A map task's hash records, a row group per bucket (exchange.py)."""
+        return f"{self.work}/dedup/records/g-{group:06d}.parquet"
 
-    def dedup_bucket(self, bucket: int) -> str:
-        return f"{self.work}/dedup/records/b-{bucket:05d}"
-
-    def dedup_losers(self, group: int, bucket: int) -> str:
-        return f"{self.work}/dedup/losers/g-{group:06d}/b-{bucket:05d}.parquet"
-
-    def dedup_group(self, group: int) -> str:
-        return f"{self.work}/dedup/losers/g-{group:06d}"
+    def dedup_losers(self, bucket: int) -> str:
+        """A reduce task's losing inputs, a row group per group."""
+        return f"{self.work}/dedup/losers/b-{bucket:06d}.parquet"
 
     def resolved(self, group: int) -> str:
         return f"{self.work}/resolved/g-{group:06d}.parquet"

@@ -81,16 +81,15 @@ def _value_neighbours(g: np.ndarray, h: np.ndarray, o: np.ndarray, threshold: in
     sizes = np.diff(np.r_[starts, m])
     pos = np.arange(m) - np.repeat(starts, sizes)  # position within the group
     size = np.repeat(sizes, sizes)
-    small = size <= _SMALL_GROUP
-    for j in range(1, int(min(sizes.max(), _SMALL_GROUP))):
-        i = np.flatnonzero(small & (pos + j < size))
+    i = np.flatnonzero((size <= _SMALL_GROUP) & (size > 1))
+    for j in range(1, _SMALL_GROUP):
+        i = i[pos[i] + j < size[i]]  # shrinks every step: the work follows the groups still that large
         if len(i) == 0:
             break
-        k = i + j
-        near = np.bitwise_count(h[i] ^ h[k]) <= threshold
-        i, k = i[near], k[near]
-        _improve(best, bidx, i, o[k], k)
-        _improve(best, bidx, k, o[i], i)
+        near = np.bitwise_count(h[i] ^ h[i + j]) <= threshold
+        a, b = i[near], i[near] + j
+        _improve(best, bidx, a, o[b], b)
+        _improve(best, bidx, b, o[a], a)
     for s, z in zip(starts[sizes > _SMALL_GROUP], sizes[sizes > _SMALL_GROUP]):
         _dense(best, bidx, h, o, s, z, threshold)
     return best, bidx

@@ -40,6 +40,7 @@ class ResolveTask:
     group: int
     first_unit: int
     end_unit: int
+    buckets: int  # of the dedup shuffle: the reduce outputs to read this group's losers from
     layout: Layout
     storage_options: dict
 
@@ -49,7 +50,7 @@ def run_resolve(task: ResolveTask) -> dict:
     done = read_done(task.layout, "resolve", task.group, task.storage_options)
     if done is not None:
         return done
-    lost_ord, lost_kind, lost_key = read_losers(task.layout, task.group, task.storage_options)
+    lost_ord, lost_kind, lost_key = read_losers(task.layout, task.group, task.buckets, task.storage_options)
     kept, rejects, verdicts = [], [], Counter()
     units = range(task.first_unit, task.end_unit)
     for unit, table in read_stages(task.layout, units, list(STAGE_COLUMNS), task.storage_options):
