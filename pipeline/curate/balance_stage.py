@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipeline.curate.balance import hierarchical_quotas, pick
+from pipeline.curate.balance import hierarchical_quotas, level_sizes, pick
 from pipeline.curate.config import BalanceConfig
 from pipeline.curate.dedup_stage import ROWS_SCHEMA, DedupPlan
 from pipeline.curate.embeddings import EmbeddingSet
@@ -72,6 +72,7 @@ class BalanceResult:
     hierarchy: Hierarchy
     level1: Level1
     quotas: np.ndarray  # (k_1,) samples each level-1 cluster keeps
+    grid_tops: np.ndarray  # the top-level clusters clusters.png shows
     stats: list[dict]  # one per dedup bucket, as select_bucket returns it
 
     @property
@@ -86,22 +87,25 @@ def removed_url(folder: str, bucket: int) -> str:
     return f"{folder}/removed/bucket-{bucket:06d}.parquet"
 
 
-def run_balance(emb: EmbeddingSet, dedup: DedupPlan, folder: str, cfg: BalanceConfig, seed: int, grid_samples: int,
-                workers: int, ray_address: str | None, so: dict) -> BalanceResult:
+def run_balance(emb: EmbeddingSet, dedup: DedupPlan, folder: str, cfg: BalanceConfig, seed: int, grid_clusters: int,
+                grid_samples: int, workers: int, ray_address: str | None, so: dict) -> BalanceResult:
+    """grid_clusters / grid_samples: the picture's clusters (the largest top-level ones after dedup, known before
+    selection, so tasks collect thumbnails for those only) and thumbnails per side."""
     level1, hierarchy = _hierarchy(dedup, folder, cfg, seed, so)
     if cfg.target_size is None:
         quotas = level1.size.copy()
     else:
         quotas = hierarchical_quotas(level1.size, hierarchy, cfg.target_size, seed)
     top = hierarchy.ancestors(np.arange(len(level1.size)))[-1]
+    grid_tops = np.argsort(-level_sizes(level1.size, hierarchy)[-1], kind="stable")[:grid_clusters]
     tasks = []
     for b in range(dedup.num_buckets):
         mine = np.flatnonzero(level1.cluster % dedup.num_buckets == b)  # this bucket's level-1 clusters
         tasks.append(SelectTask(b, dedup.rows(b), folder, level1.cluster[mine], level1.piece[mine], mine,
                                 quotas[mine], top[mine], len(hierarchy.centroids[-1]), emb.shards_per_part, seed,
-                                grid_samples, so))
+                                grid_tops, grid_samples, so))
     stats = run_tasks(select_bucket, tasks, workers, ray_address)
-    return BalanceResult(folder, hierarchy, level1, quotas, stats)
+    return BalanceResult(folder, hierarchy, level1, quotas, grid_tops, stats)
 
 
 def _hierarchy(dedup: DedupPlan, folder: str, cfg: BalanceConfig, seed: int, so: dict) -> tuple[Level1, Hierarchy]:
@@ -142,6 +146,7 @@ class SelectTask:
     num_top: int
     shards_per_part: int
     seed: int
+    grid_tops: np.ndarray
     grid_samples: int
     storage_options: dict
 
@@ -150,7 +155,7 @@ def select_bucket(task: SelectTask) -> dict:
     """Selects this bucket's samples; returns (and saves, as the task's completion mark) its counts:
     parts {part: selected}, top {raw, dedup, selected} per top-level cluster, level1 {ids, raw, dedup, selected},
     labels {label: [raw, dedup, selected]}, groups [[size, kept key], ...] (its 10 largest duplicate groups),
-    grid {top: {"before": [[hash, ordinal], ...], "after": [...]}}."""
+    grid {top: {"before": [[hash, ordinal], ...], "after": [...]}} for the grid_tops clusters."""
     stats_url = f"{task.folder}/stats/bucket-{task.bucket:06d}.json"
     if exists(stats_url, task.storage_options):
         return json.loads(get_bytes(stats_url, task.storage_options))
@@ -197,7 +202,7 @@ def _stats(task: SelectTask, rows: pa.Table, hashes: np.ndarray, dup: np.ndarray
     biggest = np.argsort(-group_size, kind="stable")[:10]
     grid: dict[str, dict[str, list]] = {}
     ordinal = rows.column("ordinal").to_numpy()
-    for t in np.unique(top):
+    for t in task.grid_tops:
         for name, mask in (("before", top == t), ("after", (top == t) & selected)):
             idx = np.flatnonzero(mask)
             idx = idx[np.lexsort((ordinal[idx], hashes[idx]))[:task.grid_samples]]

@@ -92,13 +92,14 @@ def run_dedup(emb: EmbeddingSet, folder: str, cfg: DedupConfig, level1_size: int
     run_tasks(map_part, maps, workers, ray_address)
     reduces = [ReduceTask(b, plan, emb.dim, cfg.threshold, level1_size, seed, so) for b in range(plan.num_buckets)
                if not exists(plan.level1(b), so)]
-    run_tasks(reduce_bucket, reduces, workers, ray_address, memory_bytes=_bucket_bytes(bucket_rows, emb.dim))
+    rows = -(-emb.embedded // plan.num_buckets)  # per bucket, on average (k-means clusters are uneven: 2.5x slack)
+    run_tasks(reduce_bucket, reduces, workers, ray_address, memory_bytes=_bucket_bytes(rows, emb.dim))
     return plan
 
 
 def _bucket_bytes(rows: int, dim: int) -> int:
-    """What a reduce task holds: its rows' unit vectors, twice (the table and one cluster's copy), plus slack."""
-    return int(2.5 * rows * dim * 4)
+    """What a reduce task holds: its rows' unit vectors, twice (the table and the sorted copy), with slack."""
+    return int(2.5 * 2 * rows * dim * 4) + (256 << 20)
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,8 @@ def run_curation(emb: EmbeddingSet, cfg: CurateConfig, embedded_now: int = 0, em
     dedup = run_dedup(emb, layout.stage("dedup", fp_dedup), cfg.dedup, cfg.balance.level1_size, cfg.bucket_rows,
                       cfg.seed, cfg.workers, cfg.ray_address, so)
     seconds["dedup"], t0 = time.monotonic() - t0, time.monotonic()
-    balance = run_balance(emb, dedup, layout.stage("balance", fp_balance), cfg.balance, cfg.seed, cfg.grid_samples,
-                          cfg.workers, cfg.ray_address, so)
+    balance = run_balance(emb, dedup, layout.stage("balance", fp_balance), cfg.balance, cfg.seed, cfg.grid_clusters,
+                          cfg.grid_samples, cfg.workers, cfg.ray_address, so)
     seconds["balance"], t0 = time.monotonic() - t0, time.monotonic()
     part_counts: dict[int, int] = {}
     for s in balance.stats:
@@ -74,7 +74,7 @@ def run_curation(emb: EmbeddingSet, cfg: CurateConfig, embedded_now: int = 0, em
                                               "samples": [t.count for t in tasks]}), so)
     concat_tables([balance.removed(b) for b in range(dedup.num_buckets)], layout.removed, so, REMOVED_SCHEMA)
     seconds["write"], t0 = time.monotonic() - t0, time.monotonic()
-    put_bytes(layout.grid, draw_grid(emb, balance, cfg.grid_clusters, cfg.grid_samples, so), so)
+    put_bytes(layout.grid, draw_grid(emb, balance, cfg.grid_samples, so), so)
     fs, _ = url_to_fs(layout.output, so)
     shard_bytes = sum(fs.size(url_to_fs(layout.shard(t.index), so)[1]) for t in tasks)
     config = asdict(cfg) | {"storage_options": "<redacted>", "fingerprint": fp_output, "embeddings": emb.folder}

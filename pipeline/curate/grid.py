@@ -1,4 +1,4 @@
-"""clusters.png: for the largest top-level clusters, a row of thumbnails before curation and one after.
+"""clusters.png: for the largest top-level clusters (after dedup), thumbnails before curation and after.
 
 "Before" shows the cluster's members in the raw dump (duplicates included), "after" its curated members, each the
 first by ordinal hash: the same uniform sample the selection uses, so the picture shows what balancing kept.
@@ -13,19 +13,19 @@ from PIL import Image, ImageDraw
 
 from pipeline.curate.balance_stage import BalanceResult
 from pipeline.curate.embeddings import EmbeddingSet
-from pipeline.curate.records import ordinal_position, ordinal_shard
+from pipeline.curate.records import ordinal_position, ordinal_shard, runs
 from pipeline.curate.report import merged_counts
 from pipeline.curate.shard_samples import list_samples, read_members
 
-THUMB = 48
+THUMB = 56
 LABEL_W = 150
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
-def draw_grid(emb: EmbeddingSet, balance: BalanceResult, clusters: int, per_row: int, so: dict) -> bytes:
-    """PNG bytes: one line per cluster, `per_row` thumbnails before | `per_row` after."""
+def draw_grid(emb: EmbeddingSet, balance: BalanceResult, per_row: int, so: dict) -> bytes:
+    """PNG bytes: one line per cluster of balance.grid_tops, `per_row` thumbnails before | `per_row` after."""
     top = merged_counts(balance.stats, "top")
-    shown = [int(t) for t in np.argsort(-top["raw"], kind="stable")[:clusters] if top["raw"][t]]
+    shown = [int(t) for t in balance.grid_tops if top["raw"][t]]
     picks = {t: {side: _first(balance.stats, t, side, per_row) for side in ("before", "after")} for t in shown}
     thumbs = _thumbnails({o for p in picks.values() for side in p.values() for o in side}, emb, so)
     gap = THUMB // 2
@@ -36,7 +36,8 @@ def draw_grid(emb: EmbeddingSet, balance: BalanceResult, clusters: int, per_row:
     draw.text((LABEL_W + per_row * THUMB + gap, THUMB // 3), "after (curated)", fill="black")
     for row, t in enumerate(shown, start=1):
         y = row * THUMB
-        draw.text((4, y + 4), f"cluster {t}\n{top['raw'][t]} -> {top['selected'][t]}", fill="black")
+        draw.text((4, y + 4), f"top cluster {t}: {top['raw'][t]}\n-> {top['dedup'][t]} deduplicated\n"
+                  f"-> {top['selected'][t]} kept", fill="black")
         for side, x0 in (("before", LABEL_W), ("after", LABEL_W + per_row * THUMB + gap)):
             for j, o in enumerate(picks[t][side]):
                 canvas.paste(thumbs[o], (x0 + j * THUMB, y))
@@ -53,14 +54,13 @@ def _first(stats: list[dict], top: int, side: str, n: int) -> list[int]:
 
 def _thumbnails(ordinals: set[int], emb: EmbeddingSet, so: dict) -> dict[int, Image.Image]:
     out = {}
-    by_shard: dict[int, list[int]] = {}
-    for o in sorted(ordinals):
-        by_shard.setdefault(int(ordinal_shard(np.array([o]))[0]), []).append(o)
-    for s, ords in by_shard.items():
-        url = emb.shards[s]
+    ords = np.array(sorted(ordinals), dtype=np.int64)
+    shard, position = ordinal_shard(ords), ordinal_position(ords)
+    for start, end in runs(shard):
+        url = emb.shards[int(shard[start])]
         listing = list_samples(url, so)
-        wanted = [listing[int(ordinal_position(np.array([o]))[0])] for o in ords]
-        for o, (_, parts) in zip(ords, read_members(url, wanted, so)):
+        wanted = [listing[int(p)] for p in position[start:end]]
+        for o, (_, parts) in zip(ords[start:end].tolist(), read_members(url, wanted, so)):
             data = next((parts[e] for e in _IMAGE_EXTS if e in parts), None)
             img = Image.open(io.BytesIO(data)).convert("RGB") if data else Image.new("RGB", (THUMB, THUMB), "grey")
             out[o] = img.resize((THUMB, THUMB), Image.BILINEAR)

@@ -167,7 +167,7 @@ def test_duplicates_removed_and_classes_balanced(runs, dump):
     assert all(t["selected"] == t["after_dedup"] or t["selected"] >= most - 1 for t in top), top
     assert sum(t["raw"] for t in top) == SHARDS * PER_SHARD
     png = Image.open(runs["local"] / "clusters.png")
-    assert png.width > 8 * 48 and png.height >= 2 * 48
+    assert png.width > 16 * 56 and png.height >= 2 * 56
 
 
 def test_the_training_loader_streams_the_curated_manifest(runs):
