@@ -5,8 +5,7 @@ PNG costs nothing), and every input is decoded exactly once. A JPEG larger than 
 draft mode: libjpeg scales the DCT by 1/2, 1/4 or 1/8, picking the smallest scale whose result still covers the
 target on both sides (Pillow's draft() contract: never smaller than asked), so the shorter side stays
 >= max_shorter_side before the final resize and no detail the stored image could hold is lost. That skips most
-of the IDCT, upsampling and colour conversion, and leaves a resize of factor < 2, where RESAMPLE (bicubic)
-is as sharp as Lanczos to the eye (support 2 vs 3: a third fewer taps per pixel). A source JPEG that is RGB,
+of the IDCT, upsampling and colour conversion, and leaves a resize of factor < 2, done by OpenCV (`_resize`). A source JPEG that is RGB,
 needs no EXIF rotation and no resize is stored byte for byte (after its one full decode proved it intact).
 
 `pixel_hash` (exact-duplicate identity) hashes the RGB pixels that are stored, before JPEG encoding, with their
@@ -22,6 +21,7 @@ import hashlib
 import io
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -31,8 +31,9 @@ from pipeline.ingest.phash import phash
 # Transparent pixels are composited onto white: fixed, so the same RGBA input always gives the same RGB output.
 BACKGROUND = (255, 255, 255)
 _ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
-# Filter of the final resize (tools/shard.py and the benchmark floor alike); see the module docstring for why.
+# Pillow's filter for a final resize: the benchmark floor's (bench/ingest.py). tools/shard.py resizes with OpenCV.
 RESAMPLE = Image.Resampling.BICUBIC
+cv2.setNumThreads(1)  # one image per process at a time: the workers are the parallelism
 
 
 class Rejected(Exception):
@@ -90,9 +91,7 @@ def clean_image(data: bytes, cfg: CleanConfig, dedup: str = "near") -> CleanedIm
         if orientation in _ROTATING_ORIENTATIONS:
             tw, th = th, tw
         if rgb.size != (tw, th):
-            # After a draft decode the factor left is mostly < 2 and reducing_gap does nothing; for large PNGs (no DCT
-            # scaling) it first shrinks by an integer factor with a box filter: several times faster, no visible loss.
-            rgb = rgb.resize((tw, th), RESAMPLE, reducing_gap=3.0)
+            rgb = _resize(rgb, (tw, th))
         buf = io.BytesIO()
         rgb.save(buf, "JPEG", quality=cfg.quality)
         stored = buf.getvalue()
@@ -102,6 +101,15 @@ def clean_image(data: bytes, cfg: CleanConfig, dedup: str = "near") -> CleanedIm
         digest.update(rgb.tobytes())
         pixel_hash = digest.digest()[:16]
     return CleanedImage(stored, rgb.width, rgb.height, w, h, pixel_hash, phash(rgb) if dedup == "near" else 0, copy)
+
+
+def _resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """OpenCV's SIMD resize. After a draft decode the factor left is < 2, where bilinear interpolation does not
+    alias and costs ~0.8 ms for a 512 px image against ~9.5 ms for Pillow's bicubic (2 dB lower PSNR before
+    encoding, 40.9 vs 42.9 dB against a full-decode Lanczos reference, on bench/ingest.py's photos); larger factors
+    (PNGs and other formats, no DCT scaling) are area-averaged, which never aliases."""
+    interpolation = cv2.INTER_AREA if img.width >= 2 * size[0] else cv2.INTER_LINEAR
+    return Image.fromarray(cv2.resize(np.asarray(img), size, interpolation=interpolation))
 
 
 def _check_header(w: int, h: int, cfg: CleanConfig) -> None:
