@@ -1,7 +1,15 @@
-"""Ingest throughput: tools/shard.py against the floor of a bare Pillow decode -> resize -> encode loop.
+"""Ingest throughput: tools/shard.py against the floor of a bare Pillow decode -> resize -> encode loop, and
+against img2dataset on the same images served over loopback HTTP.
 
     python -m bench.ingest                              # from the repo root: 2,000 JPEGs of 1-3 MP, workers 1 and 2
     python -m bench.ingest --workers 2 --repeats 3 --dump DIR
+    python -m bench.ingest --web 0                      # without the img2dataset rows
+
+The web rows (--web W processes, default the largest --workers): the dump is served by `python -m http.server` on
+127.0.0.1, both tools get the same parquet of url + caption, and make 512 px q95 JPEGs in WebDataset tars with W
+processes of 8 download threads (img2dataset: --resize_mode keep_ratio --resize_only_if_bigger, i.e. the same
+shorter-side-512 rule). img2dataset 1.47.0 is installed from the registry into a virtual environment of its own
+(--img2dataset-venv, made on first use): its pins (opencv, albumentations, pandas, wandb) are not ours.
 
 Prints, for both, measured in the same run on the same files: images/s per core (wall clock; shard.py's rate
 divided by --workers) and images per CPU-second (user+sys of the process tree: what a dedicated core would do,
@@ -24,15 +32,20 @@ import json
 import os
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tarfile
 import time
+from contextlib import contextmanager
 from multiprocessing import Pool
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.ingest.clean import RESAMPLE, target_size
@@ -112,6 +125,74 @@ def stored_psnr(out: Path, samples: int = 24) -> float:
     return float(np.mean(scores))
 
 
+_IMG2DATASET = "img2dataset==1.47.0"
+
+
+@contextmanager
+def http_server(folder: Path) -> Iterator[str]:
+    """`python -m http.server` (threaded) on a free loopback port, serving `folder`; yields its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                             str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def url_parquet(files: list[Path], base_url: str, path: Path) -> Path:
+    """What a LAION-style download starts from: one row per image, url and caption."""
+    pq.write_table(pa.table({"url": [f"{base_url}/{f.name}" for f in files],
+                             "caption": [f"image {f.stem}" for f in files]}), path)
+    return path
+
+
+def img2dataset_bin(venv: Path) -> Path:
+    exe = venv / "bin" / "img2dataset"
+    if not exe.exists():
+        print(f"installing {_IMG2DATASET} into {venv} (once)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", _IMG2DATASET], check=True)
+    return exe
+
+
+def _timed(cmd: list[str], count: int, **kw) -> tuple[float, float]:
+    start, cpu = time.perf_counter(), _children_cpu()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+    return count / (time.perf_counter() - start), count / (_children_cpu() - cpu)
+
+
+def shard_py_web(urls: Path, count: int, out: Path, workers: int) -> tuple[float, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "tools/shard.py", str(urls), "--output", str(out), "--workers", str(workers),
+           "--download-threads", "8", "--max-shorter-side", str(_MAX_SHORTER_SIDE), "--quality", str(_QUALITY),
+           "--quiet"]
+    return _timed(cmd, count, cwd=_REPO)
+
+
+def img2dataset(exe: Path, urls: Path, count: int, out: Path, workers: int) -> tuple[float, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [str(exe), "--url_list", str(urls), "--input_format", "parquet", "--url_col", "url", "--caption_col",
+           "caption", "--output_format", "webdataset", "--output_folder", str(out), "--processes_count", str(workers),
+           "--thread_count", "8", "--image_size", str(_MAX_SHORTER_SIDE), "--resize_mode", "keep_ratio",
+           "--resize_only_if_bigger", "True", "--encode_quality", str(_QUALITY), "--number_sample_per_shard", "5000",
+           "--distributor", "multiprocessing", "--enable_wandb", "False"]
+    rates = _timed(cmd, count)
+    done = sum(json.loads(p.read_text())["successes"] for p in out.glob("*_stats.json"))
+    if done != count:
+        raise RuntimeError(f"img2dataset stored {done} of {count} images")
+    return rates
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dump", type=Path, default=Path("/tmp/ingest_bench/dump"))
@@ -119,7 +200,10 @@ def main() -> None:
     p.add_argument("--count", type=int, default=2000)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="shard.py worker counts to measure")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--web", type=int, default=None, help="processes for the web rows (0: none; default: max workers)")
+    p.add_argument("--img2dataset-venv", type=Path, default=Path("/tmp/ingest_bench/img2dataset-venv"))
     a = p.parse_args()
+    web = max(a.workers) if a.web is None else a.web
     files = generate(a.dump, a.count)
     file_list = a.output.parent / f"files-{a.count}.txt"  # a text-list SOURCE: exactly these files, in this order
     file_list.write_text("".join(f"{f.resolve()}\n" for f in files))
@@ -128,26 +212,39 @@ def main() -> None:
     print(f"dump: {len(files)} JPEGs, mean {mp:.2f} MP ({min(w * h for w, h in sizes) / 1e6:.2f}-"
           f"{max(w * h for w, h in sizes) / 1e6:.2f}), filter {RESAMPLE.name}, shorter side {_MAX_SHORTER_SIDE}, "
           f"q{_QUALITY}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
-    floors, ours = [], {w: [] for w in a.workers}  # (wall images/s per core, images per CPU-second)
-    for rep in range(a.repeats):
-        # Odd repetitions run shard.py first: a load that drifts within the run then biases neither side.
-        if rep % 2 == 0:
-            floors.append(floor(files))
-        for w in a.workers:
-            rate, per_cpu = shard_py(file_list, len(files), a.output / f"w{w}", w)
-            ours[w].append((rate / w, per_cpu))
-        if rep % 2 == 1:
-            floors.append(floor(files))
-        line = ", ".join(f"shard.py w{w} {ours[w][-1][0]:.2f}" for w in a.workers)
-        print(f"repeat {rep + 1}: floor {floors[-1][0]:.2f}, {line} images/s/core (load {os.getloadavg()[0]:.2f})",
-              flush=True)
-    base = [statistics.median(f[k] for f in floors) for k in (0, 1)]
-    print(f"{'':<40} {'images/s/core':>14} {'ratio':>6}   {'images/CPU-s':>12} {'ratio':>6}")
-    print(f"{'floor (decode->resize->encode, 1 proc)':<40} {base[0]:14.2f} {1:6.2f}x  {base[1]:12.2f} {1:6.2f}x")
-    for w in a.workers:
-        med = [statistics.median(o[k] for o in ours[w]) for k in (0, 1)]
-        print(f"{f'tools/shard.py --workers {w}':<40} {med[0]:14.2f} {med[0] / base[0]:6.2f}x  {med[1]:12.2f} "
-              f"{med[1] / base[1]:6.2f}x")
+    exe = img2dataset_bin(a.img2dataset_venv) if web else None
+    rows: dict[str, list[tuple[float, float]]] = {}  # name -> per repeat (wall images/s per core, images/CPU-s)
+
+    def measure(name: str, rates: tuple[float, float], processes: int) -> None:
+        rows.setdefault(name, []).append((rates[0] / processes, rates[1]))
+
+    with http_server(a.dump) as base_url:
+        urls = url_parquet(files, base_url, a.output.parent / f"urls-{a.count}.parquet")
+        for rep in range(a.repeats):
+            contenders = [("floor (decode->resize->encode, 1 proc)", lambda: (floor(files), 1))]
+            for w in a.workers:
+                contenders.append((f"tools/shard.py --workers {w}",
+                                   lambda w=w: (shard_py(file_list, len(files), a.output / f"w{w}", w), w)))
+            if web:
+                contenders.append((f"tools/shard.py, URLs over HTTP, {web} x 8 threads",
+                                   lambda: (shard_py_web(urls, len(files), a.output / "web", web), web)))
+                contenders.append((f"img2dataset 1.47, URLs over HTTP, {web} x 8 threads",
+                                   lambda: (img2dataset(exe, urls, len(files), a.output / "i2d", web), web)))
+            # Odd repetitions run in reverse order: a load that drifts within the run then biases no contender.
+            for name, run in contenders if rep % 2 == 0 else contenders[::-1]:
+                rates, processes = run()
+                measure(name, rates, processes)
+            print(f"repeat {rep + 1}: " + ", ".join(f"{n.split(',')[0]} {v[-1][0]:.2f}" for n, v in rows.items())
+                  + f" images/s/core (load {os.getloadavg()[0]:.2f})", flush=True)
+    med = {n: [statistics.median(r[k] for r in v) for k in (0, 1)] for n, v in rows.items()}
+    base = next(iter(med.values()))
+    print(f"{'':<52} {'images/s/core':>14} {'ratio':>6}   {'images/CPU-s':>12} {'ratio':>6}")
+    for name, (rate, per_cpu) in med.items():
+        print(f"{name:<52} {rate:14.2f} {rate / base[0]:6.2f}x  {per_cpu:12.2f} {per_cpu / base[1]:6.2f}x")
+    if web:
+        ours, theirs = (med[n] for n in list(med)[-2:])
+        print(f"tools/shard.py / img2dataset on the same URLs: {ours[0] / theirs[0]:.2f}x (wall), "
+              f"{ours[1] / theirs[1]:.2f}x (CPU)")
     psnr = stored_psnr(a.output / f"w{a.workers[0]}")
     print(f"quality: stored vs full-decode Lanczos, mean PSNR {psnr:.1f} dB; load average {os.getloadavg()[0]:.2f}")
 

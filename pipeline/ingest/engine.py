@@ -84,6 +84,7 @@ class Plan:
     unit_part: np.ndarray  # [U] index into parts
     unit_start: np.ndarray  # [U] first row in the part
     unit_end: np.ndarray  # [U] end row
+    unit_rows: np.ndarray  # [U, 2] a parquet unit's rows of its file, [lo, hi); -1 -1: all; 0 0: not parquet
     classes: tuple[str, ...]
     fingerprint: str  # of everything listed (paths, sizes, ETags or mtimes)
 
@@ -232,19 +233,20 @@ def _list(run: _Run, first: list[ListTask], policy: RetryPolicy) -> Plan:
         subs += subfolder_tasks(top, results[top.part_url], lambda j, i=i: layout.list_part(i, j))
     _list_into(run.engine, listing, subs, results)
     ordered = sorted(results)  # part names sort in input order: list-TASK-SUB
-    kinds, part, starts, ends, classes, digest = [], [], [], [], set(), hashlib.sha256()
+    kinds, part, starts, ends, rows, classes, digest = [], [], [], [], [], set(), hashlib.sha256()
     for p, url in enumerate(ordered):
         r = results[url]
         digest.update(f"{url.rsplit('/', 1)[-1]}\t{r.rows}\t{r.digest}\n".encode())
         classes.update(r.classes)
-        for kind, a, b in r.units:
+        for kind, a, b, lo, hi in r.units:
             kinds.append(_UNIT_KINDS.index(kind))
             part.append(p)
             starts.append(a)
             ends.append(b)
+            rows.append((lo, hi))
     plan = Plan(tuple(ordered), np.asarray(kinds, np.int8), np.asarray(part, np.int32),
-                np.asarray(starts, np.int64), np.asarray(ends, np.int64), tuple(sorted(classes)),
-                digest.hexdigest()[:16])
+                np.asarray(starts, np.int64), np.asarray(ends, np.int64), np.asarray(rows, np.int64).reshape(-1, 2),
+                tuple(sorted(classes)), digest.hexdigest()[:16])
     _check_plan(run, plan)
     return plan
 
@@ -286,7 +288,8 @@ def _check_plan(run: _Run, plan: Plan) -> None:
             if fs.exists(p):
                 fs.rm(p, recursive=True)
     buf = io.BytesIO()
-    np.savez(buf, kind=plan.unit_kind, part=plan.unit_part, start=plan.unit_start, end=plan.unit_end)
+    np.savez(buf, kind=plan.unit_kind, part=plan.unit_part, start=plan.unit_start, end=plan.unit_end,
+             rows=plan.unit_rows)
     put_bytes(f"{layout.work}/plan/units.npz", buf.getvalue(), so)
     body = {"fingerprint": plan.fingerprint, "parts": list(plan.parts), "units": len(plan.unit_kind),
             "classes": list(plan.classes)}
@@ -297,8 +300,9 @@ def _stage_tasks(plan: Plan, cfg: IngestConfig, layout: Layout, policy: RetryPol
     read = ReadOptions(cfg.clean.max_bytes, cfg.image_column, cfg.label_column, cfg.storage_options, policy,
                        cfg.download_threads)
     for u in range(len(plan.unit_kind)):
+        lo, hi = (int(x) for x in plan.unit_rows[u])
         yield u, StageTask(u, _UNIT_KINDS[plan.unit_kind[u]], plan.parts[plan.unit_part[u]], int(plan.unit_start[u]),
-                           int(plan.unit_end[u]), plan.classes, layout, cfg.clean, cfg.dedup, read)
+                           int(plan.unit_end[u]), (lo, hi), plan.classes, layout, cfg.clean, cfg.dedup, read)
 
 
 def _groups(inputs: np.ndarray, group_inputs: int) -> np.ndarray:

@@ -77,12 +77,13 @@ def read_archive(url: str, opts: ReadOptions) -> Iterator[RawItem]:
         yield RawItem(f"{url}::", None, reject=("corrupt_archive", f"{type(e).__name__}: {e}"))
 
 
-def read_parquet(url: str, opts: ReadOptions) -> Iterator[RawItem]:
+def read_parquet(url: str, opts: ReadOptions, lo: int = -1, hi: int = -1) -> Iterator[RawItem]:
+    """Rows [lo, hi) of a parquet file (-1, -1: all): a unit is a run of rows, so one big file spreads over tasks."""
     fs, path = url_to_fs(url, opts.storage_options)
     try:
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
-            yield from _parquet_rows(url, pf, opts)
+            yield from _parquet_rows(url, pf, opts, lo, hi)
     except _CORRUPT as e:
         yield RawItem(f"{url}#", None, reject=("corrupt_parquet", f"{type(e).__name__}: {e}"))
 
@@ -218,7 +219,7 @@ def _pick(names: list[str], explicit: str | None, candidates: tuple[str, ...]) -
     return next((lower[c.lower()] for c in candidates if c.lower() in lower), None)
 
 
-def _parquet_rows(url: str, pf: pq.ParquetFile, opts: ReadOptions) -> Iterator[RawItem]:
+def _parquet_rows(url: str, pf: pq.ParquetFile, opts: ReadOptions, lo: int, hi: int) -> Iterator[RawItem]:
     schema = pf.schema_arrow
     names = schema.names
     image = _pick(names, opts.image_column, _IMAGE_COLUMNS) or _first_binary(schema)
@@ -228,7 +229,7 @@ def _parquet_rows(url: str, pf: pq.ParquetFile, opts: ReadOptions) -> Iterator[R
     ident, caption = _pick(names, None, _ID_COLUMNS), _pick(names, None, _CAPTION_COLUMNS)
     label = _pick(names, opts.label_column, _LABEL_COLUMNS)
     columns = list(dict.fromkeys(c for c in (image or link, ident, caption, label) if c is not None))
-    records = _records(url, pf, columns, ident)
+    records = _records(url, pf, columns, ident, lo, hi)
     if image is not None:
         for source, rec in records:
             value = rec[image]
@@ -250,12 +251,19 @@ def _download_rows(records, link: str, caption: str | None, label: str | None, o
     yield from _guard_web_outage(items)
 
 
-def _records(url: str, pf: pq.ParquetFile, columns: list[str], ident: str | None) -> Iterator[tuple[str, dict]]:
-    row = 0
-    for batch in pf.iter_batches(batch_size=256, columns=columns):
-        for rec in batch.to_pylist():
-            yield (f"{url}#id={rec[ident]}" if ident else f"{url}#row={row}"), rec
-            row += 1
+def _records(url: str, pf: pq.ParquetFile, columns: list[str], ident: str | None, lo: int, hi: int
+             ) -> Iterator[tuple[str, dict]]:
+    """(identity, row) for rows [lo, hi) of the file, reading only the row groups that hold them."""
+    lo, hi = (0, pf.metadata.num_rows) if lo < 0 else (lo, hi)
+    first = 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if first + n > lo and first < hi:
+            table = pf.read_row_group(g, columns=columns)
+            a, b = max(lo, first) - first, min(hi, first + n) - first
+            for row, rec in enumerate(table.slice(a, b - a).to_pylist(), first + a):
+                yield (f"{url}#id={rec[ident]}" if ident else f"{url}#row={row}"), rec
+        first += n
 
 
 def _text(rec: dict, column: str | None) -> str | None:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.ingest.atomic import put_bytes, url_to_fs
-from pipeline.ingest.retry import RetryPolicy, retry
+from pipeline.ingest.retry import RetryPolicy, TransientFailure, retry
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 PARQUET_SUFFIXES = (".parquet",)
@@ -58,7 +58,9 @@ class ListResult:
     part_url: str
     rows: int
     digest: str
-    units: tuple[tuple[str, int, int], ...]  # (kind, first row, end row): work units cut from this part
+    # Work units cut from this part: (kind, first row, end row, first parquet row, end parquet row); a parquet file
+    # is cut into runs of unit_size of its own rows (a LAION metadata file holds ~1M URLs), -1 -1 = all of it.
+    units: tuple[tuple[str, int, int, int, int], ...]
     classes: tuple[str, ...]
     subfolders: tuple[str, ...]  # "top" only: sub-folder URLs, sorted
 
@@ -144,30 +146,54 @@ def run_listing(task: ListTask, policy: RetryPolicy) -> ListResult:
     table = pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, ENTRY_SCHEMA)], schema=ENTRY_SCHEMA)
     put_bytes(task.part_url, _parquet_bytes(table), task.storage_options)
     classes = tuple(sorted({c for _, _, c, _, _ in rows if c is not None}))
-    units = cut_units([r[0] for r in rows], task.unit_size)
+    parquet_rows = {i: _parquet_rows(r[1], task.storage_options, policy) for i, r in enumerate(rows)
+                    if r[0] == "parquet"}
+    units = cut_units([r[0] for r in rows], task.unit_size, parquet_rows)
     return ListResult(task.part_url, len(rows), digest.hexdigest(), units, classes, subfolders)
 
 
-def cut_units(kinds: list[str], unit_size: int) -> tuple[tuple[str, int, int], ...]:
-    """Runs of up to unit_size loose files; each archive or parquet file a unit of its own. Units depend on the
-    listing alone, never on the worker count: that is what makes output independent of --workers."""
-    units: list[tuple[str, int, int]] = []
+def cut_units(kinds: list[str], unit_size: int, parquet_rows: dict[int, int]
+              ) -> tuple[tuple[str, int, int, int, int], ...]:
+    """Runs of up to unit_size loose files; each archive a unit of its own; each parquet file runs of unit_size of
+    its rows. Units depend on the listing alone, never on the worker count: that is what makes output independent
+    of --workers."""
+    units: list[tuple[str, int, int, int, int]] = []
     start = None
     for i, kind in enumerate(kinds):
         if kind == "file":
             if start is None:
                 start = i
             if i + 1 - start == unit_size:
-                units.append(("files", start, i + 1))
+                units.append(("files", start, i + 1, 0, 0))
                 start = None
             continue
         if start is not None:
-            units.append(("files", start, i))
+            units.append(("files", start, i, 0, 0))
             start = None
-        units.append((kind, i, i + 1))
+        n = parquet_rows.get(i, -1)
+        if kind == "parquet" and n > 0:
+            units += [(kind, i, i + 1, lo, min(n, lo + unit_size)) for lo in range(0, n, unit_size)]
+        else:
+            units.append((kind, i, i + 1, -1, -1))
     if start is not None:
-        units.append(("files", start, len(kinds)))
+        units.append(("files", start, len(kinds), 0, 0))
     return tuple(units)
+
+
+def _parquet_rows(url: str, storage_options: dict, policy: RetryPolicy) -> int:
+    """Rows of a parquet file from its footer; -1 if it is not readable parquet (its stage task then rejects it)."""
+    fs, path = url_to_fs(url, storage_options)
+
+    def read() -> int:
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+
+    try:
+        return retry(read, policy, f"read the footer of {url}")
+    except TransientFailure:
+        raise
+    except Exception:  # noqa: BLE001 - corrupt or not parquet: a content fault, rejected by the stage task
+        return -1
 
 
 def read_part_rows(part_url: str, start: int, end: int, storage_options: dict) -> list[dict]:

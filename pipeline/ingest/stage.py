@@ -44,6 +44,7 @@ class StageTask:
     part_url: str  # listing part holding the unit's rows
     start: int  # rows [start, end) of the part
     end: int
+    file_rows: tuple[int, int]  # a parquet unit's rows of its file, [lo, hi); (-1, -1): all of them
     classes: tuple[str, ...]  # folder class names; a file's label is its class's index
     layout: Layout
     clean: CleanConfig
@@ -106,7 +107,7 @@ def _items(task: StageTask):
         return read_files([e["url"] for e in entries], [index.get(e["cls"], -1) for e in entries], task.read)
     if task.kind == "archive":
         return read_archive(entries[0]["url"], task.read)
-    return read_parquet(entries[0]["url"], task.read)
+    return read_parquet(entries[0]["url"], task.read, *task.file_rows)
 
 
 def _process(item: RawItem, cfg: CleanConfig, dedup: str) -> tuple[dict, dict[str, bytes]]:

@@ -49,19 +49,21 @@ def test_url_caption_parquet_and_url_list_through_web_faults(tmp_path, monkeypat
     with FaultServer(files, slow_s=1.5) as web:
         urls = [f"{web.url}/img/{i}.jpg" for i in range(10)] + [f"{web.url}/img/missing.jpg", f"{web.url}/img/dead.jpg"]
         pq.write_table(pa.table({"url": urls, "caption": [f"caption {i}" for i in range(12)],
-                                 "id": [f"r{i}" for i in range(12)]}), tmp_path / "laion.parquet")
+                                 "id": [f"r{i}" for i in range(12)]}), tmp_path / "laion.parquet", row_group_size=4)
         (tmp_path / "more.txt").write_text(f"{web.url}/img/10.jpg\n{web.url}/img/11.jpg\n")
         for path, faults in {"/img/0.jpg": ["503", "503"], "/img/1.jpg": ["reset", "reset"], "/img/2.jpg": ["cut"],
                              "/img/3.jpg": ["slow"], "/img/10.jpg": ["reset"], "/img/dead.jpg": ["503"] * 100}.items():
             web.fail(path, faults)
         report = run_ingest(_cfg([tmp_path / "laion.parquet", tmp_path / "more.txt"], tmp_path / "out",
-                                 download_threads=4))
+                                 download_threads=4, unit_size=5, keep_staging=True))
         assert web.requests["/img/0.jpg"] == 3 and web.requests["/img/dead.jpg"] == 3  # retried, then given up
     got = verdicts(tmp_path / "out")
     rejected = {s: v for s, v in got.items() if v != "keep"}
     parquet = str(tmp_path / "laion.parquet")
     assert rejected == {f"file://{parquet}#id=r10": "http_404", f"file://{parquet}#id=r11": "download_failed"}
     assert report["kept"] == 12
+    # The parquet file was cut into units of 5 of its rows (across its row groups of 4), the list is a fourth unit.
+    assert len(list((tmp_path / "out/_ingest/stage").glob("*.parquet"))) == 4
     samples = _samples_by_source(tmp_path / "out")
     first = samples[f"file://{parquet}#id=r0"]
     assert first["txt"] == b"caption 0" and json.loads(first["json"])["source_meta"]["url"] == urls[0]
