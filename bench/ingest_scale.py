@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.ingest.layout import Layout
-from pipeline.ingest.near import _NONE, band_keys, bands, earliest_neighbours
+from pipeline.ingest.near import _NONE, band_keys, bands, blocks_per_band, earliest_neighbours
 from pipeline.ingest.stage import STAGE_SCHEMA
 
 UNIT_INPUTS = 10_000
@@ -92,10 +92,12 @@ def run_phases(output: str, units: int, dedup: str, threshold: int, workers: int
     inputs = np.full(units, UNIT_INPUTS, np.int64)
     starts = _groups(inputs, cfg.group_inputs)
     groups = [(g, int(a), int(b)) for g, (a, b) in enumerate(zip(starts, [*starts[1:], units]))]
-    per_input = 1 + (dedup != "none") + (len(bands(threshold)) if dedup == "near" else 0)
+    per_band = blocks_per_band(threshold, int(inputs.sum()))
+    per_input = 1 + (dedup != "none") + (len(bands(threshold, per_band)) if dedup == "near" else 0)
     buckets = max(1, -(-int(inputs.sum()) * per_input // cfg.bucket_records))
     phases = {
-        "map": (run_map, [(g, DedupMapTask(g, a, b, buckets, dedup, threshold, layout, {})) for g, a, b in groups]),
+        "map": (run_map, [(g, DedupMapTask(g, a, b, buckets, dedup, threshold, per_band, layout, {}))
+                          for g, a, b in groups]),
         "reduce": (run_reduce, [(b, DedupReduceTask(b, tuple(int(x) for x in starts), threshold, layout, {}))
                                 for b in range(buckets)]),
         "resolve": (run_resolve, [(g, ResolveTask(g, a, b, buckets, layout, {})) for g, a, b in groups]),

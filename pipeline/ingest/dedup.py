@@ -47,6 +47,7 @@ class DedupMapTask:
     buckets: int
     mode: str  # "none" | "exact" | "near"
     threshold: int
+    per_band: int  # pHash blocks per LSH band (near.py's s, from the number of inputs)
     layout: Layout
     storage_options: dict
 
@@ -84,7 +85,7 @@ def run_map(task: DedupMapTask) -> dict:
         kinds.append((EXACT, p[0], p[1]))
     if task.mode == "near":
         zero = np.zeros(len(ph), np.uint64)
-        kinds += [(NEAR + i, band_keys(ph, band), zero) for i, band in enumerate(bands(task.threshold))]
+        kinds += [(NEAR + i, band_keys(ph, band), zero) for i, band in enumerate(bands(task.threshold, task.per_band))]
     key_arr = pa.array(key_bytes, pa.binary(10))
     tables = []
     for kind, k1, k2 in kinds:

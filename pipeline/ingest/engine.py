@@ -43,7 +43,7 @@ from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.dedup import DedupMapTask, DedupReduceTask, run_map, run_reduce
 from pipeline.ingest.executor import Engine, Failed, Resources
 from pipeline.ingest.layout import Layout
-from pipeline.ingest.near import bands
+from pipeline.ingest.near import bands, blocks_per_band
 from pipeline.ingest.preflight import check_output, write_config
 from pipeline.ingest.readers import ReadOptions
 from pipeline.ingest.report import build_report
@@ -124,13 +124,15 @@ def _run_phases(run: "_Run", listing: list[ListTask], fingerprint: str, start: f
     inputs = run.phase("stage", run_stage, _stage_tasks(plan, cfg, layout, policy), len(plan.unit_kind),
                        ("inputs", "seconds"), progress="inputs")["inputs"]
     group_starts = _groups(inputs, cfg.group_inputs)
-    per_input = 1 + (cfg.dedup != "none") + (len(bands(cfg.near_threshold)) if cfg.dedup == "near" else 0)
+    per_band = blocks_per_band(cfg.near_threshold, int(inputs.sum()))
+    per_input = 1 + (cfg.dedup != "none") + (len(bands(cfg.near_threshold, per_band)) if cfg.dedup == "near" else 0)
     records = int(inputs.sum()) * per_input
     buckets = max(1, -(-records // cfg.bucket_records))
     groups = [(g, int(a), int(b)) for g, (a, b) in enumerate(zip(group_starts, [*group_starts[1:], len(inputs)]))]
     so = cfg.storage_options
-    run.phase("map", run_map, ((g, DedupMapTask(g, a, b, buckets, cfg.dedup, cfg.near_threshold, layout, so))
-                               for g, a, b in groups), len(groups), ("records",))
+    maps = ((g, DedupMapTask(g, a, b, buckets, cfg.dedup, cfg.near_threshold, per_band, layout, so))
+            for g, a, b in groups)
+    run.phase("map", run_map, maps, len(groups), ("records",))
     run.phase("reduce", run_reduce, ((b, DedupReduceTask(b, tuple(int(x) for x in group_starts), cfg.near_threshold,
                                                          layout, so)) for b in range(buckets)), buckets,
               ("records", "losers"))

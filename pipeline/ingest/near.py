@@ -1,17 +1,17 @@
-"""Near duplicates among 64-bit pHashes: banded LSH whose bands are pairs of blocks, checked by Hamming distance.
+"""Near duplicates among 64-bit pHashes: banded LSH whose bands are sets of blocks, checked by Hamming distance.
 
-Split the 64 bits into b = t + 2 blocks. Two hashes within Hamming distance t differ in at most t blocks, so at
-least two blocks agree exactly (pigeonhole): every such pair shares the key of at least one of the C(b, 2) bands
-(a band = the bits of two blocks). Recall is therefore 100% of brute force for distance <= t, by construction
-(bench/ingest_scale.py measures it anyway). For t = 4: 6 blocks of 10-11 bits, 15 bands of 21-22 bits. The cost is
-15 records per image in the shuffle plus the pairs that share a band key: about N / 2^21 random neighbours per
-band per record, so about 1 Hamming check per image per band at 30M images and 140 at 300M (vectorised: still
-seconds per million images), plus the true near-duplicate clusters.
+Split the 64 bits into b = t + s blocks. Two hashes within Hamming distance t differ in at most t blocks, so at
+least s blocks agree exactly (pigeonhole): every such pair shares the key of at least one of the C(t + s, s) bands
+(a band = the bits of s blocks). Recall is therefore 100% of brute force for distance <= t, whatever s is
+(bench/ingest_scale.py measures it anyway); s only trades records for candidates. A band key of k bits gives each
+record about N / 2^k random candidates per band, so s grows with N (`blocks_per_band`): for t = 4, s = 2 (15 bands
+of 21-22 bits) up to 32M images, s = 3 (35 bands of 27-28 bits) up to 2 billion, so the candidates per record stay
+at most ~16 per band and the cost stays linear in N (with a step where s changes).
 
 The rule every engine applies: a sample is a near duplicate when an EARLIER sample (lower input ordinal) lies
 within t bits of it; its winner is the earliest such sample. This is a property of each pair, so it can be
 decided band by band in any order and on any worker, and the result is the same: deterministic and independent
-of the number of workers.
+of the number of workers (and of s).
 """
 
 from __future__ import annotations
@@ -24,19 +24,34 @@ _NONE = np.iinfo(np.int64).max  # "no winner"
 _SMALL_GROUP = 64  # groups up to this size are compared by offsets; larger ones (skew) by dense blocks
 
 
-def bands(threshold: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    """The band definitions for `threshold`: pairs of (lo, hi) bit ranges."""
-    blocks = threshold + 2
+_MAX_CANDIDATES = 16  # random band-key neighbours per record and band that a choice of s may leave
+
+
+def blocks_per_band(threshold: int, inputs: int) -> int:
+    """The smallest s (>= 2) whose band keys have at least log2(inputs / _MAX_CANDIDATES) bits."""
+    s = 2
+    while min(_band_bits(threshold, s)) < np.log2(max(inputs, 1) / _MAX_CANDIDATES) and s < 64 - threshold:
+        s += 1
+    return s
+
+
+def bands(threshold: int, per_band: int = 2) -> list[tuple[tuple[int, int], ...]]:
+    """The band definitions for `threshold` with `per_band` blocks per band: tuples of (lo, hi) bit ranges."""
+    blocks = threshold + per_band
     bounds = [(64 * i // blocks, 64 * (i + 1) // blocks) for i in range(blocks)]
-    return [(bounds[a], bounds[b]) for a, b in combinations(range(blocks), 2)]
+    return [tuple(bounds[i] for i in chosen) for chosen in combinations(range(blocks), per_band)]
 
 
-def band_keys(phash: np.ndarray, band: tuple[tuple[int, int], tuple[int, int]]) -> np.ndarray:
+def _band_bits(threshold: int, per_band: int) -> list[int]:
+    return [sum(hi - lo for lo, hi in band) for band in bands(threshold, per_band)]
+
+
+def band_keys(phash: np.ndarray, band: tuple[tuple[int, int], ...]) -> np.ndarray:
     """uint64 key of each hash for one band: the band's bits, concatenated."""
-    (alo, ahi), (blo, bhi) = band
-    a = (phash >> np.uint64(alo)) & np.uint64((1 << (ahi - alo)) - 1)
-    b = (phash >> np.uint64(blo)) & np.uint64((1 << (bhi - blo)) - 1)
-    return (a << np.uint64(bhi - blo)) | b
+    key = np.zeros(len(phash), np.uint64)
+    for lo, hi in band:
+        key = (key << np.uint64(hi - lo)) | ((phash >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1))
+    return key
 
 
 def earliest_neighbours(group: np.ndarray, phash: np.ndarray, ordinal: np.ndarray, threshold: int

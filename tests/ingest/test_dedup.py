@@ -18,11 +18,11 @@ def _brute_force(phash: np.ndarray, ordinal: np.ndarray, threshold: int) -> np.n
     return out
 
 
-def _lsh(phash: np.ndarray, ordinal: np.ndarray, threshold: int) -> np.ndarray:
+def _lsh(phash: np.ndarray, ordinal: np.ndarray, threshold: int, per_band: int) -> np.ndarray:
     """What the reduce tasks compute, all buckets together: the earliest winner over every band."""
     best = np.full(len(phash), _NONE, np.int64)
-    for b, band in enumerate(bands(threshold)):
-        group = band_keys(phash, band).astype(np.int64) * len(bands(threshold)) + b
+    for b, band in enumerate(bands(threshold, per_band)):
+        group = band_keys(phash, band).astype(np.int64) * 100 + b
         winner, index = earliest_neighbours(group, phash, ordinal, threshold)
         found = index >= 0
         assert (ordinal[index[found]] == winner[found]).all()  # the index points at the winner
@@ -44,7 +44,8 @@ def test_lsh_finds_every_near_pair_brute_force_finds():
     ordinal = rng.permutation(n).astype(np.int64) * 3
     want = _brute_force(phash, ordinal, threshold)
     assert (want < _NONE).sum() > 1000
-    np.testing.assert_array_equal(_lsh(phash, ordinal, threshold), want)
+    for per_band in (2, 3):  # 15 bands of 2 blocks (up to 32M inputs), 35 of 3 (beyond)
+        np.testing.assert_array_equal(_lsh(phash, ordinal, threshold, per_band), want)
 
 
 def test_bucket_mix_spreads_short_band_keys():
