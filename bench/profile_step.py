@@ -3,6 +3,10 @@
     python -m bench.profile_step                                   # vit_tiny, 32 px, patch 4 (test_cpu.yaml's model)
     python -m bench.profile_step --steps 6 --set model.recipe=simclr --trace /tmp/step.json   # + a Chrome trace
 
+Each run profiles the step twice in one process, eager and with the transformer blocks compiled (the trainer's
+deepspeed.compile=blocks, jobs.engine.compile_blocks; --compile off|blocks for one of them), and prints both and
+their ratio. The compiled variant's first steps compile (about a minute on 2 CPU cores): --warmup covers them.
+
 The loop is fed a synthetic batch (no loader cost) and runs --warmup + --steps steps with logging every
 --log-every steps; a loop iteration is the time between two batch fetches, so it holds train_step and everything the
 loop does per step (schedule, non-finite guard, metrics window, preemption check). Reported per step:
@@ -31,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bench.train import synthetic_batches
 from jobs.config import load_config
 from jobs.derived import derive
-from jobs.engine import build_engine
+from jobs.engine import build_engine, resolve_runtime
 from jobs.launch import init_distributed
 from jobs.loop import Progress, train
 from jobs.pretrain import pretrain_hooks
@@ -121,45 +125,42 @@ def analyse(events, steps: int) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(CONFIG))
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    ap.add_argument("--steps", type=int, default=5, help="profiled steps (after --warmup)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--log-every", type=int, default=10, help="logging.every_steps (the metrics window's sync)")
-    ap.add_argument("--trace", default=None, help="also write a Chrome trace here")
-    args = ap.parse_args()
-    total = args.warmup + args.steps + 1  # the last step checkpoints: not analysed
-    with tempfile.TemporaryDirectory() as tmp:
-        sets = [f"output_dir={tmp}", f"debug.max_steps={total}", f"logging.every_steps={args.log_every}",
-                "logging.tensorboard=false", "logging.progress='off'", f"checkpoint.every_steps={10**9}",
-                "optim.global_batch=8", "data.batch_size=8", *args.set]
-        cfg = load_config(args.config, sets)
-        dist = init_distributed()
-        o = cfg.optim
-        derived = derive(o.global_batch, cfg.data.batch_size, 1, o.base_lr, o.lr_base_batch, cfg.schedule.total_samples,
-                         cfg.schedule.warmup_samples)
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model)
-        loader = SyntheticLoader(cfg.data.batch_size, cfg.model.img_size, model.num_patches, model.num_views)
-        engine = build_engine(model, cfg.optim, cfg.deepspeed, derived, dist.device)
-        flops = train_flops_per_image(cfg.model)
-        hooks = pretrain_hooks(engine, loader, cfg, derived, None)  # the loop as jobs/pretrain.py runs it, less kNN
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            # The last step also checkpoints: it ends after the last fetch, so it falls outside the analysed window.
-            train(engine, loader, cfg, derived, dist, Progress(), Path(tmp), flops, step_fn=train_step, hooks=hooks)
-        report = analyse(prof.events(), args.steps)
-        loader.fetches = 0
-        (Path(tmp) / "sites").mkdir()
-        with SyncSites(loader, args.warmup, total - 1) as sites:  # the same steps, untimed, for where syncs come from
-            train(engine, loader, cfg, derived, dist, Progress(), Path(tmp) / "sites", flops, step_fn=train_step,
-                  hooks=hooks)
-        report["sync_sites"] = {k: v / args.steps for k, v in sites.sites.most_common()}
+def profile_variant(cfg, args, compile_mode: str, out_dir: Path) -> dict:
+    """The analysed report of one variant: a fresh model and engine with deepspeed.compile = compile_mode."""
+    from dataclasses import replace
+
+    dist = init_distributed()
+    cfg = replace(cfg, deepspeed=replace(cfg.deepspeed, compile=compile_mode))
+    o, total = cfg.optim, args.warmup + args.steps + 1  # the last step checkpoints: not analysed
+    derived = derive(o.global_batch, cfg.data.batch_size, 1, o.base_lr, o.lr_base_batch, cfg.schedule.total_samples,
+                     cfg.schedule.warmup_samples)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    loader = SyntheticLoader(cfg.data.batch_size, cfg.model.img_size, model.num_patches, model.num_views)
+    runtime = resolve_runtime(cfg.deepspeed, o.name, model, dist.device.type == "cuda")
+    engine = build_engine(model, cfg.optim, cfg.deepspeed, derived, runtime)
+    flops = train_flops_per_image(cfg.model)
+    hooks = pretrain_hooks(engine, loader, cfg, derived, None)  # the loop as jobs/pretrain.py runs it, less kNN
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        # The last step also checkpoints: it ends after the last fetch, so it falls outside the analysed window.
+        train(engine, loader, cfg, derived, dist, Progress(), out_dir / "timed", flops, step_fn=train_step,
+              hooks=hooks)
+    report = analyse(prof.events(), args.steps)
+    loader.fetches = 0
+    with SyncSites(loader, args.warmup, total - 1) as sites:  # the same steps, untimed, for where syncs come from
+        train(engine, loader, cfg, derived, dist, Progress(), out_dir / "sites", flops, step_fn=train_step,
+              hooks=hooks)
+    report["sync_sites"] = {k: v / args.steps for k, v in sites.sites.most_common()}
+    report["runtime"] = {"precision": runtime.precision, "compile": runtime.compile}
     if args.trace:
-        prof.export_chrome_trace(args.trace)
+        prof.export_chrome_trace(f"{args.trace}.{compile_mode}.json")
+    torch.distributed.destroy_process_group()
+    return report
+
+
+def print_report(cfg, report: dict) -> None:
     print(f"model {cfg.model.preset} {cfg.model.recipe} {cfg.model.img_size} px patch {cfg.model.resolved_patch_size}, "
-          f"micro-batch {cfg.data.batch_size}, precision {cfg.deepspeed.precision}, ZeRO {cfg.deepspeed.zero_stage}, "
+          f"micro-batch {cfg.data.batch_size}, {report['runtime']}, ZeRO {cfg.deepspeed.zero_stage}, "
           f"torch threads {torch.get_num_threads()}")
     print(f"step {report['step_ms']:.1f} ms; outside ATen {100 * report['share_outside_aten']:.1f}%; "
           f"{report['aten_ops_per_step']:.0f} ATen ops/step; {report['syncs_per_step']:.1f} host-device syncs/step")
@@ -167,7 +168,34 @@ def main() -> None:
         print(title)
         for k, v in report[title].items():
             print(f"  {v:9.3f}  {k}")
-    torch.distributed.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(CONFIG))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument("--steps", type=int, default=5, help="profiled steps (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=3, help="unanalysed steps first (the compiled variant compiles here)")
+    ap.add_argument("--log-every", type=int, default=10, help="logging.every_steps (the metrics window's sync)")
+    ap.add_argument("--compile", choices=["both", "off", "blocks"], default="both")
+    ap.add_argument("--trace", default=None, help="also write Chrome traces to PREFIX.off.json / PREFIX.blocks.json")
+    args = ap.parse_args()
+    total = args.warmup + args.steps + 1
+    reports = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = [f"output_dir={tmp}", f"debug.max_steps={total}", f"logging.every_steps={args.log_every}",
+                "logging.tensorboard=false", "logging.progress='off'", f"checkpoint.every_steps={10**9}",
+                "optim.global_batch=8", "data.batch_size=8", *args.set]
+        cfg = load_config(args.config, sets)
+        for mode in (["off", "blocks"] if args.compile == "both" else [args.compile]):
+            reports[mode] = profile_variant(cfg, args, mode, Path(tmp) / mode)
+            print_report(cfg, reports[mode])
+    if len(reports) == 2:
+        off, on = reports["off"], reports["blocks"]
+        print(f"compiled blocks vs eager: step {on['step_ms']:.1f} / {off['step_ms']:.1f} ms "
+              f"({on['step_ms'] / off['step_ms']:.2f}x), ATen ops per step {on['aten_ops_per_step']:.0f} / "
+              f"{off['aten_ops_per_step']:.0f}, host time outside ATen "
+              f"{on['step_ms'] * on['share_outside_aten']:.1f} / {off['step_ms'] * off['share_outside_aten']:.1f} ms")
 
 
 if __name__ == "__main__":

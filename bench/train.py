@@ -16,8 +16,8 @@ process on CPU); then the SimCLR / CAN step-time ratio per preset (the cost mode
 for ViT-B/16). The step is jobs.step.train_step in the engine jobs.engine.build_engine makes, and every per-step
 figure comes from the trainer's jobs.metrics.Window over a window of one step, so the trainer's logged images/s and
 MFU and these are one definition (tests/jobs/test_mfu_agrees.py). Levers, each a flag: --precision (DeepSpeed bf16
-weights vs torch autocast), --compile (whole model or per block), --batch (micro-batch), --grad-accum, --zero,
---adamw (DeepSpeed FusedAdam, the trainer's choice on CUDA, vs torch's fused AdamW), --checkpoint-activations.
+weights vs torch autocast), --compile (the trainer's deepspeed.compile: blocks compiled on CUDA by default),
+--batch (micro-batch), --grad-accum, --zero, --checkpoint-activations.
 --loader without --shards writes JPEG shards of natural photos (bench.pipeline.web_like_jpegs) to a temporary folder.
 """
 
@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from jobs.config import DeepSpeedConfig, OptimConfig
 from jobs.derived import Derived, derive
-from jobs.engine import build_engine, build_optimizer, deepspeed_config, resolve_precision
+from jobs.engine import build_engine, resolve_runtime
 from jobs.launch import Dist, init_distributed
 from jobs.metrics import TimedIterator, Window, memory_stats, peak_flops
 from jobs.metrics import mfu as metrics_mfu
@@ -70,10 +70,9 @@ SUITES: dict[str, list[Case]] = {
 @dataclass(frozen=True)
 class Levers:
     precision: str = "auto"  # jobs.config.DeepSpeedConfig.precision: bf16 (DeepSpeed), amp_bf16 (autocast), fp32
-    compile: str = "none"  # none | model (nn.Module.compile on the whole model) | blocks (on each transformer block)
-    zero_stage: int = 1
+    compile: str = "auto"  # jobs.config.DeepSpeedConfig.compile: auto (blocks on CUDA) | blocks | off
+    zero_stage: int = 2
     grad_accum: int = 1
-    adamw: str = "trainer"  # trainer = jobs.engine.build_engine's (FusedAdam on CUDA) | torch_fused (torch AdamW)
     checkpoint_activations: bool = False  # recompute each block in backward (memory for ~1/3 more forward FLOPs)
 
 
@@ -113,34 +112,19 @@ def loader_batches(shards: str, cfg: ModelConfig, batch: int, num_views: int, de
     return build_loader(data, 0, 1, device)
 
 
-def apply_model_levers(model: torch.nn.Module, levers: Levers) -> None:
-    """Activation checkpointing and torch.compile, in place (parameter names and model methods unchanged)."""
-    blocks = [b for name, b in model.named_modules() if type(b).__name__ == "Block"]
-    if levers.checkpoint_activations:
-        for block in blocks:
-            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
-    if levers.compile == "model":
-        model.compile()
-    elif levers.compile == "blocks":
-        for block in blocks:
-            block.compile()
+def checkpoint_activations(model: torch.nn.Module) -> None:
+    """Recompute each transformer block in the backward pass, in place (parameter names unchanged)."""
+    for block in (b for b in model.modules() if type(b).__name__ == "Block"):
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def make_engine(model: torch.nn.Module, levers: Levers, derived: Derived, device: torch.device):
-    """The trainer's engine (jobs.engine.build_engine); --adamw torch_fused swaps only the optimizer."""
-    optim, ds = OptimConfig(global_batch=derived.global_batch), DeepSpeedConfig(zero_stage=levers.zero_stage,
-                                                                                precision=levers.precision)
-    if levers.adamw == "trainer":
-        return build_engine(model, optim, ds, derived, device)
-    import deepspeed
-
-    groups = model.param_groups(optim.weight_decay)
-    optimizer = (torch.optim.AdamW(groups, lr=0.0, betas=optim.betas, eps=optim.eps, fused=True)
-                 if device.type == "cuda" else build_optimizer(groups, optim, False))
-    precision = resolve_precision(levers.precision, device.type == "cuda", optim.name)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(ds, derived, optim.grad_clip, precision))
-    return engine
+    """The trainer's engine (jobs.engine.build_engine) with the levers' DeepSpeed settings; returns it and its
+    runtime (precision, compile) as the trainer resolves it."""
+    optim = OptimConfig(global_batch=derived.global_batch)
+    ds = DeepSpeedConfig(zero_stage=levers.zero_stage, precision=levers.precision, compile=levers.compile)
+    runtime = resolve_runtime(ds, optim.name, model, device.type == "cuda")
+    return build_engine(model, optim, ds, derived, runtime), runtime
 
 
 def bench_one(cfg: ModelConfig, case: Case, levers: Levers, steps: int, warmup: int, source: str,
@@ -151,10 +135,11 @@ def bench_one(cfg: ModelConfig, case: Case, levers: Levers, steps: int, warmup: 
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     model = build_model(cfg)
-    apply_model_levers(model, levers)
+    if levers.checkpoint_activations:
+        checkpoint_activations(model)
     global_batch = case.batch * levers.grad_accum
     derived = derive(global_batch, case.batch, 1, 1e-4, 256, global_batch * (steps + warmup), 0)
-    engine = make_engine(model, levers, derived, device)
+    engine, runtime = make_engine(model, levers, derived, device)
     loader = None
     if source == "synthetic":
         it = synthetic_batches(case.batch, cfg.img_size, model.num_patches, model.num_views, device)
@@ -178,7 +163,7 @@ def bench_one(cfg: ModelConfig, case: Case, levers: Levers, steps: int, warmup: 
     ips = statistics.median(r["images_per_s_per_device"] for r in records)
     result = {"recipe": cfg.recipe, "preset": cfg.preset, "img_size": cfg.img_size, "patch_size": cfg.resolved_patch_size,
               "decoder": [cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads], "micro_batch": case.batch,
-              "source": source, "precision": resolve_precision(levers.precision, device.type == "cuda", "adamw"),
+              "source": source, "precision": runtime.precision, "compiled": runtime.compile,
               "optimizer": type(engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer")
                                 else engine.optimizer).__name__,
               "step_s": statistics.median(r["step_time_s"] for r in records),
@@ -220,10 +205,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on CUDA, 1 on CPU)")
     p.add_argument("--precision", choices=["auto", "bf16", "amp_bf16", "fp32"], default="auto")
-    p.add_argument("--compile", choices=["none", "model", "blocks"], default="none")
-    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=1)
+    p.add_argument("--compile", choices=["auto", "blocks", "off"], default="auto")
+    p.add_argument("--zero", type=int, choices=[1, 2, 3], default=2)
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--adamw", choices=["trainer", "torch_fused"], default="trainer")
     p.add_argument("--checkpoint-activations", action="store_true")
     p.add_argument("--loader", action="store_true", help="also time with the real loader (data-wait share)")
     p.add_argument("--shards", default=None, help="shard URL for --loader (default: photo shards in a temp dir)")
@@ -246,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     on_cuda = dist.device.type == "cuda"
     steps = args.steps if args.steps is not None else (20 if on_cuda else 3)
     warmup = args.warmup if args.warmup is not None else (5 if on_cuda else 1)
-    levers = Levers(args.precision, args.compile, args.zero, args.grad_accum, args.adamw, args.checkpoint_activations)
+    levers = Levers(args.precision, args.compile, args.zero, args.grad_accum, args.checkpoint_activations)
     peak = peak_flops(dist.device, args.peak_flops)
     device_name = torch.cuda.get_device_name(dist.device) if on_cuda else platform.processor() or "cpu"
     print(f"device: {device_name}, peak {peak}, torch {torch.__version__}, threads {torch.get_num_threads()}, "

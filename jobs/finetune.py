@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from jobs.derived import Derived, derive
-from jobs.engine import build_engine, resolve_precision
+from jobs.engine import build_engine, resolve_runtime
 from jobs.errors import ConfigError
 from jobs.eval.encoder_source import resolve_source
 from jobs.eval.finetune_loop import evaluate, finetune_hooks, finetune_step
@@ -74,12 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             raise ConfigError(f"{section}.{str(e).removeprefix('data.')}") from None
     derived = derived_values(cfg, world.world_size)
-    precision = resolve_precision(cfg.deepspeed.precision, world.device.type == "cuda", cfg.optim.name)
-    out_dir = prepare_run_dir(cfg.output_dir, derived, precision, lambda extra: dump_finetune_yaml(cfg, extra), world)
     model = build_network(cfg)
     check_input_shape(model, cfg)
+    runtime = resolve_runtime(cfg.deepspeed, cfg.optim.name, model, world.device.type == "cuda")
+    out_dir = prepare_run_dir(cfg.output_dir, derived, runtime, lambda extra: dump_finetune_yaml(cfg, extra), world)
     flops = train_flops_per_image(model.vit)
-    engine = build_engine(model, cfg.optim, cfg.deepspeed, derived, world.device)
+    engine = build_engine(model, cfg.optim, cfg.deepspeed, derived, runtime)
     progress, loader_state = resume(engine, out_dir / "checkpoints", world, cfg.checkpoint.resume)
     loader = build_data(cfg.train_data, world, loader_state)
     outcome = train(engine, loader, cfg, derived, world, progress, out_dir, flops, step_fn=finetune_step,

@@ -19,6 +19,7 @@ import yaml
 from jobs.config import (CheckpointConfig, DebugConfig, DeepSpeedConfig, LoggingConfig, OptimConfig, load_config,
                          redact, to_plain)
 from jobs.errors import ConfigError
+from jobs.validate import check_nonfinite_skip
 from pipeline.config import DataConfig
 
 
@@ -95,6 +96,7 @@ def check_finetune_config(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"head.layer_decay: in (0, 1], got {cfg.head.layer_decay}")
     if cfg.logging.every_steps <= 0 or cfg.checkpoint.every_steps <= 0 or cfg.checkpoint.keep <= 0:
         raise ConfigError("logging.every_steps, checkpoint.every_steps and checkpoint.keep: must be positive")
+    check_nonfinite_skip(cfg.optim.name, cfg.deepspeed.zero_stage)
 
 
 def dump_finetune_yaml(cfg: FinetuneConfig, extra: dict | None = None) -> str:

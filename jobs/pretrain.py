@@ -20,7 +20,7 @@ import torch
 
 from jobs.config import MonitorConfig, TrainConfig, dump_yaml, load_config
 from jobs.derived import Derived, derive
-from jobs.engine import build_engine, resolve_precision
+from jobs.engine import build_engine, resolve_runtime
 from jobs.errors import ConfigError
 from jobs.eval.monitor import KNNMonitor
 from jobs.launch import Dist, init_distributed
@@ -110,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(dist.rank)
     check_config(cfg)
     derived = derived_values(cfg, dist.world_size)
-    precision = resolve_precision(cfg.deepspeed.precision, dist.device.type == "cuda", cfg.optim.name)
-    out_dir = prepare_run_dir(cfg.output_dir, derived, precision, lambda extra: dump_yaml(cfg, extra), dist)
-    engine = build_engine(build_network(cfg.model, cfg.seed, dist.device), cfg.optim, cfg.deepspeed, derived, dist.device)
+    network = build_network(cfg.model, cfg.seed, dist.device)
+    runtime = resolve_runtime(cfg.deepspeed, cfg.optim.name, network, dist.device.type == "cuda")
+    out_dir = prepare_run_dir(cfg.output_dir, derived, runtime, lambda extra: dump_yaml(cfg, extra), dist)
+    engine = build_engine(network, cfg.optim, cfg.deepspeed, derived, runtime)
     progress, loader_state = resume(engine, out_dir / "checkpoints", dist, cfg.checkpoint.resume)
     loader = build_data(cfg.data, dist, loader_state)
     monitor = build_monitor(cfg.monitor, cfg.data, cfg.deepspeed.zero_stage, dist)

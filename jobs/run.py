@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable
 
@@ -12,6 +12,7 @@ import torch
 
 from jobs import checkpoint, rng_state
 from jobs.derived import Derived
+from jobs.engine import Runtime
 from jobs.launch import Dist
 from jobs.loop import Progress
 from pipeline.config import DataConfig
@@ -37,13 +38,15 @@ def setup_logging(rank: int) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def prepare_run_dir(output_dir: str, derived: Derived, precision: str, dump: Callable[[dict], str], dist: Dist) -> Path:
-    """output_dir/resolved.yaml: the config as run (`dump(extra)`), with the derived values, beside the checkpoints."""
+def prepare_run_dir(output_dir: str, derived: Derived, runtime: Runtime, dump: Callable[[dict], str],
+                    dist: Dist) -> Path:
+    """output_dir/resolved.yaml: the config as run (`dump(extra)`), with the derived values and the runtime
+    (precision, compile), beside the checkpoints."""
     out = Path(output_dir)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         extra = {f.name: getattr(derived, f.name) for f in fields(derived)}
-        extra["precision"] = precision
+        extra.update(asdict(runtime))
         (out / "resolved.yaml").write_text(dump(extra))
         log.info("derived: %s", extra)
     torch.distributed.barrier()

@@ -22,12 +22,12 @@ class StepOutput:
     applied: bool  # False when DeepSpeed skipped the update (non-finite gradient norm on some rank)
 
 
-def model_inputs(batch: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The batch fields every model's forward takes (model.build), whichever the loader produced: views in the
-    engine's dtype (bf16 params need bf16 inputs); mask keys stay fp32: in bf16 they would tie, and ties change which
-    patches the argsort keeps; labels (B,) long, -1 = none (supcon uses them, the others ignore them)."""
-    inputs = {k: batch[k].to(dtype) for k in _VIEW_KEYS if k in batch}
-    inputs.update({k: batch[k] for k in _MASK_KEYS if k in batch})
+def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    """The batch fields every model's forward takes (model.build), whichever the loader produced. Views stay float32
+    whatever the engine's precision: the encoder's input layer casts them after CAN has added its noise (a bf16 view
+    would round most of the noise away, model/vit.py); mask keys stay float32 (in bf16 they would tie, and ties change
+    which patches the argsort keeps); labels (B,) long, -1 = none (supcon uses them, the others ignore them)."""
+    inputs = {k: batch[k] for k in (*_VIEW_KEYS, *_MASK_KEYS) if k in batch}
     if "labels" in batch:
         inputs["labels"] = batch["labels"].long()
     return inputs
@@ -42,7 +42,7 @@ def train_step(engine, batches: Iterator[dict], grad_accum: int, lr: float, pois
     set_lr(engine, lr)  # schedule
     totals: dict[str, torch.Tensor] = {}
     for _ in range(grad_accum):
-        losses = engine(**model_inputs(next(batches), engine.get_data_types()[0]))  # forward: named terms
+        losses = engine(**model_inputs(next(batches)))  # forward: named terms
         loss = losses["loss"] * float("nan") if poison else losses["loss"]
         engine.backward(loss)
         engine.step()  # a no-op until the accumulation boundary; then clip, update, zero grads

@@ -57,6 +57,7 @@ def check_model_data_agreement(cfg: TrainConfig) -> None:
 
 def check_engine(cfg: TrainConfig) -> None:
     o, ds = cfg.optim, cfg.deepspeed
+    check_nonfinite_skip(o.name, ds.zero_stage)
     if o.name == "lars" and ds.zero_stage != 0:
         # ZeRO 1-3 give the optimizer one flat partition per param group: the per-layer trust ratio would be lost.
         raise ConfigError(f"deepspeed.zero_stage: {ds.zero_stage}, but optim.name lars needs 0 (per-layer trust "
@@ -68,6 +69,15 @@ def check_engine(cfg: TrainConfig) -> None:
         # The EMA update reads every online parameter and writes every target parameter on each rank.
         raise ConfigError("deepspeed.zero_stage: 3 partitions the parameters, which BYOL's EMA target update "
                           f"(recipe {cfg.model.recipe!r}) needs whole on every rank; use 0-2")
+
+
+def check_nonfinite_skip(optimizer: str, zero_stage: int) -> None:
+    """A non-finite gradient must skip the update on every rank (jobs/loop.py's guard counts on it). ZeRO stages 1-3
+    check the all-reduced gradient norm and skip; stage 0 applies whatever the optimizer computes, and only LARS checks
+    for itself (jobs/lars.py)."""
+    if zero_stage == 0 and optimizer != "lars":
+        raise ConfigError(f"deepspeed.zero_stage: 0 with optim.name {optimizer} would apply a non-finite update "
+                          "(stage 0 has no overflow check); use zero_stage 1-3")
 
 
 def check_monitor(cfg: TrainConfig) -> None:

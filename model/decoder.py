@@ -54,7 +54,7 @@ class Decoder(nn.Module):
         mask_tokens = self.mask_token.expand(n, L + 1 - k1, -1)
         patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # [visible..., masked...]
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dim))  # back in patch order
-        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed.to(x.dtype)  # fp32 buffer under bf16
         x = x + self.noise_embed(sigma)
         for block in self.decoder_blocks:
             x = block(x)

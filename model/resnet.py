@@ -84,6 +84,7 @@ class ResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 3, H, W) normalised -> feature map (N, num_features, H / 32, W / 32) (rounded up per stride)."""
+        x = x.to(self.conv1.weight.dtype)  # views arrive in float32; under DeepSpeed bf16 the weights are bf16
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 

@@ -6,7 +6,10 @@ attn.proj, norm2, mlp.fc1, mlp.fc2}, norm) so exporting to timm is a near-identi
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.block import LAYER_NORM_EPS, Block, init_weights
@@ -28,7 +31,19 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        """x: (N, 3, H, W), any float dtype -> (N, L, D) in the projection weight's dtype.
+
+        The projection runs in float32 whatever the training precision (autocast off too): CAN adds noise of sigma
+        U[0, 0.05) to the pixels, and bf16 pixels (8 significant bits: a step of 0.0156 at 2.0) would round most of
+        it away, leaving a denoise target the encoder never saw. The tokens keep it as a linear projection. It costs
+        ~0.1% of a ViT's FLOPs (3 input channels).
+        """
+        w, b = self.proj.weight, self.proj.bias
+        # (autocast exists on real devices only; the meta device, used to build the large presets, has none)
+        autocast_off = torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else nullcontext()
+        with autocast_off:
+            y = F.conv2d(x.float(), w.float(), b.float(), stride=self.patch_size)
+        return y.flatten(2).transpose(1, 2).to(w.dtype)
 
 
 class VisionTransformer(nn.Module):
@@ -85,10 +100,12 @@ class VisionTransformer(nn.Module):
 
         Returns (N, 1 + K, D): the cls token then the kept patches in ids_keep order, after the final norm.
         """
-        x = self.patch_embed(x) + self.pos_embed[:, 1:]
+        # Buffers keep float32 when DeepSpeed casts a model to bf16 (it casts parameters only): follow the tokens.
+        pos = self.pos_embed.to(self.cls_token.dtype)
+        x = self.patch_embed(x) + pos[:, 1:]
         if ids_keep is not None:
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         for block in self.blocks:
             x = block(x)

@@ -22,11 +22,10 @@ def finetune_step(engine, batches: Iterator[dict], grad_accum: int, lr: float, p
     No host sync (no .item()): the loss terms stay on the device until the logging window reads them.
     """
     set_layer_lrs(engine.optimizer, lr)  # schedule x layer decay
-    dtype = engine.get_data_types()[0]
     totals: dict[str, torch.Tensor] = {}
     for _ in range(grad_accum):
         batch = next(batches)
-        terms = engine(batch["view1"].to(dtype), batch["labels"])  # forward: {"loss", "top1"}
+        terms = engine(batch["view1"], batch["labels"])  # forward: {"loss", "top1"}; the ViT casts the float32 view
         loss = terms["loss"] * float("nan") if poison else terms["loss"]
         engine.backward(loss)
         engine.step()  # a no-op until the accumulation boundary
@@ -52,11 +51,10 @@ def evaluate(engine, loader, device: torch.device) -> dict[str, float]:
     model = engine.module
     was_training = model.training
     model.eval()  # no drop path
-    dtype = engine.get_data_types()[0]
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, labelled samples
     for batch in loader:
         labels = batch["labels"].to(device)
-        logits = model.logits(batch["view1"].to(dtype)).float()
+        logits = model.logits(batch["view1"]).float()
         seen = labels >= 0
         topk = logits.topk(min(5, logits.shape[1]), dim=1).indices[seen]
         hits = topk == labels[seen, None]

@@ -20,15 +20,33 @@ FINETUNE_CONFIGS = sorted(CONFIGS.glob("finetune_*.yaml"))
 
 
 @pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_loads_and_agrees_with_its_model(path):
+def test_every_shipped_config_builds_its_model_and_engine_settings(path):
+    """What the cluster would build first, on CPU: the config, its model at full size on the meta device (no memory),
+    the runtime it resolves to on CUDA (precision, compile), the optimizer over the model's groups, and DeepSpeed's own
+    parse of the engine config. A wrong key, a refused combination or a DeepSpeed rejection fails here."""
+    import torch
+    from deepspeed.runtime.config import DeepSpeedConfig as DeepSpeedJSON
+
+    from jobs.engine import build_optimizer, deepspeed_config, resolve_runtime
+    from jobs.pretrain import derived_values
+    from jobs.validate import check_engine, check_model_data_agreement
+    from model.build import build_model
+
     cfg = load_config(path)
     assert isinstance(cfg, TrainConfig)
-    from jobs.validate import check_model_data_agreement
-
     check_model_data_agreement(cfg)
-    first_line = path.read_text().splitlines()[0]
-    assert first_line.startswith("#"), "each config starts with a header comment (command, hardware, run time)"
-    assert "command:" in path.read_text() and "run time:" in path.read_text() and "hardware:" in path.read_text()
+    check_engine(cfg)
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    runtime = resolve_runtime(cfg.deepspeed, cfg.optim.name, model, on_cuda=True)
+    assert runtime.precision in ("bf16", "amp_bf16", "fp32")
+    build_optimizer(model.param_groups(cfg.optim.weight_decay), cfg.optim)
+    derived = derived_values(cfg, world_size=1)
+    ds = DeepSpeedJSON(deepspeed_config(cfg.deepspeed, derived, cfg.optim.grad_clip, runtime.precision))
+    assert ds.train_batch_size == cfg.optim.global_batch and ds.zero_optimization_stage == cfg.deepspeed.zero_stage
+    text = path.read_text()
+    assert text.splitlines()[0].startswith("#"), "each config starts with a header comment"
+    assert "command:" in text and "run time:" in text and "hardware:" in text
 
 
 @pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=lambda p: p.name)
@@ -47,7 +65,8 @@ def test_production_config_matches_the_spec():
     assert (cfg.model.preset, cfg.model.recipe, cfg.optim.global_batch) == ("vit_large", "can", 4096)
     assert d.peak_lr == pytest.approx(2.5e-4 * 4096 / 256)
     assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.05
-    assert cfg.deepspeed.zero_stage == 1 and cfg.deepspeed.precision == "bf16"
+    assert cfg.deepspeed.zero_stage == 2 and cfg.deepspeed.precision == "bf16"
+    assert cfg.deepspeed.reduce_bucket_size == 50_000_000 and cfg.deepspeed.compile == "auto"
     assert load_config(CONFIGS / "mae_vit_large.yaml").optim.base_lr == 1.5e-4
 
 

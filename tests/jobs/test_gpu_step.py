@@ -1,4 +1,5 @@
-"""The trainer's step on one GPU in bf16: DeepSpeed bf16 weights, FusedAdam, flash attention, a falling loss."""
+"""The trainer's step on one GPU in bf16: DeepSpeed bf16 weights, torch's fused AdamW, compiled blocks, flash
+attention, a falling loss on a fixed batch with fixed noise."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs CUDA: bf16 DeepSpeed engine with FusedAdam and flash attention")
+                                reason="needs CUDA: bf16 DeepSpeed engine on the GPU, compiled blocks, flash attention")
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +19,10 @@ def dist():
     torch.distributed.destroy_process_group()
 
 
-def _engine(dist, recipe: str = "can"):
+def _engine(dist, recipe: str = "can", compile_blocks: bool = False):
     from jobs.config import DeepSpeedConfig, OptimConfig
     from jobs.derived import derive
-    from jobs.engine import build_engine
+    from jobs.engine import Runtime, build_engine
     from model.build import build_model
     from model.config import ModelConfig
 
@@ -30,26 +31,29 @@ def _engine(dist, recipe: str = "can"):
                       decoder_heads=4)  # head dim 64 (encoder) and 32 (decoder): flash sizes
     model = build_model(cfg)
     derived = derive(16, 16, 1, 1e-3, 256, 16 * 100, 0)
-    return build_engine(model, OptimConfig(global_batch=16), DeepSpeedConfig(precision="bf16"), derived, dist.device)
+    return build_engine(model, OptimConfig(global_batch=16), DeepSpeedConfig(precision="bf16"), derived,
+                        Runtime("bf16", compile=compile_blocks))
 
 
-def test_bf16_step_trains_with_fused_adam(dist):
-    from deepspeed.ops.adam import FusedAdam
-
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled_blocks"])
+def test_bf16_step_trains(dist, compiled):
+    """Eight steps on one fixed batch with the same noise draw each step (the noise level is redrawn per step
+    otherwise, and its spread alone moves the loss by more than eight steps of training): the loss must fall."""
     from bench.train import synthetic_batches
     from jobs.step import train_step
 
-    engine = _engine(dist)
+    engine = _engine(dist, compile_blocks=compiled)
     assert all(p.dtype == torch.bfloat16 for p in engine.module.parameters())
-    assert isinstance(engine.optimizer.optimizer, FusedAdam)
-    batches = synthetic_batches(16, 64, 64, 2, dist.device)  # one fixed batch: the loss must fall on it
+    assert isinstance(engine.optimizer.optimizer, torch.optim.AdamW)
+    batches = synthetic_batches(16, 64, 64, 2, dist.device)  # one fixed batch
     losses = []
     for _ in range(8):
+        torch.manual_seed(0)  # the same noise every step
         out = train_step(engine, batches, 1, 1e-3)
         assert out.applied
         losses.append(out.losses["loss"].item())
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert min(losses[-3:]) < losses[0], losses
+    assert losses[-1] < 0.9 * losses[0], losses
 
 
 def test_training_attention_runs_on_flash_only():

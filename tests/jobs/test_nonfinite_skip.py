@@ -1,0 +1,93 @@
+"""A non-finite loss skips the update for every optimizer x ZeRO stage x precision the config check accepts, and the
+combinations that would apply it are refused at start (jobs/validate.py check_nonfinite_skip, check_engine)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from jobs.config import DeepSpeedConfig, OptimConfig, TrainConfig
+from jobs.derived import derive
+from jobs.engine import Runtime, build_engine
+from jobs.errors import ConfigError
+from jobs.step import train_step
+from jobs.validate import check_engine
+
+STAGES, PRECISIONS = (0, 1, 2, 3), ("fp32", "bf16", "amp_bf16")
+
+
+class Tiny(nn.Module):
+    """The trainer's model protocol (forward -> {"loss", ...}, param_groups) around a LayerNorm MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(12, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 1))
+
+    def forward(self, view1: torch.Tensor, **unused) -> dict[str, torch.Tensor]:
+        x = view1.flatten(1).to(self.net[0].weight.dtype)
+        loss = self.net(x).float().pow(2).mean()
+        return {"loss": loss, "mse": loss.detach()}
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        return [{"params": list(self.parameters()), "weight_decay": weight_decay}]
+
+
+def accepted(optimizer: str, stage: int, precision: str) -> bool:
+    cfg = TrainConfig(optim=OptimConfig(name=optimizer), deepspeed=DeepSpeedConfig(zero_stage=stage,
+                                                                                     precision=precision))
+    try:
+        check_engine(cfg)
+        return True
+    except ConfigError:
+        return False
+
+
+MATRIX = list(itertools.product(("adamw", "lars"), STAGES, PRECISIONS))
+
+
+def test_the_accepted_combinations_are_exactly_these():
+    """AdamW needs ZeRO 1-3 (stage 0 has no overflow check); LARS needs stage 0 (per-layer trust ratios) and not
+    bf16 weights (flat partitions)."""
+    assert {m for m in MATRIX if accepted(*m)} == (
+        {("adamw", s, p) for s in (1, 2, 3) for p in PRECISIONS} | {("lars", 0, "fp32"), ("lars", 0, "amp_bf16")})
+
+
+@pytest.fixture(scope="module")
+def dist():
+    from jobs.launch import init_distributed
+
+    d = init_distributed("gloo")
+    yield d
+    torch.distributed.destroy_process_group()
+
+
+def weights(engine) -> list[torch.Tensor]:
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3):
+        return [p.detach().float().clone() for p in params]
+
+
+@pytest.mark.parametrize("optimizer,stage,precision", [m for m in MATRIX if accepted(*m)])
+def test_nonfinite_loss_skips_the_update(dist, optimizer, stage, precision):
+    """Step 1 is poisoned (loss x NaN): no weight moves and the step reports itself skipped. Step 2 is clean: it
+    applies, and every weight is finite and moved (a NaN that reached AdamW's moments or LARS's momentum would make
+    step 2 NaN even with a finite gradient)."""
+    torch.manual_seed(0)
+    derived = derive(4, 2, 1, 1e-2, 256, 400, 0)  # 2 micro-batches of 2: the poison sits in an accumulation
+    engine = build_engine(Tiny(), OptimConfig(name=optimizer, global_batch=4),
+                          DeepSpeedConfig(zero_stage=stage, precision=precision), derived, Runtime(precision, False))
+    batch = {"view1": torch.randn(2, 3, 2, 2)}
+    batches = iter(lambda: batch, None)
+    before = weights(engine)
+    out = train_step(engine, batches, derived.grad_accum, 1e-2, poison=True)
+    assert not out.applied
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(engine)))
+    out = train_step(engine, batches, derived.grad_accum, 1e-2)
+    after = weights(engine)
+    assert out.applied and torch.isfinite(out.losses["loss"])
+    assert all(torch.isfinite(w).all() for w in after) and not all(torch.equal(a, b) for a, b in zip(before, after))
