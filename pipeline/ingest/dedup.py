@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.ingest.atomic import url_to_fs
 from pipeline.ingest.done import mark_done, read_done
-from pipeline.ingest.exchange import read_part, write_parts
+from pipeline.ingest.exchange import read_parts, write_parts
 from pipeline.ingest.layout import Layout
 from pipeline.ingest.near import band_keys, bands, earliest_neighbours
 
@@ -103,8 +103,8 @@ def run_reduce(task: DedupReduceTask) -> dict:
     if done is not None:
         return done
     so = task.storage_options
-    records = pa.concat_tables([read_part(task.layout.dedup_records(g), task.bucket, RECORD_SCHEMA, so)
-                                for g in range(len(task.group_starts))])
+    records = read_parts([task.layout.dedup_records(g) for g in range(len(task.group_starts))], task.bucket,
+                         RECORD_SCHEMA, so)
     kind = records.column("kind").to_numpy().astype(np.int64)
     k1, k2 = records.column("k1").to_numpy(), records.column("k2").to_numpy()
     ords, ph = records.column("ordinal").to_numpy(), records.column("phash").to_numpy()
@@ -145,8 +145,7 @@ def read_losers(layout: Layout, group: int, buckets: int, storage_options: dict
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One group's losing inputs, merged over buckets (strongest verdict, then earliest winner), sorted by ordinal:
     (ordinal [L] int64, verdict kind [L] int8, winner key [L] hex str objects)."""
-    table = pa.concat_tables([read_part(layout.dedup_losers(b), group, LOSER_SCHEMA, storage_options)
-                              for b in range(buckets)])
+    table = read_parts([layout.dedup_losers(b) for b in range(buckets)], group, LOSER_SCHEMA, storage_options)
     ords, kind, winner = (table.column(c).to_numpy() for c in ("ordinal", "kind", "winner"))
     order = np.lexsort((winner, kind, ords))
     head = np.r_[True, ords[order][1:] != ords[order][:-1]][: len(order)]
