@@ -2,12 +2,14 @@
 
     python -m bench.pipeline                     # CPU DALI here; DALI on the GPU where one is present
     python -m bench.pipeline --images 256 --passes 3 --size 224
+    python -m bench.pipeline --images 2048 --batch 256 --local --json out.json   # bench/gpu_check.sh: no S3 server
 
 The DALI figure is the loader's train pipeline, host-side parameter drawing (view_params.py) included. Both sides
 decode the same in-memory JPEGs (web-like photos, 320-512 px, from skimage.data) and make two views with
 the CAN augmentation of CAN_SPEC.md at --size px. Each figure is the median of --passes timed passes after one warm-up
-pass. Also measured in the same run: the whole loader (build_loader: S3 streaming on the loopback server + validation
-+ DALI) and DALI's own fn.readers.webdataset over the same shards, to compare the two reading paths.
+pass. Also measured in the same run: the whole loader (build_loader: worker processes streaming from the loopback S3
+server, or from local tars with --local, + DALI) and DALI's own fn.readers.webdataset over the same shards, to compare
+the two reading paths.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from pipeline import augment
 from pipeline.config import AugmentConfig, DataConfig
-from pipeline.loader import build_loader, resolve_device
-from pipeline.validate import inspect_jpeg
+from pipeline.loader import build_loader
+from pipeline.validate import inspect_image
 from pipeline.view_params import draw_batch
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
@@ -105,27 +107,36 @@ def time_pil(jpegs, size, aug, batch, workers, passes) -> list[float]:
 
 def time_dali(jpegs, size, aug, batch, threads, passes, device_id) -> list[float]:
     """The loader's train pipeline, host-side parameter drawing included (sizes come from the reader's header parse)."""
-    pipe = augment.train_pipeline(batch, size, 2, aug, device_id, threads, 1)
+    pipe = augment.train_pipeline(batch, size, 2, aug, device_id, threads, 2)
     arrays = [np.frombuffer(j, np.uint8) for j in jpegs]
-    sizes = [inspect_jpeg(j, "header")[1] for j in jpegs]
+    sizes = [inspect_image(j, "jpeg", "header")[1] for j in jpegs]
     rates = []
     for p in range(passes + 1):
         t0 = time.perf_counter()
-        for i in range(0, len(arrays), batch):
-            pipe.feed_input(augment.JPEG_INPUT, arrays[i : i + batch])
+        starts = list(range(0, len(arrays) - batch + 1, batch))
+        for n, i in enumerate(starts):  # the loader's way: 2 batches in flight in DALI's pipelined executor
+            pipe.feed_input(augment.IMAGE_INPUT, arrays[i : i + batch])
             augment.feed_params(pipe, aug, draw_batch(sizes[i : i + batch], aug, 2, (size // 16) ** 2, 0, 0, i))
-            out = pipe.run()
-            if device_id is not None:
-                out[0].as_cpu()  # wait for the GPU work
+            if n == 1:
+                pipe.schedule_run()  # the first call runs the 2 fed iterations
+            elif n > 1:
+                pipe.share_outputs()
+                pipe.release_outputs()
+                pipe.schedule_run()
+        for _ in range(min(2, len(starts))):
+            out = pipe.share_outputs()
+            pipe.release_outputs()
+        if device_id is not None:
+            out[0].as_cpu()  # wait for the GPU work
         if p > 0:
-            rates.append(len(arrays) / (time.perf_counter() - t0))
+            rates.append(len(starts) * batch / (time.perf_counter() - t0))
     return rates
 
 
-def time_loader(prefix, size, batch, threads, passes, n_images, device) -> list[float]:
-    cfg = DataConfig(shards=prefix, batch_size=batch, img_size=size, workers=2, shuffle_buffer=batch * 2,
+def time_loader(prefix, size, batch, threads, passes, n_images, device, workers) -> list[float]:
+    cfg = DataConfig(shards=prefix, batch_size=batch, img_size=size, workers=workers, shuffle_buffer=batch * 2,
                      dali_threads=threads, device=device, steps_per_epoch=max(1, n_images // batch))
-    loader = build_loader(cfg, 0, 1, resolve_device(device))
+    loader = build_loader(cfg, 0, 1, torch.device(device))
     rates = []
     for p in range(passes + 1):
         t0 = time.perf_counter()
@@ -188,6 +199,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="DataLoader workers = DALI threads")
+    ap.add_argument("--loader-workers", type=int, default=2, help="the loader's worker processes")
+    ap.add_argument("--local", action="store_true", help="the loader reads local tars (no S3 server needed)")
+    ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     device_id = 0 if device == "cuda" else None
@@ -199,19 +213,24 @@ def main() -> None:
     results["dali"] = time_dali(jpegs, args.size, aug, args.batch, args.workers, args.passes, device_id)
     results["pil"] = time_pil(jpegs, args.size, aug, args.batch, args.workers, args.passes)
 
+    from contextlib import nullcontext
+
     from pipeline.ingest.writer import write_shard
     from tools import local_s3
 
-    with local_s3.serve() as s3, tempfile.TemporaryDirectory() as tmp:
-        prefix = s3.make_bucket("bench-pipeline") + "/ds"
+    with (nullcontext() if args.local else local_s3.serve()) as s3, tempfile.TemporaryDirectory() as tmp:
+        prefix = tmp + "/ds" if args.local else s3.make_bucket("bench-pipeline") + "/ds"
         per = max(1, args.images // 4)
         for s in range(4):
             samples = [(f"s{s}_{i}", {"jpg": j, "cls": b"0"}) for i, j in enumerate(jpegs[s * per : (s + 1) * per])]
             write_shard(f"{prefix}/shard-{s:06d}.tar", samples)
-            write_shard(f"{tmp}/shard-{s:06d}.tar", samples)
-        results["loader_s3"] = time_loader(prefix, args.size, args.batch, args.workers, args.passes, args.images,
-                                           device)
-        tars = [f"{tmp}/shard-{s:06d}.tar" for s in range(4)]
+            if not args.local:
+                write_shard(f"{tmp}/shard-{s:06d}.tar", samples)
+        name = "loader_local" if args.local else "loader_s3"
+        results[name] = time_loader(prefix, args.size, args.batch, args.workers, args.passes, args.images, device,
+                                    args.loader_workers)
+        local = tmp + "/ds" if args.local else tmp
+        tars = [f"{local}/shard-{s:06d}.tar" for s in range(4)]
         results["dali_webdataset_local"] = time_dali_webdataset(tars, args.size, aug, args.batch, args.workers,
                                                                 args.passes, device_id, args.images)
     for name, rates in results.items():
@@ -219,6 +238,13 @@ def main() -> None:
               + ", ".join(f"{r:.1f}" for r in rates) + ")")
     ratio = statistics.median(results["dali"]) / statistics.median(results["pil"])
     print(f"DALI / Pillow+DataLoader: {ratio:.2f}x")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "images": args.images, "batch": args.batch, "size": args.size,
+                       "two_view_images_per_s": {k: statistics.median(v) for k, v in results.items()},
+                       "passes": results, "dali_over_pil": ratio}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -53,6 +54,28 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
             return torch.load(path, map_location=map_location, weights_only=True)
 
 
+ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3 writes one of these per rank, no whole module
+
+
+def zero3_module_state(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The whole module's fp32 state_dict of a ZeRO-3 checkpoint tag, gathered offline from every rank's partitions
+    (DeepSpeed's zero_to_fp32), with its files read weights_only: that utility calls torch.load(weights_only=False),
+    so torch.load is routed through the allow-list for the duration of the call (one thread, at start-up)."""
+    from deepspeed.utils import zero_to_fp32
+
+    real_load = torch.load
+
+    def weights_only_load(f, map_location=None, weights_only=None, mmap=None, **kwargs):
+        with torch.serialization.safe_globals(_safe_globals()):
+            return real_load(f, map_location=map_location, weights_only=True, mmap=bool(mmap))
+
+    torch.load = weights_only_load
+    try:
+        return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    finally:
+        torch.load = real_load
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -72,8 +95,9 @@ def _rank_file(tag_dir: Path, rank: int) -> Path:
     return tag_dir / f"trainer_rank{rank:05d}.pt"
 
 
-def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, rank: int, keep: int) -> Path:
-    """Collective: every rank calls it at the same step. Returns the tag directory."""
+def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, rank: int, keep: int, crash: bool = False) -> Path:
+    """Collective: every rank calls it at the same step. Returns the tag directory. crash: rank 0 dies by SIGKILL after
+    every file is written and before the tag is marked complete (debug.crash_in_save_at_step)."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     if rank == 0:
@@ -82,6 +106,8 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, rank: int, keep
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={}, save_latest=False)
     _atomic_torch_save(trainer_state, _rank_file(tag_dir, rank))  # each rank's data stream is its own
+    if crash and rank == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()  # all ranks' files are written before the tag is declared complete
     if rank == 0:
         _atomic_write_bytes(tag_dir / COMPLETE, f"{step}\n".encode())
@@ -132,11 +158,14 @@ def agreed_latest(ckpt_dir: Path, rank: int) -> str | None:
 
 
 def load(engine, ckpt_dir: Path, tag: str, rank: int) -> dict:
-    """Restore engine (weights + optimizer) and return this rank's trainer state."""
+    """Restore engine (weights + optimizer) and return this rank's trainer state. Refuses, before loading anything, a
+    checkpoint written by another number of ranks: each rank's data stream position is its own file."""
+    saved = len(list((ckpt_dir / tag).glob("trainer_rank*.pt")))  # _rank_file names
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if saved != world:
+        raise RuntimeError(f"checkpoint {ckpt_dir / tag} was written by {saved} ranks and this run has {world}: "
+                           "resuming needs the same number of ranks (each rank's data stream position is its own)")
     path = _rank_file(ckpt_dir / tag, rank)
-    if not path.is_file():
-        raise RuntimeError(f"{path} missing: checkpoint {tag} was written by a different number of ranks; resuming "
-                           "the data stream needs the same world size")
     engine.checkpoint_engine = SafeCheckpointEngine()
     load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)

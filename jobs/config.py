@@ -121,6 +121,9 @@ class MonitorConfig:
 class DebugConfig:
     nan_at_steps: tuple[int, ...] = ()  # rank 0's loss is made NaN at these steps: exercises the skip path
     max_steps: int | None = None  # stop after this step without changing the schedule (tests, benchmarks)
+    # rank 0 SIGKILLs itself in the middle of this step's checkpoint save (its files written, not marked complete):
+    # what a node failure during a save leaves behind (tests/jobs/test_production_path.py)
+    crash_in_save_at_step: int | None = None
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,14 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import torch
+
+# Where each launcher says which device of its node a process owns: torchrun and the deepspeed launcher export
+# LOCAL_RANK (jobs/slurm_pretrain.sh sets it from SLURM_LOCALID); a bare `srun python ...` leaves only SLURM_LOCALID;
+# Open MPI's mpirun sets OMPI_COMM_WORLD_LOCAL_RANK. The first one present wins.
+LOCAL_RANK_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")
 
 
 @dataclass(frozen=True)
@@ -34,10 +40,10 @@ def init_distributed(backend: str = "auto") -> Dist:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    on_cuda = torch.cuda.is_available()
+    on_cuda, local = torch.cuda.is_available(), local_rank()
+    device = rank_device(local, on_cuda)
     if on_cuda:
-        torch.cuda.set_device(local_rank)  # before any CUDA work, so NCCL binds each rank to its own GPU
+        torch.cuda.set_device(device)  # before any CUDA work, so NCCL (and DALI) bind each rank to its own GPU
     if backend == "auto":
         backend = "nccl" if on_cuda else "gloo"
     # On CPU DeepSpeed also JIT-builds a shared-memory all-reduce op the first time (about a minute, cached under
@@ -46,8 +52,21 @@ def init_distributed(backend: str = "auto") -> Dist:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if not on_cuda:
         release_shm_allreduce_name(rank)
-    device = torch.device("cuda", local_rank) if on_cuda else torch.device("cpu")
-    return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    return Dist(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def local_rank(env: Mapping[str, str] = os.environ) -> int:
+    """This process's index among the processes of its node (LOCAL_RANK_VARS), 0 when no launcher set one."""
+    for name in LOCAL_RANK_VARS:
+        if env.get(name, "") != "":
+            return int(env[name])
+    return 0
+
+
+def rank_device(local: int, on_cuda: bool) -> torch.device:
+    """The device a rank trains on: its own GPU of the node (cuda:LOCAL_RANK), or the CPU. Always with an index on
+    CUDA: a bare "cuda" means the current device, GPU 0 until set_device, which every rank would share."""
+    return torch.device("cuda", local) if on_cuda else torch.device("cpu")
 
 
 SHM_DIR = Path("/dev/shm")

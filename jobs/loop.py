@@ -79,7 +79,7 @@ class LoopHooks:
 def train(engine, loader, cfg: TrainConfig | FinetuneConfig, derived: Derived, dist: Dist, progress: Progress,
           out_dir: Path, flops_per_image: float, *, step_fn: StepFn, hooks: LoopHooks) -> str:
     """Runs until the schedule's end (or debug.max_steps) or a preemption; returns "done" or "preempted"."""
-    preemption = PreemptionFlag()
+    preemption = PreemptionFlag(progress.step)
     guard = NonFiniteGuard(cfg.optim.max_nonfinite_in_a_row)
     writer = MetricsWriter(out_dir, cfg.logging.tensorboard) if dist.is_main else None
     window, batches = Window(dist.device), TimedIterator(iter(loader))
@@ -111,14 +111,15 @@ def train(engine, loader, cfg: TrainConfig | FinetuneConfig, derived: Derived, d
                 if writer is not None:
                     writer.write(record)
                     log.info("step %d/%d loss %.4f %s", step, last, record["loss"], hooks.log_suffix(record))
-            preempted = preemption.requested_anywhere()
+            preempted = preemption.requested_anywhere(step)
             if preempted or step % cfg.checkpoint.every_steps == 0 or step == last:
                 checkpoint.save(engine, ckpt_dir, step, trainer_state(progress, loader), dist.rank,
-                                cfg.checkpoint.keep)
+                                cfg.checkpoint.keep, crash=step == cfg.debug.crash_in_save_at_step)
                 log.info("checkpoint %s saved", checkpoint.tag_for(step))
             if preempted:
-                log.info("%s received: saved step %d, exiting", preemption.signal_name or "signal on another rank",
-                         step)
+                got = (f"{preemption.signal_name} received in step {preemption.signal_step}"
+                       if preemption.signal_name else "signal on another rank")
+                log.info("%s: saved step %d, exiting", got, step)
                 return "preempted"
         return "done"
     finally:

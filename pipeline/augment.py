@@ -31,7 +31,7 @@ from pipeline import mscn_graph
 from pipeline.config import AugmentConfig
 from pipeline.view_params import ViewParams
 
-JPEG_INPUT = "jpegs"  # name of the external source the loader feeds with pipe.feed_input
+IMAGE_INPUT = "images"  # name of the external source the loader feeds with pipe.feed_input (encoded bytes)
 
 # ViewParams field -> (ndim per sample, DALI dtype) of the argument inputs each view of the train pipeline takes.
 _CROP = {"roi_start": (1, types.FLOAT), "roi_end": (1, types.FLOAT), "mirror": (0, types.INT32)}
@@ -55,11 +55,14 @@ def input_name(view: int, field: str) -> str:
 
 
 def _decode(device_id: int | None):
-    jpegs = fn.external_source(name=JPEG_INPUT, dtype=types.UINT8, ndim=1)
-    # hw_decoder_load: share of images sent to the hardware decoder on A100/H100; the rest go to CUDA nvJPEG.
+    # no_copy: the loader feeds views of its shared-memory slots and keeps them unchanged until the batch's outputs
+    # are out (loader.py), so DALI reads the bytes where the worker process wrote them.
+    images = fn.external_source(name=IMAGE_INPUT, dtype=types.UINT8, ndim=1, no_copy=True)
+    # Any format nvImageCodec reads (validate.FORMATS). hw_decoder_load: share of JPEGs sent to the hardware decoder
+    # on A100/H100; the rest go to CUDA nvJPEG; formats without a GPU decoder are decoded on the CPU threads.
     if device_id is None:
-        return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
-    return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=0.65)
+        return fn.decoders.image(images, device="cpu", output_type=types.RGB)
+    return fn.decoders.image(images, device="mixed", output_type=types.RGB, hw_decoder_load=0.65)
 
 
 def _highpass_sigma(aug: AugmentConfig) -> float:
@@ -98,12 +101,19 @@ def feed_params(pipe: Pipeline, aug: AugmentConfig, views: list[ViewParams]) -> 
             pipe.feed_input(input_name(v, f), getattr(params, f))
 
 
+def _pipeline(batch_size: int, device_id: int | None, num_threads: int, prefetch: int) -> Pipeline:
+    """DALI's asynchronous pipelined executor (the default, dynamic one): `prefetch` iterations in flight, run by
+    DALI's threads while the loader's thread feeds the next batch; outputs are allocated per iteration, so they can be
+    handed to torch without a copy (loader._to_torch)."""
+    return Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0,
+                    prefetch_queue_depth=prefetch, exec_async=True, exec_pipelined=True)
+
+
 def train_pipeline(batch_size: int, img_size: int, num_views: int, aug: AugmentConfig, device_id: int | None,
                    num_threads: int, prefetch: int) -> Pipeline:
     """Outputs, in order: one view [B,3,S,S] float32 per view; with aug.mscn, then one keep mask [B,3,S,S] uint8 per
-    masked copy (mscn_graph.keep_masks' order). Inputs: JPEG_INPUT, feed_params, and with aug.mscn feed_masks."""
-    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0,
-                    prefetch_queue_depth=prefetch, exec_async=False, exec_pipelined=False)
+    masked copy (mscn_graph.keep_masks' order). Inputs: IMAGE_INPUT, feed_params, and with aug.mscn feed_masks."""
+    pipe = _pipeline(batch_size, device_id, num_threads, prefetch)
     with pipe:
         img = _decode(device_id)
         views = [_view(img, img_size, aug, v) for v in range(num_views)]
@@ -117,8 +127,7 @@ def train_pipeline(batch_size: int, img_size: int, num_views: int, aug: AugmentC
 def eval_pipeline(batch_size: int, img_size: int, aug: AugmentConfig, device_id: int | None, num_threads: int,
                   prefetch: int) -> Pipeline:
     """One output: view [B,3,S,S] float32, the centre crop of the shorter-side-resized image."""
-    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0,
-                    prefetch_queue_depth=prefetch, exec_async=False, exec_pipelined=False)
+    pipe = _pipeline(batch_size, device_id, num_threads, prefetch)
     with pipe:
         img = _decode(device_id)
         img = fn.resize(img, resize_shorter=round(img_size / aug.eval_resize_ratio))

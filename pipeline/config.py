@@ -155,27 +155,41 @@ class DataConfig:
     patch_size: int = 16  # mask keys are [B, (img_size / patch_size)^2]
     num_views: int = 2  # 2 for can/simclr, 1 for mae
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    shuffle_buffer: int = 2000  # samples; 0 disables (eval never shuffles)
-    workers: int = 2  # reader threads per rank, each owning disjoint shards
+    shuffle_buffer: int = 2000  # samples per worker; 0 disables (eval never shuffles)
+    # Worker processes per rank (pipeline/worker.py), each reading a disjoint share of the shards and making whole
+    # batches: reading, tar parsing and validation stay out of the training process's GIL. About 600 images/s each
+    # at 512 px JPEGs on one core (bench/pipeline.py): 4 per GPU for 2,500 images/s.
+    workers: int = 2
     seed: int = 0
     steps_per_epoch: int | None = None  # train: stop an iteration after this many steps (same on every rank); None = endless
     storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec (e.g. s3fs client_kwargs)
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # where DALI decodes and augments; auto = cuda when available
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where DALI decodes and augments; auto = the rank's own GPU
     dali_threads: int = 2
-    prefetch: int = 2  # finished device batches queued ahead of the trainer
-    read_block_bytes: int = 4 << 20  # readahead block of the streamed tar: bounds memory per reader
-    read_retries: int = 4  # per shard, on transient storage errors
+    prefetch: int = 2  # batches in DALI's pipelined executor, and finished device batches queued ahead of the trainer
+    # Encoded batches a worker may have ready ahead of the trainer: its shared-memory slots. A worker that stalls for
+    # longer than this many batches (a retried read) makes an ordered loader wait.
+    worker_prefetch: int = 4
+    # Shared-memory slot per batch = batch_size x this; a batch that does not fit (rare: huge PNGs) goes through the
+    # worker's message queue instead (counted as batches_over_slot).
+    slot_bytes_per_sample: int = 512 << 10
+    # True: batches taken round-robin over the workers, so a restart replays the stream exactly; False: whichever
+    # worker is ready first (a slow worker never holds the rank up; a restart still loses and repeats nothing, but the
+    # interleaving after it differs). pipeline/worker_pool.py.
+    ordered: bool = True
+    read_block_bytes: int = 4 << 20  # bytes per ranged read of a shard
+    read_concurrency: int = 4  # ranged reads in flight per worker (the current shard's next blocks, the next shard's)
+    read_retries: int = 4  # per ranged read, on transient storage errors
     retry_backoff_s: float = 0.5  # first retry delay; doubles on each retry
-    # What the reader checks before DALI sees the bytes. "header" (markers + header parse) catches what makes DALI fail
-    # (truncation, broken headers; DALI decodes corrupt scan data with a warning) at ~2,700 samples/s per rank; a
-    # 1/8-scale "decode" catches more but runs ~4x slower (pipeline/README.md). Anything missed costs one DALI retry.
+    # What the worker checks before DALI sees the bytes (pipeline/validate.py). "header" (structure + header parse)
+    # catches what makes DALI fail (truncation, broken headers; DALI decodes corrupt JPEG scan data with a warning); a
+    # "decode" catches more but costs a decode (JPEG: at 1/8 scale, ~4x header). Anything missed costs one DALI retry.
     validate: Literal["none", "header", "decode"] = "header"
 
     def __post_init__(self) -> None:
         assert self.mode in ("train", "eval"), self.mode
         assert self.num_views in (1, 2), self.num_views
         assert self.img_size % self.patch_size == 0, (self.img_size, self.patch_size)
-        assert self.batch_size > 0 and self.workers > 0
+        assert self.batch_size > 0 and self.workers > 0 and self.prefetch > 0 and self.worker_prefetch > 0
 
     @property
     def num_patches(self) -> int:

@@ -1,4 +1,5 @@
-"""Thread-safe counters the readers and the loader write and the trainer reads (Loader.counters())."""
+"""Thread-safe counters the readers (in the loader's worker processes) and the loader write, and the trainer reads
+(Loader.counters(): the loader's own plus the latest raw values each worker sent with its batches)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import time
 from collections import defaultdict
 
 # Reasons a sample is skipped; the counters expose them as skipped_<reason>.
-SKIP_REASONS = ("no_image", "bad_jpeg", "decode_error", "shard_failed")
+SKIP_REASONS = ("no_image", "bad_image", "decode_error", "shard_failed")
 
 
 class Counters:
     """Monotone float counters plus derived rates. Names:
     samples (delivered to the trainer), decoded (passed validation and went to DALI), skipped_<reason>,
-    shards_done, shards_failed, read_retries, wait_s (trainer time blocked on data), samples_per_s."""
+    format_<format> (samples accepted per image format, validate.FORMATS), shards_done, shards_failed, read_retries,
+    wait_s (trainer time blocked on data), input_cpu_s (CPU time the loader's thread in the training process spent
+    on input, outside DALI's own threads), samples_per_s."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -28,10 +31,19 @@ class Counters:
         assert reason in SKIP_REASONS, reason
         self.add(f"skipped_{reason}", n)
 
-    def snapshot(self) -> dict[str, float]:
+    def values(self) -> dict[str, float]:
+        """The raw counters (what a worker process sends to the loader)."""
+        with self._lock:
+            return dict(self._values)
+
+    def snapshot(self, others: list[dict[str, float]] = ()) -> dict[str, float]:
+        """Every counter, with `others` (raw values, e.g. from worker processes) added in, and the derived rates."""
         with self._lock:
             out = {"samples": 0.0, "decoded": 0.0, "shards_done": 0.0, "shards_failed": 0.0, "read_retries": 0.0,
                    "wait_s": 0.0, **{f"skipped_{r}": 0.0 for r in SKIP_REASONS}, **self._values}
+        for other in others:
+            for k, v in other.items():
+                out[k] = out.get(k, 0.0) + v
         elapsed = max(time.monotonic() - self._start, 1e-9)
         out["skipped"] = sum(out[f"skipped_{r}"] for r in SKIP_REASONS)
         out["elapsed_s"] = elapsed

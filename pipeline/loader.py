@@ -16,17 +16,24 @@ between readers, not samples); each rank's last batch is partial (B' < batch_siz
 callers must not run a per-step collective in eval (gather features after the pass instead). Train mode never ends
 (shards are resampled per shard-epoch), so every rank can take the same number of steps.
 
-Stages after the sample stream (sampler.py): a producer thread draws the batch's augmentation parameters and mask keys
-on the host from (seed, rank, batch index) (view_params.py), feeds them and the encoded batch to DALI (augment.py),
-copies the outputs to torch on `device`, and queues `prefetch` finished batches; the trainer's time blocked on that
-queue is the wait_s counter. Train and eval both resume exactly from state_dict() (pipeline/README.md, "Resume").
-With MSCN masking (cfg.augment.mscn) the views are high-passed and masked: the host also draws the masks
-(mscn_params.py), DALI builds them, and the noise fill runs here on `device` from host-drawn seeds (mscn_fill.py).
+Where the work happens:
+- cfg.workers worker processes per rank (worker.py, worker_pool.py) read, parse, validate, shuffle and batch samples
+  and draw each batch's augmentation parameters and mask keys (view_params.py, from (seed, rank, batch index));
+  a batch's encoded images reach this process through shared memory (shm_ring.py).
+- In this process, one producer thread feeds DALI views of those bytes (no copy) and the parameters, with DALI's
+  asynchronous pipelined executor running cfg.prefetch batches ahead (augment.py), and hands DALI's outputs to torch
+  without a copy (DLPack), bound to the stream that trains; labels and mask keys go to the GPU as pinned,
+  non-blocking copies. The trainer's time blocked on the next batch is the wait_s counter.
+Train and eval both resume exactly from state_dict() (pipeline/README.md, "Resume"). With MSCN masking
+(cfg.augment.mscn) the views are high-passed and masked: the workers also draw the masks (mscn_params.py), DALI builds
+them, and the noise fill runs here on `device` from host-drawn seeds (mscn_fill.py).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
 import queue
 import threading
 import time
@@ -40,35 +47,42 @@ from pipeline.config import DataConfig
 from pipeline.counters import Counters
 from pipeline.mscn_fill import mscn_batch_fields
 from pipeline.mscn_graph import feed_masks
-from pipeline.mscn_params import MaskParams, draw_batch_masks
+from pipeline.prefetch import RetryPolicy
 from pipeline.readers import ReadSettings
-from pipeline.sampler import BatchStream, EncodedBatch, StreamClosed
 from pipeline.shards import ShardPlan, build_plan
-from pipeline.stream import RetryPolicy
-from pipeline.validate import check_jpeg_full
-from pipeline.view_params import ViewParams, draw_batch
+from pipeline.validate import decodes_fully
+from pipeline.worker import Batch, WorkerSpec
+from pipeline.worker_pool import PoolClosed, WorkerPool
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2  # 2: host-drawn augmentation (batch index in the stream state), resumable shuffle buffer
+STATE_VERSION = 3  # 3: one stream per worker process (state per worker), batch order of worker_pool.py
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def dali_device_id(mode: str, device: torch.device) -> int | None:
+    """DALI's device_id for data.device `mode` on a rank that trains on `device` (None: a CPU pipeline).
+
+    auto and cuda decode on the rank's own GPU, the one it trains on (cuda:LOCAL_RANK, jobs/launch.py), so the views
+    never cross GPUs; a bare "cuda" would be GPU 0 for every rank of the node."""
+    if mode == "cpu" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if device.type == "cuda" and device.index is not None:
+        return device.index
+    return torch.cuda.current_device()
 
 
-def _to_torch(tl, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """DALI TensorList (CPU or GPU) of `dtype` (views: float32, MSCN keep masks: uint8) -> torch tensor on `device`."""
-    if hasattr(tl, "as_cpu") and type(tl).__name__ == "TensorListGPU":
-        from nvidia.dali.plugin.pytorch import feed_ndarray
+def _to_torch(tl, device: torch.device) -> torch.Tensor:
+    """A DALI output (TensorList, CPU or GPU) -> torch tensor on `device`, sharing DALI's memory (DLPack). DALI's
+    default (dynamic) executor allocates each output anew and frees it when the last reference goes, ordered on the
+    stream the outputs were bound to (share_outputs(cuda_stream)), so the tensor stays valid as long as torch holds it."""
+    t = torch.utils.dlpack.from_dlpack(tl.as_tensor())
+    return t if t.device == device else t.to(device, non_blocking=True)
 
-        dense = tl.as_tensor()
-        out = torch.empty(dense.shape(), dtype=dtype, device=device)
-        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
-        return out
-    return torch.from_numpy(np.array(tl.as_tensor())).to(device, non_blocking=True)
+
+def _host_to(x: np.ndarray | list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host array to `device`: pinned and non-blocking on CUDA (the copy queues on the current stream)."""
+    t = torch.as_tensor(x, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 class Loader:
@@ -79,37 +93,39 @@ class Loader:
         self.cfg, self.plan, self.rank, self.world_size, self.device = cfg, plan, rank, world_size, device
         self.sample_counts = sample_counts  # from manifests; empty when shards were named by pattern or prefix
         self.train = cfg.mode == "train"
-        dali_device = resolve_device(cfg.device)
-        self.dali_device_id = (dali_device.index or 0) if dali_device.type == "cuda" else None
+        self.dali_device_id = dali_device_id(cfg.device, device)
         self._counters = Counters()
         self._state: dict[str, Any] | None = None  # stream state after the last delivered batch
         self._batches = 0  # batches delivered in this pass (eval) / ever (train)
-        self._settings = ReadSettings(cfg.storage_options, cfg.read_block_bytes,
+        self._settings = ReadSettings(cfg.storage_options, cfg.read_block_bytes, cfg.read_concurrency,
                                       RetryPolicy(cfg.read_retries, cfg.retry_backoff_s), cfg.validate)
         self._active: _Producer | None = None
+        self._worker_counters: list[dict[str, float]] = []  # of the last closed producer
 
     # ----- checkpointing -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Plain python (ints, tuples, dicts): the stream position after the last batch handed to the caller."""
         return {"version": STATE_VERSION, "mode": self.cfg.mode, "rank": self.rank, "world_size": self.world_size,
-                "workers": self.cfg.workers, "seed": self.cfg.seed, "batches": self._batches, "stream": self._state}
+                "workers": self.cfg.workers, "ordered": self.cfg.ordered, "seed": self.cfg.seed,
+                "batches": self._batches, "stream": self._state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        assert state["version"] == STATE_VERSION, state["version"]
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}: it was saved by "
+                             "another version of the loader")
         expected = {"mode": self.cfg.mode, "rank": self.rank, "world_size": self.world_size,
                     "workers": self.cfg.workers, "seed": self.cfg.seed}
         for k, v in expected.items():
-            assert state[k] == v, f"loader state has {k}={state[k]}, this loader {v}: resume needs the same layout"
+            if state[k] != v:
+                raise ValueError(f"loader state has {k}={state[k]}, this loader {v}: resume needs the same layout")
         self._close()
         self._state, self._batches = state["stream"], int(state["batches"])
 
     def counters(self) -> dict[str, float]:
-        return self._counters.snapshot()
+        workers = self._active.pool.counters() if self._active is not None else self._worker_counters
+        return self._counters.snapshot(workers)
 
     # ----- iteration ---------------------------------------------------------------------------------------------
-    def reader_ids(self) -> list[int]:
-        return [self.rank * self.cfg.workers + w for w in range(self.cfg.workers)]
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._active is None:
             self._active = _Producer(self)
@@ -131,6 +147,7 @@ class Loader:
 
     def _close(self) -> None:
         if self._active is not None:
+            self._worker_counters = self._active.pool.counters()
             self._active.close()
             self._active = None
 
@@ -142,28 +159,36 @@ class Loader:
 
 
 class _Producer(threading.Thread):
-    """Owns the sample stream and the DALI pipeline; turns encoded batches into device batches, `prefetch` ahead."""
+    """Owns the worker pool and the DALI pipeline; turns encoded batches into device batches, cfg.prefetch ahead."""
 
     def __init__(self, loader: Loader):
         super().__init__(name=f"dali-producer-rank{loader.rank}", daemon=True)
         cfg = loader.cfg
         self.loader, self.cfg = loader, cfg
-        self.stream = BatchStream(loader.plan, loader.train, loader.reader_ids(), loader._settings, loader._counters,
-                                  cfg.batch_size, cfg.shuffle_buffer, cfg.seed, loader.rank)
-        if loader._state is not None:
-            self.stream.load_state(loader._state)
+        saved = loader._state or {}
+        self.worker_states: dict[int, Any] = {int(w): s for w, s in saved.get("workers", {}).items()}
+        self.pool = WorkerPool([self._spec(w) for w in range(cfg.workers)], cfg.worker_prefetch,
+                               cfg.batch_size * cfg.slot_bytes_per_sample, cfg.ordered, saved.get("position"))
         self.out: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch))
         self._stop_event = threading.Event()
         self.pipe = None
-        self.stream.start()
+        self.inflight: collections.deque[tuple[Batch, dict]] = collections.deque()  # fed to DALI, outputs not taken
+        self.cpu_s = 0.0
         self.start()
+
+    def _spec(self, worker: int) -> WorkerSpec:
+        cfg, lo = self.cfg, self.loader
+        return WorkerSpec(lo.plan, lo.train, lo.rank, worker, cfg.workers, lo._settings, cfg.batch_size,
+                          cfg.shuffle_buffer, cfg.seed, cfg.augment, cfg.num_views, cfg.num_patches, cfg.img_size,
+                          self.worker_states.get(worker), dict(os.environ))
 
     def _build_pipe(self):
         cfg, lo = self.cfg, self.loader
         if lo.train:
             return augment.train_pipeline(cfg.batch_size, cfg.img_size, cfg.num_views, cfg.augment,
-                                          lo.dali_device_id, cfg.dali_threads, 1)
-        return augment.eval_pipeline(cfg.batch_size, cfg.img_size, cfg.augment, lo.dali_device_id, cfg.dali_threads, 1)
+                                          lo.dali_device_id, cfg.dali_threads, cfg.prefetch)
+        return augment.eval_pipeline(cfg.batch_size, cfg.img_size, cfg.augment, lo.dali_device_id, cfg.dali_threads,
+                                     cfg.prefetch)
 
     def _put(self, item) -> bool:
         while not self._stop_event.is_set():
@@ -176,68 +201,104 @@ class _Producer(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.pipe = self._build_pipe()
-            while not self._stop_event.is_set():
-                enc = self.stream.next_batch()
-                if enc is None:
-                    self._put(None)
-                    return
-                batch = self._augment(enc)
-                if batch is not None and not self._put((batch, enc.state)):
-                    return
-        except StreamClosed:
+            self._run()
+        except PoolClosed:
             return
         except Exception as e:  # surface in the trainer's thread instead of leaving it blocked
-            log.exception("data producer crashed")
-            self._put(e)
+            if not self._stop_event.is_set():
+                log.exception("data producer crashed")
+                self._put(e)
 
-    def _augment(self, enc: EncodedBatch) -> dict[str, Any] | None:
-        """Run DALI on one encoded batch. DALI fails a whole iteration on one bad image: then the pipeline is rebuilt,
-        the culprits are found by a full PIL decode, counted as skipped, and the rest of the batch goes on.
-        Train: every random number comes from view_params.draw_batch(..., seed, rank, enc.index), so the batch is a
-        pure function of its samples and its index (the survivors of a rejected batch keep their own draws)."""
-        cfg, mscn = self.cfg, self.cfg.augment.mscn
-        views = (draw_batch(enc.sizes, cfg.augment, cfg.num_views, cfg.num_patches, cfg.seed, self.loader.rank,
-                            enc.index) if self.loader.train else [])
-        masks = (draw_batch_masks(len(enc.jpegs), cfg.img_size, mscn, cfg.num_views, cfg.seed, self.loader.rank,
-                                  enc.index) if self.loader.train and mscn is not None else [])
+    def _run(self) -> None:
+        """Keep cfg.prefetch batches in DALI; take the oldest one's outputs; repeat. DALI's first schedule_run runs
+        cfg.prefetch iterations, so that many are fed first (an eval pass shorter than that pads with repeats of its
+        last batch, whose outputs are dropped)."""
+        self.pipe = self._build_pipe()
+        started = ended = False
+        while not self._stop_event.is_set():
+            t0 = time.thread_time()
+            while not ended and len(self.inflight) < self.cfg.prefetch:
+                batch = self.pool.next_batch()
+                if batch is None:
+                    ended = True
+                    break
+                self._feed(batch, self._record(batch))
+                if started:
+                    self.pipe.schedule_run()
+            if not self.inflight:
+                self._put(None)  # eval: every worker has ended
+                return
+            if not started:
+                while len(self.inflight) < self.cfg.prefetch:  # a pass shorter than the prefetch depth
+                    self._feed(self.inflight[-1][0], None)
+                self.pipe.schedule_run()
+                started = True
+            outputs = self._outputs()
+            batch, state = self.inflight.popleft()
+            if state is None:  # padding: its slot went back with the batch it repeats
+                continue
+            self.pool.release(batch)
+            result = self._to_batch(batch, outputs)
+            self.cpu_s = time.thread_time() - t0
+            self.loader._counters.add("input_cpu_s", self.cpu_s)
+            if result is not None and not self._put((result, state)):
+                return
+
+    def _record(self, batch: Batch) -> dict:
+        """The loader state as of this batch (it becomes the loader's state when the trainer takes the batch)."""
+        self.worker_states[batch.worker] = batch.state
+        return {"workers": dict(self.worker_states), "position": self.pool.position()}
+
+    def _feed(self, batch: Batch, state: dict | None) -> None:
+        # no_copy: DALI reads the shared-memory slot itself; the slot is given back after this batch's outputs.
+        self.pipe.feed_input(augment.IMAGE_INPUT, self.pool.views(batch))
+        if batch.views:
+            augment.feed_params(self.pipe, self.cfg.augment, batch.views)
+        if batch.masks:
+            feed_masks(self.pipe, batch.masks)
+        self.inflight.append((batch, state))
+
+    def _outputs(self):
+        """The oldest in-flight batch's outputs, bound to the stream that trains. DALI fails a whole iteration on one
+        bad image, and then the pipeline: it is rebuilt, the culprits (found by a full decode of the in-flight
+        batches) dropped and counted, and the in-flight batches fed again."""
+        stream = torch.cuda.current_stream(self.loader.device) if self.loader.device.type == "cuda" else None
         try:
-            outputs = self._run(enc.jpegs, views, masks)
+            return self.pipe.share_outputs(stream)
         except RuntimeError as e:
-            keep = [i for i, j in enumerate(enc.jpegs) if check_jpeg_full(j)]
-            self.loader._counters.skip("decode_error", len(enc.jpegs) - len(keep))
-            log.warning("DALI rejected a batch (%s); %d sample(s) dropped", str(e).splitlines()[0],
-                        len(enc.jpegs) - len(keep))
-            self.pipe = self._build_pipe()
-            if not keep:
-                return None
-            enc = EncodedBatch([enc.keys[i] for i in keep], [enc.labels[i] for i in keep],
-                               [enc.jpegs[i] for i in keep], [enc.sizes[i] for i in keep], enc.index, enc.state)
-            views = [v.take(keep) for v in views]
-            masks = [[m.take(keep) for m in copies] for copies in masks]
-            outputs = self._run(enc.jpegs, views, masks)
-        self.loader._counters.add("decoded", len(enc.jpegs))
-        device = self.loader.device
-        batch: dict[str, Any] = {"keys": enc.keys, "labels": torch.tensor(enc.labels, dtype=torch.long).to(device)}
-        if self.loader.train:
-            for v, params in enumerate(views):
-                batch[f"view{v + 1}"] = _to_torch(outputs[v], device)
-                batch[f"mask_keys{v + 1}"] = torch.from_numpy(params.mask_keys).to(device, non_blocking=True)
-            if masks:
-                keeps = [_to_torch(o, device, torch.uint8) for o in outputs[len(views):]]
-                batch.update(mscn_batch_fields([batch[f"view{v + 1}"] for v in range(len(views))], keeps, masks,
-                                               mscn))
-        else:
-            batch["view1"] = _to_torch(outputs[0], device)
-        return batch
+            error = e
+        fed, dropped = list(self.inflight), 0
+        self.inflight.clear()
+        self.pipe = self._build_pipe()
+        for batch, state in fed:
+            images = self.pool.views(batch)
+            keep = [i for i, image in enumerate(images) if decodes_fully(bytes(image))]
+            dropped += len(images) - len(keep)
+            self._feed(_subset(batch, keep, images) if len(keep) < len(images) else batch, state)
+        if dropped == 0:
+            raise RuntimeError("DALI failed on a batch that decodes with Pillow") from error
+        log.warning("DALI rejected a batch (%s): %d sample(s) dropped", str(error).splitlines()[0], dropped)
+        self.loader._counters.skip("decode_error", dropped)
+        self.pipe.schedule_run()
+        return self._outputs()
 
-    def _run(self, jpegs: list[bytes], views: list[ViewParams], masks: list[list[MaskParams]]):
-        self.pipe.feed_input(augment.JPEG_INPUT, [np.frombuffer(j, dtype=np.uint8) for j in jpegs])
-        if views:
-            augment.feed_params(self.pipe, self.cfg.augment, views)
-        if masks:
-            feed_masks(self.pipe, masks)
-        return self.pipe.run()
+    def _to_batch(self, enc: Batch, outputs) -> dict[str, Any] | None:
+        if not enc.keys:
+            return None  # every sample of the batch was bad
+        self.loader._counters.add("decoded", len(enc.keys))
+        device, mscn = self.loader.device, self.cfg.augment.mscn
+        batch: dict[str, Any] = {"keys": enc.keys, "labels": _host_to(enc.labels, device, torch.long)}
+        if not self.loader.train:
+            batch["view1"] = _to_torch(outputs[0], device)
+            return batch
+        for v, params in enumerate(enc.views):
+            batch[f"view{v + 1}"] = _to_torch(outputs[v], device)
+            batch[f"mask_keys{v + 1}"] = _host_to(params.mask_keys, device)
+        if enc.masks:
+            keeps = [_to_torch(o, device) for o in outputs[len(enc.views):]]
+            batch.update(mscn_batch_fields([batch[f"view{v + 1}"] for v in range(len(enc.views))], keeps, enc.masks,
+                                           mscn))
+        return batch
 
     def get(self):
         item = self.out.get()
@@ -247,9 +308,20 @@ class _Producer(threading.Thread):
 
     def close(self) -> None:
         self._stop_event.set()
-        self.stream.close()
+        self.pool.stop.set()
         if threading.current_thread() is not self:
             self.join(timeout=10)
+        # DALI and the in-flight batches hold views of the shared-memory slots: drop them before the slots close.
+        self.inflight.clear()
+        self.pipe = None
+        self.pool.close()
+
+
+def _subset(batch: Batch, keep: list[int], images: list) -> Batch:
+    """The batch with only the samples `keep`, as inline bytes (its slot, if any, is still released once)."""
+    return Batch(batch.worker, batch.index, [batch.keys[i] for i in keep], [batch.labels[i] for i in keep],
+                 batch.slot, None, [bytes(images[i]) for i in keep], [v.take(keep) for v in batch.views],
+                 [[m.take(keep) for m in copies] for copies in batch.masks], batch.state, batch.counters)
 
 
 def build_loader(cfg: DataConfig, rank: int, world_size: int, device: torch.device) -> Loader:

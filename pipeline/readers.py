@@ -1,9 +1,9 @@
-"""One reader = one thread of one rank that owns a disjoint share of the shards (see shards.ShardPlan).
+"""One reader = the parsing thread of one loader worker process (worker.py), which owns a disjoint share of the
+shards (see shards.ShardPlan).
 
-Threads, not processes: a reader spends its time waiting on the network and in tarfile/PIL code that releases the
-GIL (zlib-free tar parsing is memcpy, libjpeg draft decodes run without the GIL), and threads share the counters and
-hand bytes to DALI without pickling. Each reader pushes into its own bounded queue, so memory is bounded by
-`queue_size` samples per reader plus one readahead block.
+The reader parses and validates samples (stream.py) while its BlockFetcher's threads read the shard's next byte
+ranges and the next shard's first ones (prefetch.py). It pushes into a bounded queue, so memory is bounded by
+`queue_size` samples plus `read_concurrency` blocks.
 
 Position of a reader = (epoch, shard index in its list, sample offset in that shard): a pure description of how far
 it got, from which a new reader resumes exactly (plan.train_shards / plan.eval_shards are deterministic).
@@ -17,8 +17,9 @@ import threading
 from dataclasses import dataclass
 
 from pipeline.counters import Counters
+from pipeline.prefetch import BlockFetcher, RetryPolicy
 from pipeline.shards import ShardPlan
-from pipeline.stream import RetryPolicy, Sample, stream_shard
+from pipeline.stream import Sample, stream_shard
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class Item:
 class ReadSettings:
     storage_options: dict
     block_bytes: int
+    concurrency: int  # ranged reads in flight
     policy: RetryPolicy
     validate: str
     queue_size: int = 64
@@ -71,24 +73,37 @@ class Reader(threading.Thread):
         return self.plan.train_shards(self.reader_id, epoch) if self.train else self.plan.eval_shards(self.reader_id)
 
     def run(self) -> None:
+        s = self.settings
+        fetcher = BlockFetcher(s.storage_options, s.block_bytes, s.concurrency, s.policy, self.counters)
         try:
-            self._read()
+            self._read(fetcher)
         except Exception as e:  # a bug must surface in the trainer, not leave it blocked on an empty queue
             log.exception("reader %d crashed", self.reader_id)
             self._put(Item(self.start_pos, error=f"reader {self.reader_id} crashed: {e!r}"))
+        finally:
+            fetcher.close()
 
-    def _read(self) -> None:
+    def _next_url(self, shards: list[str], shard_idx: int, epoch: int) -> str | None:
+        """The shard read after shards[shard_idx]: the next in the list, or the next shard-epoch's first (train)."""
+        if shard_idx + 1 < len(shards):
+            return shards[shard_idx + 1]
+        following = self._shards(epoch + 1) if self.train else []
+        return following[0] if following else None
+
+    def _read(self, fetcher: BlockFetcher) -> None:
         epoch, shard_idx, offset = self.start_pos
         s = self.settings
         while not self._stop_event.is_set():
             shards = self._shards(epoch)
             yielded_this_epoch = 0
             while shard_idx < len(shards):
-                for next_offset, got in stream_shard(shards[shard_idx], offset, s.storage_options, s.block_bytes,
-                                                     s.policy, self.counters, s.validate):
+                next_url = self._next_url(shards, shard_idx, epoch)
+                for next_offset, got in stream_shard(fetcher, shards[shard_idx], next_url, offset, self.counters,
+                                                     s.validate):
                     if isinstance(got, str):
                         self.counters.skip(got)
                         continue
+                    self.counters.add(f"format_{got.fmt}")
                     yielded_this_epoch += 1
                     if not self._put(Item((epoch, shard_idx, next_offset), got)):
                         return

@@ -41,12 +41,12 @@ class StreamClosed(Exception):
 
 @dataclass
 class EncodedBatch:
-    """keys/labels/jpegs/sizes of up to batch_size samples; index = this batch's number in the rank's stream;
-    state = the stream state just after this batch."""
+    """keys/labels/images/sizes of up to batch_size samples (images: encoded bytes, any of validate.FORMATS);
+    index = this batch's number in the stream; state = the stream state just after this batch."""
 
     keys: list[str]
     labels: list[int]
-    jpegs: list[bytes]
+    images: list[bytes]
     sizes: list[Size | None]
     index: int
     state: dict[str, Any]
@@ -66,12 +66,12 @@ class _Buffered:
 
 class BatchStream:
     def __init__(self, plan: ShardPlan, train: bool, reader_ids: list[int], settings: ReadSettings,
-                 counters: Counters, batch_size: int, shuffle_buffer: int, seed: int, rank: int):
+                 counters: Counters, batch_size: int, shuffle_buffer: int, seed: int, stream_id: int):
         self.plan, self.train, self.reader_ids = plan, train, list(reader_ids)
         self.settings, self.counters = settings, counters
         self.batch_size = batch_size
         self.shuffle_buffer = shuffle_buffer if train else 0  # eval order must be reproducible sample by sample
-        self.rng = np.random.default_rng([seed, rank, 0x5A1])
+        self.rng = np.random.default_rng([seed, stream_id, 0x5A1])  # stream_id: one per worker of every rank
         self.positions: dict[int, tuple[int, int, int]] = {r: (0, 0, 0) for r in self.reader_ids}
         self.active: list[int] = list(self.reader_ids)
         self.rr = 0
@@ -200,5 +200,5 @@ class BatchStream:
             return None
         assert self.train is False or len(samples) == self.batch_size, "train batches are always full"
         index, self.batches = self.batches, self.batches + 1
-        return EncodedBatch([s.key for s in samples], [s.label for s in samples], [s.jpeg for s in samples],
+        return EncodedBatch([s.key for s in samples], [s.label for s in samples], [s.image for s in samples],
                             [s.size for s in samples], index, self.state())

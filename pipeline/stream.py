@@ -1,31 +1,31 @@
-"""Streaming tar samples out of object storage: one shard at a time, never the whole file, retried on faults.
+"""Streaming tar samples out of object storage: one shard at a time, never the whole file, faults retried and counted.
 
-A shard is read through an fsspec file with a readahead cache (one `read_block_bytes` block per reader in memory) and
-parsed incrementally by tarfile's stream mode 'r|', so memory stays bounded whatever the shard size, and no shell
-pipe or local copy is involved. On a transient error the shard is reopened and the samples already delivered are
-skipped (the sample offset is the resume point); after `retries` failures the rest of the shard is skipped, logged
-with its URL, and counted. A sample that fails validation is skipped and counted; the stream goes on.
+A shard's bytes come from prefetch.BlockFetcher (ranged reads ahead of the parser, each retried on transient errors)
+and are parsed here by a minimal tar reader: 512-byte headers (ustar, GNU long names, pax paths), member data,
+padding. It costs a few microseconds per member where tarfile's stream mode costs ~50 (measured here: 110 us per
+two-member sample with tarfile), and memory stays bounded whatever the shard size: no shell pipe, no local copy.
+A sample that fails validation is skipped and counted; a range that keeps failing, or bytes that are not a tar, end the
+shard there with a warning naming it (shards_failed); the stream goes on with the next shard.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tarfile
-import time
 from dataclasses import dataclass
-from typing import Iterator
-
-import fsspec
+from typing import BinaryIO, Iterator
 
 from pipeline.counters import Counters
-from pipeline.validate import Size, inspect_jpeg
+from pipeline.prefetch import BlockFetcher
+from pipeline.validate import FORMATS, Size, inspect_image
 
 log = logging.getLogger(__name__)
 
-_IMAGE_EXTS = ("jpg", "jpeg")
-# Errors that retrying cannot fix: the shard is skipped at once.
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, TypeError)  # TypeError: bad storage_options
+_BLOCK = 512
+
+
+class TarFormatError(ValueError):
+    """Bytes that are not a tar stream (bad header checksum, truncated member)."""
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,13 @@ class RawSample:
 
 @dataclass(frozen=True)
 class Sample:
-    """A validated sample, ready to decode. label = -1 when the shard has no .cls for it. size = (width, height) as
-    decoded, read from the JPEG header (None only when validation is off and the header does not parse)."""
+    """A validated sample, ready to decode. fmt = a value of validate.FORMATS; label = -1 when the shard has no .cls
+    for it; size = (width, height) as decoded, from the header (None only when validation is off and the header does
+    not parse)."""
 
     key: str
-    jpeg: bytes
+    image: bytes
+    fmt: str
     label: int
     size: Size | None = None
 
@@ -55,31 +57,79 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
-def iter_tar(url: str, storage_options: dict, block_bytes: int) -> Iterator[RawSample]:
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise TarFormatError(f"truncated: wanted {n} bytes, got {len(data)}")
+    return data
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256, for members over 8 GiB
+        return int.from_bytes(field[1:], "big")
+    text = field.rstrip(b"\x00 ").lstrip(b" ")
+    return int(text, 8) if text else 0
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The `path` record of a pax extended header ("LEN path=VALUE\\n" records)."""
+    for record in data.split(b"\n"):
+        _, _, kv = record.partition(b" ")
+        if kv.startswith(b"path="):
+            return kv[5:].decode("utf-8", "replace")
+    return None
+
+
+def iter_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of the regular files of a tar stream, in order; raises TarFormatError on bytes that are not tar."""
+    long_name = None
+    while True:
+        header = f.read(_BLOCK)
+        if len(header) < _BLOCK or header == b"\x00" * _BLOCK:  # end-of-archive blocks (or a writer that left them out)
+            return
+        checksum = sum(header[:148]) + 8 * 32 + sum(header[156:])  # the checksum field counts as spaces
+        if checksum != _octal(header[148:156]):
+            raise TarFormatError("bad header checksum")
+        size, kind = _octal(header[124:136]), header[156:157]
+        data = _read_exact(f, size)
+        if size % _BLOCK:
+            _read_exact(f, _BLOCK - size % _BLOCK)
+        if kind in (b"L", b"x"):  # GNU long name / pax header: the next member's name
+            long_name = data.rstrip(b"\x00").decode("utf-8", "replace") if kind == b"L" else _pax_path(data)
+            continue
+        if kind not in (b"0", b"\x00", b"7"):  # directories, links, devices, global pax headers
+            long_name = None
+            continue
+        name = long_name
+        if name is None:
+            name = header[:100].rstrip(b"\x00").decode("utf-8", "replace")
+            if header[257:262] == b"ustar" and header[345:500].strip(b"\x00"):
+                name = header[345:500].rstrip(b"\x00").decode("utf-8", "replace") + "/" + name
+        long_name = None
+        yield name, data
+
+
+def iter_samples(f: BinaryIO) -> Iterator[RawSample]:
     """Samples of one tar in file order; members of a sample are adjacent, as webdataset writers put them."""
-    fs, path = fsspec.core.url_to_fs(url, **storage_options)
     key, files, offset = None, {}, 0
-    with fs.open(path, "rb", block_size=block_bytes, cache_type="readahead") as f:
-        with tarfile.open(fileobj=f, mode="r|") as tf:
-            for member in tf:
-                if not member.isfile():
-                    continue
-                k, ext = _split_name(member.name)
-                if key is not None and k != key:
-                    yield RawSample(key, files, offset)
-                    files, offset = {}, offset + 1
-                key = k
-                files[ext] = tf.extractfile(member).read()
+    for name, data in iter_members(f):
+        k, ext = _split_name(name)
+        if key is not None and k != key:
+            yield RawSample(key, files, offset)
+            files, offset = {}, offset + 1
+        key = k
+        files[ext] = data
     if key is not None:
         yield RawSample(key, files, offset)
 
 
 def to_sample(raw: RawSample, validate: str) -> Sample | str:
-    """A Sample, or the skip reason."""
-    image = next((raw.files[e] for e in _IMAGE_EXTS if e in raw.files), None)
-    if image is None:
+    """A Sample, or the skip reason ("no_image" when no member has an image extension of validate.FORMATS)."""
+    ext = next((e for e in FORMATS if e in raw.files), None)
+    if ext is None:
         return "no_image"
-    reason, size = inspect_jpeg(image, validate)
+    image, fmt = raw.files[ext], FORMATS[ext]
+    reason, size = inspect_image(image, fmt, validate)
     if reason is not None:
         return reason
     label = -1
@@ -88,41 +138,25 @@ def to_sample(raw: RawSample, validate: str) -> Sample | str:
             label = int(raw.files["cls"].decode("ascii").strip())
         except ValueError:
             label = -1  # an unreadable label is not a reason to lose the image for pre-training
-    return Sample(os.path.basename(raw.key), image, label, size)
+    return Sample(os.path.basename(raw.key), image, fmt, label, size)
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    retries: int = 4
-    backoff_s: float = 0.5
-
-
-def stream_shard(url: str, start: int, storage_options: dict, block_bytes: int, policy: RetryPolicy,
-                 counters: Counters, validate: str) -> Iterator[tuple[int, Sample | str]]:
+def stream_shard(fetcher: BlockFetcher, url: str, next_url: str | None, start: int, counters: Counters,
+                 validate: str) -> Iterator[tuple[int, Sample | str]]:
     """(offset after this sample, Sample or skip reason) for samples start, start+1, ... of one shard.
 
-    Resumable: `start` skips already-consumed samples (read and dropped: tar streams cannot seek without an index).
-    Raises nothing: a shard that keeps failing ends early with a warning and shards_failed += 1."""
-    next_offset, attempt = start, 0
-    while True:
-        try:
-            for raw in iter_tar(url, storage_options, block_bytes):
-                if raw.offset < next_offset:
+    Resumable: `start` skips already-consumed samples (parsed, not validated: a tar stream has no index to seek by).
+    next_url: the shard the reader reads next, whose first ranges are requested as this one ends.
+    Raises nothing: a shard that cannot be read to its end ends early with a warning and shards_failed += 1."""
+    offset = start
+    try:
+        with fetcher.open(url, next_url) as f:
+            for raw in iter_samples(f):
+                if raw.offset < start:
                     continue
-                next_offset = raw.offset + 1
-                attempt = 0  # progress resets the retry budget: a long shard may see several unrelated faults
-                yield next_offset, to_sample(raw, validate)
-            counters.add("shards_done")
-            return
-        except _PERMANENT as e:
-            log.warning("shard %s skipped: %s", url, e)
-            counters.add("shards_failed")
-            return
-        except Exception as e:  # network/storage/tar errors: s3fs, aiohttp and botocore raise many types
-            attempt += 1
-            if attempt > policy.retries:
-                log.warning("shard %s skipped after %d retries at sample %d: %r", url, policy.retries, next_offset, e)
-                counters.add("shards_failed")
-                return
-            counters.add("read_retries")
-            time.sleep(policy.backoff_s * 2 ** (attempt - 1))
+                offset = raw.offset + 1
+                yield offset, to_sample(raw, validate)
+        counters.add("shards_done")
+    except Exception as e:  # a range that failed after its retries, a missing object, bytes that are not a tar
+        log.warning("shard %s: rest skipped at sample %d: %r", url, offset, e)
+        counters.add("shards_failed")

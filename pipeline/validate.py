@@ -1,12 +1,17 @@
-"""Reject bytes DALI would choke on, before they reach it, and read each image's size on the way.
+"""Reject bytes DALI would choke on, before they reach it, and read each image's size and format on the way.
 
-DALI fails the whole iteration on one undecodable JPEG (the decoder raises, the batch is lost), so the reader checks
-each sample in Python first: JPEG markers (SOI at the start, EOI near the end: truncated uploads are the common web
-fault), then a cheap PIL parse. "decode" mode also decodes at 1/8 scale (libjpeg DCT scaling, PIL's draft mode),
-which catches corrupt entropy-coded data for a few percent of a full decode's cost.
+DALI's decoder takes JPEG, PNG, WebP, TIFF, JPEG 2000 and BMP (nvImageCodec: JPEG and JPEG 2000 on the GPU, the
+others on the CPU; checked on this project's CPU pipeline for each format), and fails the whole iteration on one
+undecodable image, so the reader checks each sample in Python first, as cheaply for every format as for JPEGs:
+1. structure: the format's signature at the start, and where the format allows it a check of the end that catches
+   truncated uploads (the common web fault): JPEG's EOI marker, PNG's IEND chunk, WebP's RIFF length, JPEG 2000's
+   end-of-codestream marker, BMP's file size;
+2. a PIL header parse (format family, size; no pixel decode);
+3. "decode" mode only: a decode, at 1/8 scale for JPEG (libjpeg DCT scaling, PIL's draft mode: a few percent of a full
+   decode), in full for the others.
 
-The size (width, height as DALI will decode it, i.e. after EXIF orientation) comes from the same header parse: the
-host draws each view's crop window in pixels from it (view_params.py), as torchvision's RandomResizedCrop does.
+The size (width, height as DALI will decode it, i.e. after EXIF orientation) comes from the header parse: the host
+draws each view's crop window in pixels from it (view_params.py), as torchvision's RandomResizedCrop does.
 """
 
 from __future__ import annotations
@@ -16,12 +21,36 @@ import warnings
 
 from PIL import Image
 
-_SOI = b"\xff\xd8"
-_EOI = b"\xff\xd9"
+# Tar member extension -> format. img2dataset writes jpg, png or webp (--encode_format).
+FORMATS = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp", "tif": "tiff", "tiff": "tiff",
+           "jp2": "jpeg2000", "j2k": "jpeg2000", "jpx": "jpeg2000", "bmp": "bmp"}
+# PIL's format name for each family (a .jpg that is really a PNG is rejected: DALI would decode it, but the
+# writer lied, and the counters should say so).
+_PIL_FORMATS = {"jpeg": {"JPEG", "MPO"}, "png": {"PNG"}, "webp": {"WEBP"}, "tiff": {"TIFF"},
+                "jpeg2000": {"JPEG2000"}, "bmp": {"BMP"}}
 _ORIENTATION = 0x0112  # EXIF tag; values 5-8 mean the stored image is transposed, and DALI's decoder rotates it back
 _TRANSPOSED = (5, 6, 7, 8)
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+_J2K_CODESTREAM = b"\xff\x4f\xff\x51"
 
 Size = tuple[int, int]  # (width, height) in pixels, as decoded
+
+
+def _intact(data: bytes, fmt: str) -> bool:
+    """The format's signature, and its end where the format lets us see truncation."""
+    if fmt == "jpeg":  # EOI may be followed by padding some encoders append: look for it in the tail
+        return len(data) >= 128 and data.startswith(b"\xff\xd8") and b"\xff\xd9" in data[-64:]
+    if fmt == "png":
+        return data.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" in data[-16:]
+    if fmt == "webp":  # RIFF <little-endian length of what follows the first 8 bytes> WEBP
+        return data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 8 + int.from_bytes(data[4:8], "little")
+    if fmt == "tiff":  # IFD offsets can point anywhere: no cheap end check
+        return data[:4] in (b"II*\x00", b"MM\x00*")
+    if fmt == "jpeg2000":  # the codestream is the last box of a .jp2, so its EOC marker ends the file
+        return (data.startswith(_JP2_SIGNATURE) or data.startswith(_J2K_CODESTREAM)) and b"\xff\xd9" in data[-16:]
+    if fmt == "bmp":
+        return data[:2] == b"BM" and len(data) >= int.from_bytes(data[2:6], "little")
+    raise ValueError(f"unknown image format {fmt!r}")
 
 
 def _display_size(im: Image.Image) -> Size:
@@ -34,13 +63,14 @@ def _display_size(im: Image.Image) -> Size:
     return w, h
 
 
-def inspect_jpeg(data: bytes, mode: str = "decode") -> tuple[str | None, Size | None]:
+def inspect_image(data: bytes, fmt: str, mode: str = "decode") -> tuple[str | None, Size | None]:
     """(skip reason or None, decoded (width, height) or None when the header cannot be read).
-    mode: "decode" (markers, header, 1/8-scale decode), "header" (markers, header), "none" (accept everything; the
-    size is still read when the header parses)."""
-    if mode != "none" and (len(data) < 128 or not data.startswith(_SOI) or _EOI not in data[-64:]):
-        # EOI may be followed by padding some encoders append, so look for it in the tail rather than at the last byte.
-        return "bad_jpeg", None
+
+    fmt: a value of FORMATS. mode: "decode" (structure, header, a decode), "header" (structure, header), "none"
+    (accept everything; the size is still read when the header parses). Reasons: "bad_image" (structure or format
+    wrong), "decode_error" (the header or the decode failed)."""
+    if mode != "none" and not _intact(data, fmt):
+        return "bad_image", None
     size = None
     try:
         with warnings.catch_warnings():
@@ -49,28 +79,22 @@ def inspect_jpeg(data: bytes, mode: str = "decode") -> tuple[str | None, Size | 
                 size = _display_size(im)
                 if mode == "none":
                     return None, size
-                if im.format != "JPEG":
-                    return "bad_jpeg", None
+                if im.format not in _PIL_FORMATS[fmt]:
+                    return "bad_image", None
                 if mode == "decode":
-                    im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+                    if fmt == "jpeg":
+                        im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
                     im.load()
-                else:
-                    im.verify()
     except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError...) for corrupt data
         return (None, size) if mode == "none" else ("decode_error", None)
     return None, size
 
 
-def check_jpeg(data: bytes, mode: str = "decode") -> str | None:
-    """Returns None when the bytes look decodable, else the skip reason ("bad_jpeg" or "decode_error")."""
-    return inspect_jpeg(data, mode)[0]
-
-
-def check_jpeg_full(data: bytes) -> bool:
-    """Full-size decode: used only to find the culprit after DALI rejected a batch."""
+def decodes_fully(data: bytes) -> bool:
+    """A full-size PIL decode: used only to find the culprit after DALI rejected a batch."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.convert("RGB").load()
-        return check_jpeg(data) is None
+        return True
     except Exception:
         return False

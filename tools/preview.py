@@ -25,7 +25,10 @@ from PIL import Image
 
 from pipeline.config import AUGMENT_PRESETS, AugmentConfig, DataConfig
 from pipeline.loader import build_loader
-from pipeline.stream import iter_tar
+from pipeline.counters import Counters
+from pipeline.prefetch import BlockFetcher, RetryPolicy
+from pipeline.stream import iter_samples
+from pipeline.validate import FORMATS
 from pipeline.shards import build_plan
 
 
@@ -96,13 +99,16 @@ def main() -> None:
     # The originals, read straight from the shards by key (the loader hands out augmented views only).
     wanted, originals = set(batch["keys"]), {}
     plan, _ = build_plan(cfg.sources, 1, cfg.seed, cfg.storage_options)
+    fetcher = BlockFetcher(cfg.storage_options, cfg.read_block_bytes, 1, RetryPolicy(), Counters())
     for url in plan.train_shards(0, 0) + plan.all_shards:
         if len(originals) == len(wanted):
             break
-        for raw in iter_tar(url, cfg.storage_options, cfg.read_block_bytes):
-            name = raw.key.rsplit("/", 1)[-1]
-            if name in wanted and "jpg" in raw.files:
-                originals[name] = _original(raw.files["jpg"], args.img_size)
+        with fetcher.open(url) as f:
+            for raw in iter_samples(f):
+                name, ext = raw.key.rsplit("/", 1)[-1], next((e for e in FORMATS if e in raw.files), None)
+                if name in wanted and ext is not None:
+                    originals[name] = _original(raw.files[ext], args.img_size)
+    fetcher.close()
 
     rows = []
     blank = np.full((args.img_size, args.img_size, 3), 255, np.uint8)

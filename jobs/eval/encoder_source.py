@@ -35,7 +35,8 @@ RUN_CONFIG = "resolved.yaml"  # written into every run directory by jobs.run.pre
 
 @dataclass(frozen=True)
 class EncoderSource:
-    """A resolved weights file: `kind` is "safetensors" or "checkpoint"; `preset` None = inferred from shapes;
+    """A resolved weights file: `kind` is "safetensors", "checkpoint" (a state_dict file: ZeRO 0-2's whole module) or
+    "zero3" (a ZeRO-3 checkpoint tag directory, gathered from its partitions); `preset` None = inferred from shapes;
     `run_dir` the training run directory whose resolved.yaml describes it (None = not known)."""
 
     path: Path
@@ -102,10 +103,12 @@ def resolve_source(path: str | Path) -> EncoderSource:
         tag = checkpoint.find_latest(p / "checkpoints")
         if tag is None:
             raise FileNotFoundError(f"{p}: no complete checkpoint under {p / 'checkpoints'}")
-        return EncoderSource(p / "checkpoints" / tag / MODEL_STATES, "checkpoint", _run_preset(p), _run_dir(p))
+        p = p / "checkpoints" / tag
+    run = p.parent.parent
     if (p / MODEL_STATES).is_file():  # a tag directory
-        run = p.parent.parent
         return EncoderSource(p / MODEL_STATES, "checkpoint", _run_preset(run), _run_dir(run))
+    if (p / checkpoint.ZERO3_MODEL_STATES).is_file():  # a ZeRO-3 tag: partitions only
+        return EncoderSource(p, "zero3", _run_preset(run), _run_dir(run))
     raise FileNotFoundError(f"{p}: not a run directory, checkpoint or exported encoder")
 
 
@@ -115,8 +118,11 @@ def load_source(src: EncoderSource, global_pool: str = "avg") -> nn.Module:
     if src.kind == "safetensors":
         encoder = load_encoder(src.path)
     else:
-        with torch.serialization.safe_globals(checkpoint._safe_globals()):
-            raw = torch.load(src.path, map_location="cpu", weights_only=True)
+        if src.kind == "zero3":
+            raw = checkpoint.zero3_module_state(src.path)
+        else:
+            with torch.serialization.safe_globals(checkpoint._safe_globals()):
+                raw = torch.load(src.path, map_location="cpu", weights_only=True)
         if is_resnet(raw):
             encoder = resnet_from_state_dict(raw)
         else:

@@ -58,20 +58,25 @@ class Trainer:
         self.launches = 0
         self.ports: list[str] = []  # MASTER_PORT of each multi-rank launch, in order
 
-    def command(self, out_dir: Path, ranks: int, sets: list[str]) -> list[str]:
+    def command(self, out_dir: Path, ranks: int, sets: list[str], launcher: str = "deepspeed") -> list[str]:
+        """launcher: "deepspeed" or "torchrun" for several ranks; one rank runs `python jobs/pretrain.py`."""
         overrides = [f"data.shards={self.shards}", f"output_dir={out_dir}", *sets]
         args = ["jobs/pretrain.py", "--config", str(CONFIG)] + [a for o in overrides for a in ("--set", o)]
         if ranks == 1:
             return [sys.executable, *args]
         self.ports.append(str(_free_port()))
+        if launcher == "torchrun":
+            return [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", self.ports[-1], *args]
         return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", self.ports[-1], *args]
 
-    def start(self, out_dir: Path, ranks: int = 2, sets: list[str] = ()) -> tuple[subprocess.Popen, Path]:
+    def start(self, out_dir: Path, ranks: int = 2, sets: list[str] = (), launcher: str = "deepspeed",
+              env: dict | None = None) -> tuple[subprocess.Popen, Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.launches += 1
         log = out_dir / f"launch-{self.launches}.log"
-        proc = subprocess.Popen(self.command(out_dir, ranks, list(sets)), cwd=REPO, env=self.env,
-                                stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(self.command(out_dir, ranks, list(sets), launcher), cwd=REPO,
+                                env={**self.env, **(env or {})}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
         return proc, log
 
     def kill_after_checkpoint(self, out_dir: Path, tag: str, sets: list[str] = (), timeout: float = 300) -> str:
@@ -88,14 +93,29 @@ class Trainer:
         proc.wait()
         return latest.read_text().strip()
 
-    def run(self, out_dir: Path, ranks: int = 2, sets: list[str] = (), timeout: float = 300) -> tuple[int, str]:
-        proc, log = self.start(out_dir, ranks, sets)
+    def run(self, out_dir: Path, ranks: int = 2, sets: list[str] = (), timeout: float = 300,
+            launcher: str = "deepspeed", env: dict | None = None) -> tuple[int, str]:
+        proc, log = self.start(out_dir, ranks, sets, launcher, env)
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             raise AssertionError(f"trainer did not finish in {timeout} s:\n{log.read_text()[-3000:]}")
         return code, log.read_text()
+
+
+def rank_process(launcher_pid: int, local_rank: int):
+    """The training process of `local_rank` under a launcher (deepspeed or torchrun: both export LOCAL_RANK), or None
+    while it has not started."""
+    import psutil
+
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if "jobs/pretrain.py" in " ".join(child.cmdline()) and child.environ().get("LOCAL_RANK") == str(local_rank):
+                return child
+        except psutil.Error:  # exited between the listing and the look
+            continue
+    return None
 
 
 @pytest.fixture(scope="session")

@@ -80,19 +80,26 @@ def test_rng_state_round_trips_through_weights_only(tmp_path):
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
 
 
-def test_step_seeds_are_distinct_across_steps_and_ranks():
+def test_step_seeds_are_distinct_across_steps_and_ranks_and_the_same_in_every_process():
     seeds = {rng_state.step_seed(0, step, rank) for step in range(1, 200) for rank in range(8)}
     assert len(seeds) == 199 * 8
-    assert rng_state.step_seed(0, 5, 1) == rng_state.step_seed(0, 5, 1)
+    # A resumed run is another process (another hash seed, another interpreter): it must draw the same seed.
+    import subprocess
+    import sys
+
+    other = subprocess.run([sys.executable, "-c", "from jobs.rng_state import step_seed; print(step_seed(0, 5, 1))"],
+                           capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "123"})
+    assert int(other.stdout) == rng_state.step_seed(0, 5, 1)
 
 
 def test_preemption_signal_only_sets_a_flag():
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        flag = PreemptionFlag()
-        assert not flag.requested_anywhere()
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert flag.signal_name == "SIGUSR1" and flag.requested_anywhere()
+        flag = PreemptionFlag(start_step=10)
+        assert not flag.requested_anywhere(11)
+        os.kill(os.getpid(), signal.SIGUSR1)  # arrives during step 12
+        assert flag.signal_name == "SIGUSR1" and flag.signal_step == 12
+        assert flag.requested_anywhere(12)  # one process: no vote to wait for
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

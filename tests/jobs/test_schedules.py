@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from jobs.derived import derive
 from jobs.schedules import lr_at, warmup_cosine
 
 
@@ -28,12 +29,18 @@ def test_monotone_after_warmup():
 
 
 def test_same_curve_for_any_batch_size():
-    """Counting samples, two runs with global batch 256 and 1024 use the same lr at the same samples seen."""
-    for samples in range(0, 100_000, 1024):
-        a = lr_at(samples, 1e-3, 10_000, 100_000, 0.0)
-        b = lr_at(samples, 1e-3, 10_000, 100_000, 0.0)
-        assert a == b
-    assert lr_at(4 * 256, 1e-3, 10_000, 100_000, 0.0) == lr_at(1 * 1024, 1e-3, 10_000, 100_000, 0.0)
+    """The trainer's lr at step k is lr_at(k x global batch, peak) (jobs/loop.py): runs with global batch 256 and 1024
+    follow one curve in samples seen - the 1024 run's step k is the 256 run's step 4k - with the peak scaled by the
+    linear rule, and a quarter of the steps."""
+    runs = {}
+    for batch in (256, 1024):
+        d = derive(batch, 64, batch // 64, 1e-3, 256, 100 * 1024, 10 * 1024)
+        runs[batch] = (d, [lr_at(k * batch, d.peak_lr, 10 * 1024, 100 * 1024, 0.0) for k in range(d.total_steps + 1)])
+    (small_run, small), (large_run, large) = runs[256], runs[1024]
+    assert large_run.peak_lr == pytest.approx(4 * small_run.peak_lr) and small_run.total_steps == 4 * large_run.total_steps
+    assert max(large) == pytest.approx(large_run.peak_lr) and large[-1] == pytest.approx(0.0, abs=1e-12)
+    for k, lr in enumerate(large):
+        assert lr / large_run.peak_lr == pytest.approx(small[4 * k] / small_run.peak_lr), k
 
 
 def test_min_lr_ratio_sets_the_floor():

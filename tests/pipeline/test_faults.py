@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import io
-import socket
-import threading
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -13,6 +10,8 @@ import torch
 from pipeline.config import DataConfig
 from pipeline.loader import build_loader
 from PIL import Image
+
+from tests.pipeline.proxy import FlakyProxy
 
 
 def _eval_keys(cfg: DataConfig) -> tuple[list[str], dict[str, float]]:
@@ -51,7 +50,7 @@ def test_corrupt_samples_are_skipped_and_counted(s3_bucket, shard_writer):
     keys = shard_writer(s3_bucket + "/c", 2, 10, corrupt=bad)
     got, c = _eval_keys(_cfg(s3_bucket + "/c"))
     assert sorted(got) == sorted(k for k in keys if k not in bad)
-    assert c["skipped_no_image"] == 1 and c["skipped_bad_jpeg"] + c["skipped_decode_error"] == 3
+    assert c["skipped_no_image"] == 1 and c["skipped_bad_image"] + c["skipped_decode_error"] == 3
     assert c["samples"] == len(keys) - 4 and c["shards_failed"] == 0
 
 
@@ -76,65 +75,44 @@ def test_missing_shard_is_skipped_with_a_warning(dataset, caplog):
     train.close()
 
 
-class FlakyProxy:
-    """Loopback TCP proxy to the S3 server that cuts connections number `first_bad` to `last_bad` after `cut_after`
-    response bytes: the client sees a reset mid-body, as in a long read from a real object store during an outage.
-    The outage outlasts s3fs's own 5 retries, so the loader's retry loop must take over."""
-
-    def __init__(self, target: str, first_bad: int = 3, last_bad: int = 14, cut_after: int = 3000):
-        u = urlparse(target)
-        self.target, self.bad, self.cut_after = (u.hostname, u.port), range(first_bad, last_bad + 1), cut_after
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.connections = self.cut = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            limit = self.cut_after if self.connections in self.bad else None
-            upstream = socket.create_connection(self.target)
-            threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, limit), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
-        sent = 0
-        try:
-            while data := src.recv(65536):
-                if limit is not None and sent + len(data) > limit:
-                    dst.sendall(data[: limit - sent])
-                    self.cut += 1
-                    break
-                dst.sendall(data)
-                sent += len(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_flaky_endpoint_is_retried_and_counted(s3_server, s3_bucket, shard_writer):
     keys = shard_writer(s3_bucket + "/f", 3, 12)
-    proxy = FlakyProxy(s3_server.endpoint_url)
-    # botocore's own retries off; s3fs still retries 5 times inside, then the loader's loop takes over.
+    # 4 ranged reads in flight share the cut connections: 38 of them outlast s3fs's 5 retries of some request.
+    proxy = FlakyProxy(s3_server.endpoint_url, last_bad=40)
+    # botocore's own retries off; s3fs still retries 5 times inside, then the loader's retries take over.
     opts = {"client_kwargs": {"endpoint_url": proxy.url}, "config_kwargs": {"retries": {"max_attempts": 1}}}
     try:
         got, c = _eval_keys(_cfg(s3_bucket + "/f/shard-{000000..000002}.tar", storage_options=opts,
-                                 read_block_bytes=16 << 10))
+                                 read_block_bytes=16 << 10, read_retries=8))
     finally:
         proxy.close()
     assert proxy.cut > 0
     assert sorted(got) == sorted(keys) and c["read_retries"] > 0 and c["shards_failed"] == 0
+
+
+def test_every_format_dali_decodes_streams_and_truncated_ones_are_caught(s3_bucket):
+    """Shards as img2dataset writes them with --encode_format png or webp (and TIFF, JPEG 2000, BMP): each format
+    streams and is counted, and a truncated upload of each is caught by the reader's cheap structure check
+    (skipped_bad_image), not by DALI failing a batch."""
+    from pipeline.ingest.writer import write_shard
+
+    rng = np.random.default_rng(1)
+    formats = {"jpg": ("JPEG", {}), "png": ("PNG", {}), "webp": ("WEBP", {"quality": 90}), "tiff": ("TIFF", {}),
+               "jp2": ("JPEG2000", {}), "bmp": ("BMP", {})}
+    samples, good = [], []
+    for i in range(18):
+        ext = list(formats)[i % len(formats)]
+        fmt, kw = formats[ext]
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(buf, format=fmt, **kw)
+        data = buf.getvalue()
+        truncated = i >= 12 and ext != "tiff"  # TIFF's IFD offsets allow no cheap end check
+        samples.append((f"k{i:03d}", {ext: data[: len(data) // 2] if truncated else data, "json": b"{}"}))
+        if not truncated:
+            good.append(f"k{i:03d}")
+    write_shard(f"{s3_bucket}/formats/shard-000000.tar", samples)
+    got, c = _eval_keys(_cfg(f"{s3_bucket}/formats/shard-000000.tar", workers=1))
+    assert sorted(got) == good
+    assert c["skipped_bad_image"] == 5 and c["skipped_decode_error"] == 0  # no DALI failure, no culprit hunt
+    assert {f: c.get(f"format_{f}", 0) for f in ("jpeg", "png", "webp", "tiff", "jpeg2000", "bmp")} == \
+        {"jpeg": 2, "png": 2, "webp": 2, "tiff": 3, "jpeg2000": 2, "bmp": 2}

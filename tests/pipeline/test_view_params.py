@@ -86,7 +86,7 @@ def _jpeg(array: np.ndarray) -> np.ndarray:
 
 
 def _run(pipe, jpegs, views):
-    pipe.feed_input(augment.JPEG_INPUT, jpegs)
+    pipe.feed_input(augment.IMAGE_INPUT, jpegs)
     augment.feed_params(pipe, AUG, views)
     return [np.array(o.as_tensor()) for o in pipe.run()]
 
@@ -110,12 +110,12 @@ def test_dali_applies_the_host_window_and_identities_are_exact():
     # Sample 2, whole window, every stage off: exactly a plain resize + normalise (jitter and blur are identities).
     plain = Pipeline(batch_size=2, num_threads=1, device_id=None)
     with plain:
-        x = fn.decoders.image(fn.external_source(name=augment.JPEG_INPUT, dtype=types.UINT8, ndim=1),
+        x = fn.decoders.image(fn.external_source(name=augment.IMAGE_INPUT, dtype=types.UINT8, ndim=1),
                               device="cpu", output_type=types.RGB)
         plain.set_outputs(fn.crop_mirror_normalize(fn.resize(x, size=[16, 16]), mean=list(AUG.mean),
                                                    std=list(AUG.std), dtype=types.FLOAT, output_layout="CHW"))
     plain.build()
-    plain.feed_input(augment.JPEG_INPUT, jpegs)
+    plain.feed_input(augment.IMAGE_INPUT, jpegs)
     np.testing.assert_array_equal(out[1], np.array(plain.run()[0].as_tensor())[1])
     # Flip: the mirrored window is the same pixels reversed along width.
     (flipped,) = _run(pipe, jpegs, [dataclasses.replace(ident, mirror=np.ones(2, np.int32))])

@@ -1,8 +1,10 @@
-"""A non-finite loss skips the update for every optimizer x ZeRO stage x precision the config check accepts, and the
-combinations that would apply it are refused at start (jobs/validate.py check_nonfinite_skip, check_engine)."""
+"""What the engine does with a step's gradients: a non-finite loss skips the update for every optimizer x ZeRO stage
+x precision the config check accepts (the combinations that would apply it are refused at start: jobs/validate.py
+check_nonfinite_skip, check_engine), and optim.grad_clip clips the global gradient norm."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -91,3 +93,34 @@ def test_nonfinite_loss_skips_the_update(dist, optimizer, stage, precision):
     after = weights(engine)
     assert out.applied and torch.isfinite(out.losses["loss"])
     assert all(torch.isfinite(w).all() for w in after) and not all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_grad_clip_clips_the_global_norm(dist):
+    """Three AdamW steps of the engine (ZeRO-2, fp32, optim.grad_clip=1e-3) equal plain torch AdamW on gradients
+    clipped to that global norm (torch.nn.utils.clip_grad_norm_), and not AdamW on unclipped ones (Adam's first step
+    does not see a gradient's scale; its later ones do); the engine reports the norm before clipping."""
+    torch.manual_seed(0)
+    clip, lr = 1e-3, 1e-2
+    reference = {"clipped": Tiny(), "unclipped": None}
+    reference["unclipped"] = copy.deepcopy(reference["clipped"])
+    engine = build_engine(copy.deepcopy(reference["clipped"]), OptimConfig(global_batch=2, grad_clip=clip,
+                                                                           weight_decay=0.0),
+                          DeepSpeedConfig(zero_stage=2, precision="fp32"), derive(2, 2, 1, lr, 256, 400, 0),
+                          Runtime("fp32", False))
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+                  for k, m in reference.items()}
+    for _ in range(3):
+        batch = {"view1": torch.randn(2, 3, 2, 2)}
+        assert train_step(engine, iter([batch]), 1, lr).applied
+        for kind, model in reference.items():
+            optimizers[kind].zero_grad()
+            model(**batch)["loss"].backward()
+            if kind == "clipped":
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                assert norm > 10 * clip  # clipping is at work
+                assert engine.get_global_grad_norm() == pytest.approx(norm.item(), rel=1e-4)
+            optimizers[kind].step()
+    got = weights(engine)
+    for w, ref in zip(got, reference["clipped"].parameters()):
+        torch.testing.assert_close(w, ref.detach(), rtol=1e-4, atol=1e-6)
+    assert max((w - ref.detach()).abs().max() for w, ref in zip(got, reference["unclipped"].parameters())) > 1e-4

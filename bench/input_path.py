@@ -1,0 +1,196 @@
+"""The loader's host cost outside DALI's decode, from loopback S3: where reading, tar parsing and validation run, and
+what is left for the training process.
+
+    python -m bench.input_path                         # 1,024 photos at 512 px (q95, ~150 KB each), batch 64
+    python -m bench.input_path --images 2048 --workers 1 2 4
+
+Measured in one run, on the same shards, served by moto's S3 server in a process of its own:
+1. read + parse + validate + batch + draw augmentation parameters, samples/s per rank, with W readers as threads of
+   one process (the loader before worker processes: every reader under the training process's GIL) and as W worker
+   processes (pipeline/worker_pool.py, batches handed over in shared memory). Nothing is decoded. The ratio of W
+   processes to W threads is the scaling the GIL took away.
+2. the whole loader (worker processes + DALI decoding and augmenting on the CPU), and the CPU time its thread in the
+   training process spends per batch (feeding DALI views of the shared memory, handing outputs to torch): the
+   input_cpu_s counter, DALI's own threads excluded. The goal is under 1 ms per batch of 64.
+Each figure is the median of --passes timed passes after a warm-up pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.config import AugmentConfig, DataConfig
+from pipeline.counters import Counters
+from pipeline.loader import build_loader
+from pipeline.prefetch import RetryPolicy
+from pipeline.readers import ReadSettings
+from pipeline.sampler import BatchStream
+from pipeline.shards import build_plan
+from pipeline.view_params import draw_batch
+from pipeline.worker import WorkerSpec
+from pipeline.worker_pool import WorkerPool
+from tools.local_s3 import LocalS3, free_port
+
+SIZE, PATCHES = 224, 196
+
+
+def photo_jpegs(n: int, side: int = 512, seed: int = 0) -> list[bytes]:
+    """Real photos (scikit-image's), randomly cropped and resized to `side` px on the shorter side, JPEG q95: what
+    tools/shard.py stores (--max-shorter-side 512, --quality 95)."""
+    from skimage import data
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry()]
+    rng, out = np.random.default_rng(seed), []
+    for i in range(n):
+        im = Image.fromarray(photos[i % len(photos)])
+        w, h = im.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        im = im.crop((x, y, x + cw, y + ch))
+        scale = side / min(cw, ch)
+        buf = io.BytesIO()
+        im.resize((round(cw * scale), round(ch * scale)), Image.BICUBIC).save(buf, format="JPEG", quality=95)
+        out.append(buf.getvalue())
+    return out
+
+
+def read_settings() -> ReadSettings:
+    return ReadSettings({}, 4 << 20, 4, RetryPolicy(), "header")
+
+
+def time_threads(prefix: str, workers: int, batch: int, samples: int) -> float:
+    """samples/s of `workers` readers as threads of this process, each making batches of its own shards and drawing
+    their augmentation parameters (the work the worker processes do), until `samples` were made in all."""
+    plan, _ = build_plan(DataConfig(shards=prefix).sources, workers, 0, {})
+    counters, made, lock = Counters(), [0], threading.Lock()
+    aug = AugmentConfig()
+
+    def run(w: int) -> None:
+        stream = BatchStream(plan, True, [w], read_settings(), counters, batch, 0, 0, w)
+        stream.start()
+        k = 0
+        while True:
+            with lock:
+                if made[0] >= samples:
+                    break
+            enc = stream.next_batch()
+            draw_batch(enc.sizes, aug, 2, PATCHES, 0, 0, k * workers + w)
+            k += 1
+            with lock:
+                made[0] += len(enc.keys)
+        stream.close()
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return made[0] / (time.perf_counter() - t0)
+
+
+def time_processes(prefix: str, workers: int, batch: int, samples: int) -> float:
+    """samples/s of `workers` worker processes (the loader's own), batches taken from shared memory in turn."""
+    cfg = DataConfig(shards=prefix, batch_size=batch, img_size=SIZE, shuffle_buffer=0, workers=workers)
+    plan, _ = build_plan(cfg.sources, workers, 0, {})
+    specs = [WorkerSpec(plan, True, 0, w, workers, read_settings(), batch, 0, 0, cfg.augment, 2, PATCHES, SIZE, None,
+                        dict(os.environ)) for w in range(workers)]
+    pool = WorkerPool(specs, cfg.worker_prefetch, batch * cfg.slot_bytes_per_sample, True, None)
+    t0, made = time.perf_counter(), 0
+    while made < samples:
+        b = pool.next_batch()
+        made += len(b.keys)
+        pool.release(b)
+    rate = made / (time.perf_counter() - t0)
+    pool.close()
+    return rate
+
+
+def time_loader(prefix: str, workers: int, batch: int, samples: int, threads: int) -> tuple[float, float, float]:
+    """(samples/s of the whole loader, the loader thread's CPU ms per batch, the training process's CPU ms per batch
+    with DALI's threads) over `samples` samples."""
+    cfg = DataConfig(shards=prefix, batch_size=batch, img_size=SIZE, shuffle_buffer=0, workers=workers,
+                     dali_threads=threads, device="cpu")
+    loader = build_loader(cfg, 0, 1, torch.device("cpu"))
+    it = iter(loader)
+    for _ in range(2):  # warm-up: workers started, DALI's pipeline built and filled
+        next(it)
+    c0, p0, t0 = loader.counters()["input_cpu_s"], time.process_time(), time.perf_counter()
+    n = 0
+    while n < samples:
+        n += len(next(it)["keys"])
+    dt, batches = time.perf_counter() - t0, n / batch
+    cpu_ms = 1e3 * (loader.counters()["input_cpu_s"] - c0) / batches
+    process_ms = 1e3 * (time.process_time() - p0) / batches
+    loader.close()
+    return n / dt, cpu_ms, process_ms
+
+
+def serve_s3() -> tuple[subprocess.Popen, LocalS3]:
+    """moto's S3 server in a process of its own: in a thread it would share the measured process's GIL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tools.local_s3", "--port", str(port), "--bucket", "bench-input"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("# serving"):
+            break
+    s3 = LocalS3(f"http://127.0.0.1:{port}")
+    os.environ.update(s3.env)
+    return proc, s3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--dali-threads", type=int, default=1)
+    args = ap.parse_args()
+    jpegs = photo_jpegs(args.images)
+    print(f"{args.images} photos at 512 px, JPEG q95, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KB; batch "
+          f"{args.batch}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; median of {args.passes} passes")
+    server, s3 = serve_s3()
+    try:
+        from pipeline.ingest.writer import write_shard
+
+        prefix, per = "s3://bench-input/photos", 128
+        for s in range(0, args.images, per):
+            write_shard(f"{prefix}/shard-{s // per:06d}.tar",
+                        [(f"p{i:06d}", {"jpg": jpegs[i], "cls": b"0"}) for i in range(s, min(args.images, s + per))])
+        samples = args.images  # one pass over the data per timed pass
+        rows = {}
+        for w in args.workers:
+            for name, fn in (("threads", time_threads), ("processes", time_processes)):
+                fn(prefix, w, args.batch, args.batch * 2)  # warm-up (page cache, the forkserver)
+                rows[(name, w)] = [fn(prefix, w, args.batch, samples) for _ in range(args.passes)]
+                print(f"read+parse+validate, {w} reader {name:9s}: {statistics.median(rows[(name, w)]):8.0f} "
+                      f"samples/s  (passes: {', '.join(f'{r:.0f}' for r in rows[(name, w)])})", flush=True)
+        base = statistics.median(rows[("threads", max(args.workers))])
+        best = statistics.median(rows[("processes", max(args.workers))])
+        print(f"{max(args.workers)} processes / {max(args.workers)} threads: {best / base:.2f}x")
+        for w in args.workers:
+            runs = [time_loader(prefix, w, args.batch, samples, args.dali_threads) for _ in range(args.passes)]
+            rate, cpu, proc = (statistics.median(r[i] for r in runs) for i in range(3))
+            print(f"whole loader, {w} worker processes, DALI on the CPU ({args.dali_threads} thread): {rate:.0f} "
+                  f"two-view images/s; the loader thread's CPU {cpu:.2f} ms per batch of {args.batch}; the training "
+                  f"process's CPU with DALI's threads {proc:.1f} ms per batch", flush=True)
+    finally:
+        server.terminate()
+        server.wait()
+
+
+if __name__ == "__main__":
+    main()

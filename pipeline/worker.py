@@ -1,0 +1,189 @@
+"""A loader worker process: reads its shards, validates, shuffles and batches samples, draws each batch's augmentation
+parameters, and hands the encoded batch to the training process through shared memory.
+
+Everything per sample happens here, in processes of their own with their own GIL (reading, tar parsing and validation
+cost ~100-400 us per sample, which at 2,500 images/s would fill one GIL, the trainer's): the training process only
+receives one small message per batch, gives DALI views of the shared-memory slot, and dispatches GPU work. This
+module imports no torch, so a worker starts in a fraction of a second (forked from a preloaded forkserver).
+
+Worker w of rank r reads shards as reader r * W + w (shards.ShardPlan) and makes that stream's batches k = 0, 1, ...;
+its batch k is the rank's batch k * W + w: the number that seeds the batch's augmentation (view_params.py), so a batch
+is the same whichever order the training process takes them in. The worker's stream state after each batch travels
+with it: the loader's checkpoint holds each worker's state as of the last batch the trainer took.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import AugmentConfig
+from pipeline.counters import Counters
+from pipeline.mscn_params import MaskParams, draw_batch_masks
+from pipeline.readers import ReadSettings
+from pipeline.sampler import BatchStream, StreamClosed
+from pipeline.shards import ShardPlan
+from pipeline.shm_ring import SlotRing
+from pipeline.view_params import ViewParams, draw_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything one worker process needs (pickled to it once, at start)."""
+
+    plan: ShardPlan
+    train: bool
+    rank: int
+    worker: int
+    workers: int  # per rank
+    settings: ReadSettings
+    batch_size: int
+    shuffle_buffer: int
+    seed: int
+    augment: AugmentConfig
+    num_views: int
+    num_patches: int
+    img_size: int
+    state: dict[str, Any] | None  # this worker's stream state to resume from (None: from the start)
+    # The training process's environment when the loader started (AWS_* endpoint and credentials among it): the
+    # forkserver the worker comes from may have started earlier, with another one.
+    environ: dict[str, str]
+    slot_names: tuple[str, ...] = ()
+    slot_bytes: int = 0
+
+    @property
+    def reader_id(self) -> int:
+        return self.rank * self.workers + self.worker
+
+
+@dataclass
+class Batch:
+    """One encoded batch. images in shared memory (slot, offsets), or inline when they did not fit a slot."""
+
+    worker: int
+    index: int  # the rank's batch number: k * workers + worker
+    keys: list[str]
+    labels: list[int]
+    slot: int | None
+    offsets: np.ndarray | None
+    images: list[bytes] | None
+    views: list[ViewParams]  # train: one per view; eval: []
+    masks: list[list[MaskParams]]  # MSCN: per view, one per masked copy; else []
+    state: dict[str, Any]  # the worker's stream state after this batch
+    counters: dict[str, float]  # the worker's raw counters so far
+
+
+@dataclass
+class Ready:
+    worker: int
+
+
+@dataclass
+class End:
+    """Eval: the worker has read all its shards."""
+
+    worker: int
+    counters: dict[str, float]
+
+
+@dataclass
+class Failed:
+    worker: int
+    error: str
+
+
+def run_worker(spec: WorkerSpec, out: Any, free: Any, stop: Any) -> None:
+    """The worker's main: out = the loader's message queue, free = a semaphore counting this worker's free slots
+    (the loader releases one per slotted batch it is done with, in the order it got them), stop = set when the
+    loader closes."""
+    os.environ.clear()
+    os.environ.update(spec.environ)
+    # Warnings (a skipped shard, a retried read) go to the training process's logging, as records on the queue.
+    logging.basicConfig(level=logging.INFO, handlers=[logging.handlers.QueueHandler(out)], force=True)
+    ring = SlotRing.attach(list(spec.slot_names), spec.slot_bytes)
+    counters = Counters()
+    stream = BatchStream(spec.plan, spec.train, [spec.reader_id], spec.settings, counters, spec.batch_size,
+                         spec.shuffle_buffer, spec.seed, spec.reader_id)
+    if spec.state is not None:
+        stream.load_state(spec.state)
+    encoder = _Encoder(spec, ring, free, stop, counters)
+    out.put(Ready(spec.worker))
+    try:
+        stream.start()
+        threading.Thread(target=_close_on_stop, args=(stop, stream), daemon=True).start()
+        while not stop.is_set():
+            enc = stream.next_batch()
+            if enc is None:
+                out.put(End(spec.worker, counters.values()))
+                return
+            out.put(encoder(enc))
+    except StreamClosed:
+        return
+    except Exception:  # a bug or an unusable source: the trainer must see it, not wait on an empty queue
+        out.put(Failed(spec.worker, traceback.format_exc()))
+    finally:
+        stream.close()
+        ring.close()
+        if stop.is_set():  # the loader is closing and may not read what is left: do not wait to flush it at exit
+            out.cancel_join_thread()
+
+
+def _close_on_stop(stop: Any, stream: BatchStream) -> None:
+    """Close the stream (which unblocks next_batch) once the loader stops. Polls: a process blocked in
+    multiprocessing.Event.wait() that then exits would make the loader's Event.set() wait for it forever."""
+    while not stop.is_set():
+        time.sleep(0.1)
+    stream.close()
+
+
+class _Encoder:
+    """EncodedBatch -> Batch: the augmentation draws, and the images into the next slot of the ring."""
+
+    def __init__(self, spec: WorkerSpec, ring: SlotRing, free: Any, stop: Any, counters: Counters):
+        self.spec, self.ring, self.free, self.stop, self.counters = spec, ring, free, stop, counters
+        self.next_slot = 0  # slots are filled, and given back, in ring order
+
+    def _acquire(self) -> None:
+        while not self.stop.is_set():
+            if self.free.acquire(timeout=0.1):
+                return
+        raise StreamClosed
+
+    def __call__(self, enc) -> Batch:
+        spec, mscn = self.spec, self.spec.augment.mscn
+        index = enc.index * spec.workers + spec.worker
+        views = (draw_batch(enc.sizes, spec.augment, spec.num_views, spec.num_patches, spec.seed, spec.rank, index)
+                 if spec.train else [])
+        masks = (draw_batch_masks(len(enc.images), spec.img_size, mscn, spec.num_views, spec.seed, spec.rank, index)
+                 if spec.train and mscn is not None else [])
+        batch = Batch(spec.worker, index, enc.keys, enc.labels, None, None, None, views, masks, enc.state, {})
+        self._acquire()
+        batch.offsets = self.ring.write(self.next_slot, enc.images)
+        if batch.offsets is None:  # larger than a slot: inline, pickled through the queue; the slot stays free
+            self.free.release()
+            self.counters.add("batches_over_slot")
+            batch.images = list(enc.images)
+        else:
+            batch.slot, self.next_slot = self.next_slot, (self.next_slot + 1) % len(self.ring.segments)
+        batch.counters = self.counters.values()
+        return batch
+
+
+def drain(q: Any) -> None:
+    """Empty a message queue without blocking (at close)."""
+    while True:
+        try:
+            q.get_nowait()
+        except (queue.Empty, OSError, ValueError):
+            return
