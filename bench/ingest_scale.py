@@ -6,9 +6,10 @@
 For each N: writes N synthetic input rows (content hash, pHash, ordinal, unit; 5% exact and 5% near duplicates
 planted, 2% rejects) as stage tables of 10,000 inputs per unit (an img2dataset tar's worth), then, in a fresh
 driver process on a local Ray instance, runs the engine's own phases on them (dedup map, dedup reduce, resolve,
-and the prefix sum that numbers shards), and prints per phase the wall time and the peak RSS of the largest task,
-plus the driver's peak RSS over the whole run. Generation and Ray's start-up are not timed. Then the near-dedup recall of the LSH bands
-against brute force (every pair compared) on a separate sample with planted near duplicates at distances 0..t.
+and the prefix sum that numbers shards), and prints per phase the wall time, the tasks' CPU seconds and the peak
+RSS of the largest task, plus the driver's peak RSS over the whole run. Generation and Ray's start-up are not
+timed. Then the near-dedup recall of the LSH bands against brute force (every pair compared) on a separate sample
+with planted near duplicates at distances 0..t.
 
 Goals (issue 14): time per doubling of N <= 2.2x, driver peak RSS < 1 GB at every N, recall >= 99%.
 """

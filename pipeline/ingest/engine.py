@@ -133,11 +133,11 @@ def _run_phases(run: "_Run", listing: list[ListTask], fingerprint: str, start: f
     maps = ((g, DedupMapTask(g, a, b, buckets, cfg.dedup, cfg.near_threshold, per_band, layout, so))
             for g, a, b in groups)
     run.phase("map", run_map, maps, len(groups), ("records",))
-    run.phase("reduce", run_reduce, ((b, DedupReduceTask(b, tuple(int(x) for x in group_starts), cfg.near_threshold,
-                                                         layout, so)) for b in range(buckets)), buckets,
-              ("records", "losers"))
-    resolved = run.phase("resolve", run_resolve, ((g, ResolveTask(g, a, b, buckets, layout, so)) for g, a, b in groups),
-                         len(groups), ("kept",), keep_json="verdicts")
+    starts = tuple(int(x) for x in group_starts)
+    reduces = ((b, DedupReduceTask(b, starts, cfg.near_threshold, layout, so)) for b in range(buckets))
+    run.phase("reduce", run_reduce, reduces, buckets, ("records", "losers"))
+    resolves = ((g, ResolveTask(g, a, b, buckets, layout, so)) for g, a, b in groups)
+    resolved = run.phase("resolve", run_resolve, resolves, len(groups), ("kept",), keep_json="verdicts")
     kept = resolved["kept"]
     num_shards = -(-int(kept.sum()) // cfg.samples_per_shard)
     shards = run.phase("shard", run_shard, _shard_tasks(kept, cfg.samples_per_shard, layout, so), num_shards,

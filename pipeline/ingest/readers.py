@@ -241,7 +241,8 @@ def _parquet_rows(url: str, pf: pq.ParquetFile, opts: ReadOptions, lo: int, hi: 
     yield from _download_rows(records, link, caption, label, opts)
 
 
-def _download_rows(records, link: str, caption: str | None, label: str | None, opts: ReadOptions) -> Iterator[RawItem]:
+def _download_rows(records, link: str, caption: str | None, label: str | None, opts: ReadOptions
+                   ) -> Iterator[RawItem]:
     """url + caption rows: the images are fetched by threads, in row order; each URL's outcome is kept or a reject."""
     rows = list(records)  # one parquet file's metadata: ~100 bytes a row, a few MB
     urls = [str(rec[link] or "") for _, rec in rows]

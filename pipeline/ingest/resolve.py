@@ -29,8 +29,8 @@ RESOLVED_SCHEMA = pa.schema([
     ("height", pa.int32()), ("bytes", pa.int64()), ("sha256", pa.string()), ("phash", pa.uint64()),
     ("source", pa.string()), ("label", pa.int64()), ("caption", pa.string()),
 ])
-STAGE_COLUMNS = ("key", "members", "width", "height", "bytes", "sha256", "phash", "source", "label", "caption", "status",
-                 "detail")
+STAGE_COLUMNS = ("key", "members", "width", "height", "bytes", "sha256", "phash", "source", "label", "caption",
+                 "status", "detail")
 REJECTS_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
                             ("key", pa.string())])
 

@@ -78,6 +78,10 @@ def expand_sources(sources: tuple[str, ...], labels_from_folders: bool, unit_siz
                    part_url) -> list[ListTask]:
     """Driver side: one or more ListTasks per SOURCE, in SOURCE order; `part_url(i)` names part i."""
     tasks: list[ListTask] = []
+
+    def add(mode: str, url: str, label_root: str | None = None, entries: tuple = ()) -> None:
+        tasks.append(ListTask(part_url(len(tasks)), mode, unit_size, url, label_root, storage_options, entries))
+
     for source in sources:
         try:
             fs, path = url_to_fs(source, storage_options)
@@ -88,27 +92,26 @@ def expand_sources(sources: tuple[str, ...], labels_from_folders: bool, unit_siz
                 entries = []
                 for p, info in sorted(matches.items()):
                     if info.get("type") == "directory":
-                        tasks.append(ListTask(part_url(len(tasks)), "top", unit_size, fs.unstrip_protocol(p), None, storage_options))
+                        add("top", fs.unstrip_protocol(p))
                     elif p.lower().endswith(LIST_SUFFIXES):
-                        tasks.append(ListTask(part_url(len(tasks)), "list", unit_size, fs.unstrip_protocol(p), None, storage_options))
+                        add("list", fs.unstrip_protocol(p))
                     else:
                         entries.append((kind_of(p), fs.unstrip_protocol(p), int(info.get("size") or 0), _version(info)))
                 if entries:
-                    tasks.append(ListTask(part_url(len(tasks)), "entries", unit_size, source, None, storage_options, tuple(entries)))
+                    add("entries", source, entries=tuple(entries))
                 continue
             if not fs.exists(path):
                 raise IngestError(f"SOURCE {source!r} does not exist")
             url = fs.unstrip_protocol(path)
             if fs.isdir(path):
-                tasks.append(ListTask(part_url(len(tasks)), "top", unit_size, url, url if labels_from_folders else None, storage_options))
+                add("top", url, url if labels_from_folders else None)
             elif path.lower().endswith(LIST_SUFFIXES):
-                tasks.append(ListTask(part_url(len(tasks)), "list", unit_size, url, None, storage_options))
+                add("list", url)
             else:
                 info = fs.info(path)
                 with fs.open(path, "rb") as f:  # a permission problem shows up now, not as a rejected input later
                     f.read(1)
-                entry = (kind_of(path), url, int(info.get("size") or 0), _version(info))
-                tasks.append(ListTask(part_url(len(tasks)), "entries", unit_size, source, None, storage_options, (entry,)))
+                add("entries", source, entries=((kind_of(path), url, int(info.get("size") or 0), _version(info)),))
         except IngestError:
             raise
         except Exception as e:  # noqa: BLE001 - credentials, permissions, network: name the source, stop before work

@@ -35,8 +35,8 @@ def _jpeg(i: int) -> bytes:
 
 
 def _cfg(sources, out, **kw) -> IngestConfig:
-    return IngestConfig(sources=tuple(str(s) for s in sources), output=str(out), workers=1, quiet=True, retries=3, retry_base_s=0.01,
-                        **kw)
+    return IngestConfig(sources=tuple(str(s) for s in sources), output=str(out), workers=1, quiet=True, retries=3,
+                        retry_base_s=0.01, **kw)
 
 
 def _samples_by_source(out) -> dict[str, dict[str, bytes]]:
