@@ -71,12 +71,19 @@ def build_monitor(cfg: MonitorConfig, data: DataConfig, zero_stage: int, dist: D
 
 def pretrain_hooks(engine, loader, cfg: TrainConfig, derived: Derived, monitor: KNNMonitor | None) -> LoopHooks:
     """Pre-training's part of jobs.loop.train; monitor: this rank's kNN monitor or None (build_monitor says which)."""
+    import deepspeed
+
     every_knn = cfg.monitor.knn_every_steps  # a multiple of logging.every_steps (jobs/validate.py)
 
     def extra_record(progress: Progress, final: bool) -> dict:
         record = {f"data_{k}": v for k, v in loader.counters().items()}  # this rank's stream
         if monitor is not None and every_knn > 0 and (progress.step % every_knn == 0 or final):
-            record.update(monitor(engine.module.encoder))  # {"knn_top1"}
+            encoder = engine.module.encoder
+            # ZeRO-3 gathers a layer's weights in that layer's forward hooks; the encoder's own parameters (cls token)
+            # are read by a method, not a forward, so they are gathered here (every rank: a collective).
+            with deepspeed.zero.GatheredParameters(list(encoder.parameters(recurse=False)),
+                                                   enabled=engine.zero_optimization_stage() == 3):
+                record.update(monitor(encoder))  # {"knn_top1"}
         return record
 
     # every rank: BYOL moves its EMA target here; the other models do nothing

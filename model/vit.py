@@ -100,9 +100,10 @@ class VisionTransformer(nn.Module):
 
         Returns (N, 1 + K, D): the cls token then the kept patches in ids_keep order, after the final norm.
         """
+        x = self.patch_embed(x)
         # Buffers keep float32 when DeepSpeed casts a model to bf16 (it casts parameters only): follow the tokens.
-        pos = self.pos_embed.to(self.cls_token.dtype)
-        x = self.patch_embed(x) + pos[:, 1:]
+        pos = self.pos_embed.to(x.dtype)
+        x = x + pos[:, 1:]
         if ids_keep is not None:
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)

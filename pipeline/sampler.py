@@ -1,14 +1,15 @@
-"""Readers -> one deterministic sample stream -> shuffle buffer -> batches of encoded JPEGs, with a resumable state.
+"""Readers -> one deterministic sample stream -> shuffle buffer -> batches of encoded images, with a resumable state.
 
+The stream of one loader worker process (worker.py), which has one reader; the merge takes any number.
 Stages (declared in this order, as OpenCLIP's data pipeline; invariants asserted where they are cheap):
   1. shards     per-reader shard lists from ShardPlan (disjoint across readers)
   2. read       reader threads stream, validate and queue samples (readers.py)
-  3. merge      round-robin over this rank's readers in a fixed order, one sample per turn, waiting for the reader
+  3. merge      round-robin over the stream's readers in a fixed order, one sample per turn, waiting for the reader
                 whose turn it is: the merged order does not depend on thread timing, so the same state always gives
                 the same samples
-  4. shuffle    train only: a buffer of `shuffle_buffer` samples, seeded by (seed, rank)
-  5. batch      batch_size samples, numbered 0, 1, ... per rank (the index seeds the batch's augmentation,
-                view_params.py); eval's last batch may be partial
+  4. shuffle    train only: a buffer of `shuffle_buffer` samples, seeded by (seed, stream id)
+  5. batch      batch_size samples, numbered 0, 1, ... per stream (worker.py turns the number into the rank's batch
+                index, which seeds the batch's augmentation, view_params.py); eval's last batch may be partial
 
 State (plain dict, picklable), as of the end of a batch: the merge position (per-reader position of the last sample
 taken from its queue, which readers are still active, the round-robin cursor), the number of samples pulled and of

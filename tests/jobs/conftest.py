@@ -58,32 +58,40 @@ class Trainer:
         self.launches = 0
         self.ports: list[str] = []  # MASTER_PORT of each multi-rank launch, in order
 
-    def command(self, out_dir: Path, ranks: int, sets: list[str], launcher: str = "deepspeed") -> list[str]:
-        """launcher: "deepspeed" or "torchrun" for several ranks; one rank runs `python jobs/pretrain.py`."""
+    def command(self, out_dir: Path, ranks: int, sets: list[str], launcher: str = "deepspeed",
+                config: Path = CONFIG) -> list[str]:
+        """launcher: "deepspeed", "torchrun" or "slurm" (jobs/slurm_pretrain.sh under the stub srun and scontrol of
+        slurm_env) for several ranks; one rank runs `python jobs/pretrain.py`."""
         overrides = [f"data.shards={self.shards}", f"output_dir={out_dir}", *sets]
-        args = ["jobs/pretrain.py", "--config", str(CONFIG)] + [a for o in overrides for a in ("--set", o)]
+        args = ["jobs/pretrain.py", "--config", str(config)] + [a for o in overrides for a in ("--set", o)]
         if ranks == 1:
             return [sys.executable, *args]
         self.ports.append(str(_free_port()))
+        if launcher == "slurm":
+            return ["bash", "jobs/slurm_pretrain.sh", *args[2:]]
         if launcher == "torchrun":
             return [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(ranks), "--master_port", self.ports[-1], *args]
         return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", self.ports[-1], *args]
 
     def start(self, out_dir: Path, ranks: int = 2, sets: list[str] = (), launcher: str = "deepspeed",
-              env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+              env: dict | None = None, config: Path = CONFIG) -> tuple[subprocess.Popen, Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.launches += 1
         log = out_dir / f"launch-{self.launches}.log"
-        proc = subprocess.Popen(self.command(out_dir, ranks, list(sets), launcher), cwd=REPO,
-                                env={**self.env, **(env or {})}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+        cmd = self.command(out_dir, ranks, list(sets), launcher, config)
+        env = {**self.env, **(env or {})}
+        if launcher == "slurm":  # the script reads the port from the environment, as under sbatch
+            env.update(slurm_env(out_dir.parent / f"slurm-stubs-{self.launches}", ranks, self.ports[-1]))
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
         return proc, log
 
-    def kill_after_checkpoint(self, out_dir: Path, tag: str, sets: list[str] = (), timeout: float = 300) -> str:
+    def kill_after_checkpoint(self, out_dir: Path, tag: str, sets: list[str] = (), timeout: float = 300,
+                              config: Path = CONFIG) -> str:
         """Start a 2-rank run, SIGKILL its whole process group (no handler runs: like a node failure) as soon as
         checkpoints/latest reaches `tag`; returns the tag it was killed at."""
         latest = out_dir / "checkpoints" / "latest"
-        proc, log = self.start(out_dir, sets=sets)
+        proc, log = self.start(out_dir, sets=sets, config=config)
         deadline = time.monotonic() + timeout
         while (latest.read_text().strip() if latest.is_file() else "") < tag:
             assert proc.poll() is None, log.read_text()[-3000:]
@@ -94,14 +102,45 @@ class Trainer:
         return latest.read_text().strip()
 
     def run(self, out_dir: Path, ranks: int = 2, sets: list[str] = (), timeout: float = 300,
-            launcher: str = "deepspeed", env: dict | None = None) -> tuple[int, str]:
-        proc, log = self.start(out_dir, ranks, sets, launcher, env)
+            launcher: str = "deepspeed", env: dict | None = None, config: Path = CONFIG) -> tuple[int, str]:
+        proc, log = self.start(out_dir, ranks, sets, launcher, env, config)
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             raise AssertionError(f"trainer did not finish in {timeout} s:\n{log.read_text()[-3000:]}")
         return code, log.read_text()
+
+
+SRUN = """#!/usr/bin/env bash
+# Stub of SLURM's srun for the tests: SLURM_NTASKS tasks of the command on this machine, each with its SLURM_PROCID
+# and SLURM_LOCALID (one node); options are ignored; the exit code is the first failing task's, as --kill-on-bad-exit.
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i SLURM_LOCALID=$i "$@" & pids+=($!); done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+SCONTROL = """#!/usr/bin/env bash
+# Stub of SLURM's scontrol: the one host, and requeue requests appended to $SCONTROL_LOG.
+case "$1 $2" in
+  "show hostnames") echo 127.0.0.1 ;;
+  requeue*) echo "requeue $2" >> "$SCONTROL_LOG" ;;
+esac
+"""
+
+
+def slurm_env(stub_dir: Path, ranks: int, port: str) -> dict:
+    """What sbatch gives jobs/slurm_pretrain.sh on one node, with the stubs first on PATH; requeues go to
+    $SCONTROL_LOG = stub_dir/scontrol.log."""
+    stub_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (stub_dir / name).write_text(text)
+        (stub_dir / name).chmod(0o755)
+    return {"PATH": f"{stub_dir}:{VENV_BIN}:{os.environ['PATH']}", "SLURM_NTASKS": str(ranks),
+            "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node-01", "SLURM_CPUS_PER_TASK": "1",
+            "MASTER_PORT": port, "SCONTROL_LOG": str(stub_dir / "scontrol.log")}
 
 
 def rank_process(launcher_pid: int, local_rank: int):

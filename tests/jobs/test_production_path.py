@@ -4,8 +4,10 @@ compiled blocks), through the real entry point, with the faults a month-long run
 A. CAN, bf16, ZeRO-2: a reference run; a run whose rank 0 is SIGKILLed in the middle of its step-4 save; the same
    command again, which resumes from step 2 (the torn step-4 save never touched it) and matches the reference step
    for step. DeepSpeed's shared-memory all-reduce buffers were mapped during the runs and no name is left in /dev/shm.
-B. supcon (a siamese recipe) on a ViT, bf16, ZeRO-1, compiled blocks: SIGUSR1 to rank 1 alone; both ranks save at the
-   end of the next step and exit 0; the run is then resumed by torchrun (another launcher) and finishes.
+B. supcon (a siamese recipe) on a ViT, bf16, ZeRO-1, compiled blocks, started by jobs/slurm_pretrain.sh (under stub
+   srun and scontrol): SIGUSR1 to rank 1 alone (what SLURM's --signal sends); both ranks save at the end of the next
+   step and exit 0, and the script requeues the job; the run is then resumed by torchrun (another launcher) and
+   finishes, and the script, on a finished run, requeues nothing.
 """
 
 from __future__ import annotations
@@ -108,33 +110,46 @@ SUPCON_BF16 = ["model.recipe=supcon", "data.augment=simclr", "deepspeed.precisio
 
 
 @pytest.mark.slow
-def test_siamese_bf16_zero1_compiled_preempted_by_sigusr1_then_resumed_by_torchrun(trainer, tmp_path):
-    proc, log_path = trainer.start(tmp_path, sets=SUPCON_BF16)
-    metrics = tmp_path / "metrics.jsonl"
+def test_siamese_bf16_zero1_compiled_preempted_under_slurm_requeued_then_resumed_by_torchrun(trainer, tmp_path):
+    run = tmp_path / "run"
+    proc, log_path = trainer.start(run, sets=SUPCON_BF16, launcher="slurm")
+    metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 400  # the first launch compiles the blocks (about a minute on 2 cores)
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
         assert proc.poll() is None, log_path.read_text()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.1)
     rank_process(proc.pid, 1).send_signal(signal.SIGUSR1)  # one rank only: the ranks must agree to save anyway
-    assert proc.wait(timeout=300) == 0, log_path.read_text()[-3000:]  # the launcher exits 0 iff every rank did
+    assert proc.wait(timeout=300) == 0, log_path.read_text()[-3000:]  # srun exits 0 iff every task did
     log = log_path.read_text()
     got = re.search(r"SIGUSR1 received during step (\d+)", log)  # rank 1's warning
-    saved = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    saved = (run / "checkpoints" / "latest").read_text().strip()
     assert got is not None and saved == f"step_{int(got.group(1)) + 1:08d}", (got, saved)  # the next step's end
     step = int(saved.split("_")[1])
-    assert step < 8 and (tmp_path / "checkpoints" / saved / "COMPLETE").is_file()
+    assert step < 8 and (run / "checkpoints" / saved / "COMPLETE").is_file()
     assert f"signal on another rank: saved step {step}, exiting" in log  # rank 0, which got no signal
-    assert json.loads((tmp_path / "status.json").read_text()) == {"outcome": "preempted", "step": step}
-    assert not (tmp_path / "encoder.safetensors").exists()  # a preempted run is not finished
-    resolved = yaml.safe_load((tmp_path / "resolved.yaml").read_text())["derived"]
-    assert resolved["precision"] == "bf16" and resolved["compile"] is True
+    assert json.loads((run / "status.json").read_text()) == {"outcome": "preempted", "step": step}
+    assert not (run / "encoder.safetensors").exists()  # a preempted run is not finished
+    assert _requeues(tmp_path) == ["requeue 4242"]  # the script put the job back in the queue
+    resolved = yaml.safe_load((run / "resolved.yaml").read_text())["derived"]
+    assert resolved["precision"] == "bf16" and resolved["compile"] is True and resolved["world_size"] == 2
 
-    code, log = trainer.run(tmp_path, sets=SUPCON_BF16, launcher="torchrun", timeout=400)
+    code, log = trainer.run(run, sets=SUPCON_BF16, launcher="torchrun", timeout=400)
     assert code == 0, log[-3000:]
     assert f"resumed from {saved}: step {step}" in log
     records = read_metrics(metrics)
     assert [r["step"] for r in records] == list(range(1, 9))
     assert all(math.isfinite(r["supcon"]) and r["skipped_steps"] == 0 for r in records)
-    assert json.loads((tmp_path / "status.json").read_text()) == {"outcome": "done", "step": 8}
-    assert (tmp_path / "encoder.safetensors").is_file()
+    assert json.loads((run / "status.json").read_text()) == {"outcome": "done", "step": 8}
+    assert (run / "encoder.safetensors").is_file()
+
+    # The script again on the finished run (the requeued job starting after the work is done): the trainer finds
+    # nothing left to do, and the script requeues nothing more.
+    code, log = trainer.run(run, sets=SUPCON_BF16, launcher="slurm", timeout=400)
+    assert code == 0, log[-3000:]
+    assert _requeues(tmp_path) == ["requeue 4242"]
+
+
+def _requeues(tmp_path: Path) -> list[str]:
+    return [line for log in sorted(tmp_path.glob("slurm-stubs-*/scontrol.log")) for line in log.read_text().split("\n")
+            if line]
