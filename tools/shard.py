@@ -5,8 +5,8 @@
 
 SOURCE and URL are local paths or fsspec URLs; credentials and endpoints come from the standard AWS environment,
 plus --storage-options JSON. Library: pipeline.ingest.engine.run_ingest.
-Exit status: 0 done; 2 refused before any work (the message names the culprit); 3 some tasks were quarantined
-after their retries (listed; everything else is saved; rerun the same command to retry them).
+Exit status: 0 done; 2 refused before any work (the message names the culprit); 3 some units or tasks were
+quarantined after their retries (listed; the output holds everything else; rerun the same command to retry them).
 """
 
 from __future__ import annotations
@@ -76,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shard.py: error: {e}", file=sys.stderr)
         return 2
     print(format_table(report))
+    if report["quarantined"]:  # the run went on without them; rerunning the same command retries them
+        print(f"shard.py: {len(report['quarantined'])} unit(s) quarantined after their retries, left out of this "
+              "output; rerun the same command to retry them:", file=sys.stderr)
+        for q in report["quarantined"][:20]:
+            print(f"  unit {q['unit']}: {q['reason']}", file=sys.stderr)
+        return 3
     return 0
 
 

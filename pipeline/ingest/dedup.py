@@ -50,6 +50,7 @@ class DedupMapTask:
     per_band: int  # pHash blocks per LSH band (near.py's s, from the number of inputs)
     layout: Layout
     storage_options: dict
+    skip: tuple[int, ...] = ()  # quarantined units of the group: not staged, left out
 
 
 @dataclass(frozen=True)
@@ -65,17 +66,18 @@ def run_map(task: DedupMapTask) -> dict:
     done = read_done(task.layout, "map", task.group, task.storage_options)
     if done is not None:
         return done
-    units, rows, keys, pixel, phash = [], [], [], [], []
+    unit_of, rows, keys, pixel, phash = [], [], [], [], []
     columns = ["key", "status", "pixel_hash", "phash"]
-    for unit, table in read_stages(task.layout, range(task.first_unit, task.end_unit), columns, task.storage_options):
+    staged = [u for u in range(task.first_unit, task.end_unit) if u not in task.skip]
+    for unit, table in read_stages(task.layout, staged, columns, task.storage_options):
         ok = np.asarray(table.column("status").to_numpy(zero_copy_only=False) == "ok")
         idx = np.flatnonzero(ok)
-        units.append(np.full(len(idx), unit, np.int64))
+        unit_of.append(np.full(len(idx), unit, np.int64))
         rows.append(idx.astype(np.int64))
         keys.append(_take(table.column("key"), idx))
         pixel.append(_take(table.column("pixel_hash"), idx))
         phash.append(table.column("phash").to_numpy(zero_copy_only=False)[idx].astype(np.uint64))
-    ords = (np.concatenate(units or [np.zeros(0, np.int64)]) << 32) | np.concatenate(rows or [np.zeros(0, np.int64)])
+    ords = (np.concatenate(unit_of or [np.zeros(0, np.int64)]) << 32) | np.concatenate(rows or [np.zeros(0, np.int64)])
     key_bytes = [bytes.fromhex(k) for part in keys for k in part]
     ph = np.concatenate(phash or [np.zeros(0, np.uint64)])
     k = _split64(key_bytes)
@@ -155,7 +157,7 @@ def read_losers(layout: Layout, group: int, buckets: int, storage_options: dict
     return ords[order], kind[order], keys
 
 
-def read_stages(layout: Layout, units: range, columns: list[str] | None, storage_options: dict
+def read_stages(layout: Layout, units: list[int], columns: list[str] | None, storage_options: dict
                 ) -> Iterator[tuple[int, pa.Table]]:
     """(unit, stage table) for each unit in order, read by a pool of threads: a group is up to a thousand small
     objects, and one GET at a time would leave the task waiting on latency."""

@@ -100,7 +100,7 @@ def run_ingest(cfg: IngestConfig) -> dict:
     check_output(layout, fingerprint, cfg.overwrite, cfg.storage_options)
     fs, _ = url_to_fs(layout.output, cfg.storage_options)
     done = _finished_report(fs, layout)
-    if done is not None and done.get("fingerprint") == fingerprint:
+    if done is not None and done.get("fingerprint") == fingerprint and not done.get("quarantined"):
         log.info("output %s is already complete", layout.output)
         engine.close()
         return done
@@ -109,7 +109,8 @@ def run_ingest(cfg: IngestConfig) -> dict:
         report = _run_phases(_Run(cfg, layout, engine, fs), listing, fingerprint, start)
     finally:
         engine.close()
-    if not cfg.keep_staging:  # config.json stays: it ties the output to its arguments for later reruns
+    if not cfg.keep_staging and not report["quarantined"]:  # staged work stays for the rerun that retries them
+        # config.json stays: it ties the output to its arguments for later reruns
         for p in fs.ls(url_to_fs(layout.work, cfg.storage_options)[1], detail=False):
             if not p.endswith("/config.json"):
                 fs.rm(p, recursive=True)
@@ -121,8 +122,11 @@ def _run_phases(run: "_Run", listing: list[ListTask], fingerprint: str, start: f
     policy = RetryPolicy(cfg.retries, cfg.retry_base_s)
 
     plan = _list(run, listing, policy)
+    quarantined: list[tuple[int, Failed]] = []
     inputs = run.phase("stage", run_stage, _stage_tasks(plan, cfg, layout, policy), len(plan.unit_kind),
-                       ("inputs", "seconds"), progress="inputs")["inputs"]
+                       ("inputs", "seconds"), progress="inputs", quarantine=quarantined)["inputs"]
+    skip = {i for i, _ in quarantined}  # units that could not be staged: the run goes on without them
+    _forget_dedup_if_staging_changed(run, sorted(skip))
     group_starts = _groups(inputs, cfg.group_inputs)
     per_band = blocks_per_band(cfg.near_threshold, int(inputs.sum()))
     per_input = 1 + (cfg.dedup != "none") + (len(bands(cfg.near_threshold, per_band)) if cfg.dedup == "near" else 0)
@@ -130,13 +134,13 @@ def _run_phases(run: "_Run", listing: list[ListTask], fingerprint: str, start: f
     buckets = max(1, -(-records // cfg.bucket_records))
     groups = [(g, int(a), int(b)) for g, (a, b) in enumerate(zip(group_starts, [*group_starts[1:], len(inputs)]))]
     so = cfg.storage_options
-    maps = ((g, DedupMapTask(g, a, b, buckets, cfg.dedup, cfg.near_threshold, per_band, layout, so))
-            for g, a, b in groups)
+    maps = ((g, DedupMapTask(g, a, b, buckets, cfg.dedup, cfg.near_threshold, per_band, layout, so,
+                             _within(skip, a, b))) for g, a, b in groups)
     run.phase("map", run_map, maps, len(groups), ("records",))
     starts = tuple(int(x) for x in group_starts)
     reduces = ((b, DedupReduceTask(b, starts, cfg.near_threshold, layout, so)) for b in range(buckets))
     run.phase("reduce", run_reduce, reduces, buckets, ("records", "losers"))
-    resolves = ((g, ResolveTask(g, a, b, buckets, layout, so)) for g, a, b in groups)
+    resolves = ((g, ResolveTask(g, a, b, buckets, layout, so, _within(skip, a, b))) for g, a, b in groups)
     resolved = run.phase("resolve", run_resolve, resolves, len(groups), ("kept",), keep_json="verdicts")
     kept = resolved["kept"]
     num_shards = -(-int(kept.sum()) // cfg.samples_per_shard)
@@ -154,8 +158,27 @@ def _run_phases(run: "_Run", listing: list[ListTask], fingerprint: str, start: f
     report = build_report(cfg.public_dict(), fingerprint, verdicts, num_shards, int(shards["bytes"].sum()),
                           time.perf_counter() - start, plan.classes)
     report["listing_fingerprint"] = plan.fingerprint
+    report["quarantined"] = [{"unit": i, "reason": f.reason, "where": f.where} for i, f in quarantined]
     put_bytes(layout.report, json.dumps(report, indent=1).encode(), so)
     return report
+
+
+def _within(units: set[int], first: int, end: int) -> tuple[int, ...]:
+    return tuple(sorted(u for u in units if first <= u < end))
+
+
+def _forget_dedup_if_staging_changed(run: _Run, skipped: list[int]) -> None:
+    """Dedup, resolve and shard results hold for one set of staged units. If a rerun staged units an earlier run
+    had quarantined, those results are stale: their done marks and summaries go, so the phases run again (and
+    rewrite every shard). Removed first, recorded second: a kill in between removes them again."""
+    fs, path = url_to_fs(run.layout.quarantined, run.cfg.storage_options)
+    before = json.loads(fs.cat_file(path)) if fs.exists(path) else None
+    done = url_to_fs(f"{run.layout.work}/done", run.cfg.storage_options)[1]
+    if before is not None and before != skipped and fs.exists(done):
+        for p in fs.ls(done, detail=False):
+            if any(p.rsplit("/", 1)[-1].startswith(phase) for phase in ("map", "reduce", "resolve", "shard")):
+                fs.rm(p, recursive=True)
+    put_bytes(run.layout.quarantined, json.dumps(skipped).encode(), run.cfg.storage_options)
 
 
 class _Run:
@@ -165,11 +188,13 @@ class _Run:
         self.cfg, self.layout, self.engine, self.fs = cfg, layout, engine, fs
 
     def phase(self, name: str, fn: Callable, tasks: Iterator[tuple[int, object]], n: int, fields: tuple[str, ...],
-              progress: str | None = None, keep_json: str | None = None) -> dict[str, np.ndarray]:
+              progress: str | None = None, keep_json: str | None = None,
+              quarantine: list[tuple[int, Failed]] | None = None) -> dict[str, np.ndarray]:
         """Run `n` tasks (id, task); returns each summary field as an array indexed by task id. A phase whose
         summaries were saved is not run again; one interrupted resumes from its last checkpoint (tasks done since
-        find their own done marks)."""
-        so = self.cfg.storage_options
+        find their own done marks). Failed tasks raise QuarantineError once the others are done, or, given a
+        `quarantine` list, are appended to it (their fields stay 0) and the phase is left unfinished, so the next
+        run retries exactly them."""
         saved = self._load(self.layout.phase_done(name))
         if saved is not None:
             return saved
@@ -202,11 +227,11 @@ class _Run:
         bar.close()
         if failures:
             self._save(self.layout.phase_done(name + ".partial"), done, cols)
-            put_bytes(f"{self.layout.work}/quarantine.json", json.dumps(
-                [{"phase": name, "task": i, "reason": f.reason, "where": f.where} for i, f in failures],
-                indent=1).encode(), so)
-            raise QuarantineError(name, failures)
-        self._save(self.layout.phase_done(name), done, cols)
+            if quarantine is None:
+                raise QuarantineError(name, failures)
+            quarantine.extend(failures)
+        else:
+            self._save(self.layout.phase_done(name), done, cols)
         return {f: cols[f] for f in cols}
 
     def _save(self, url: str, done: np.ndarray, cols: dict[str, np.ndarray]) -> None:

@@ -92,6 +92,11 @@ class Layout:
     def resolved(self, group: int) -> str:
         return f"{self.work}/resolved/g-{group:06d}.parquet"
 
+    @property
+    def quarantined(self) -> str:
+        """The units the last run could not stage (JSON list): dedup results hold for that set only."""
+        return f"{self.work}/quarantined.json"
+
     def done(self, phase: str, task: int) -> str:
         return f"{self.work}/done/{phase}/{task:08d}.json"
 

@@ -43,6 +43,7 @@ class ResolveTask:
     buckets: int  # of the dedup shuffle: the reduce outputs to read this group's losers from
     layout: Layout
     storage_options: dict
+    skip: tuple[int, ...] = ()  # quarantined units of the group: not staged, left out
 
 
 def run_resolve(task: ResolveTask) -> dict:
@@ -52,7 +53,7 @@ def run_resolve(task: ResolveTask) -> dict:
         return done
     lost_ord, lost_kind, lost_key = read_losers(task.layout, task.group, task.buckets, task.storage_options)
     kept, rejects, verdicts = [], [], Counter()
-    units = range(task.first_unit, task.end_unit)
+    units = [u for u in range(task.first_unit, task.end_unit) if u not in task.skip]
     for unit, table in read_stages(task.layout, units, list(STAGE_COLUMNS), task.storage_options):
         ords = (np.int64(unit) << np.int64(32)) | np.arange(table.num_rows, dtype=np.int64)
         at = np.minimum(np.searchsorted(lost_ord, ords), max(len(lost_ord) - 1, 0))

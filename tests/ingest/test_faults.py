@@ -1,5 +1,5 @@
-"""Transient faults are retried and lose nothing; a unit that keeps failing is quarantined and retried by a rerun;
-only deterministic content faults become rejects. Also the web-dump sources: url + caption parquet (downloaded by
+"""Transient faults are retried and lose nothing; a unit that keeps failing is quarantined (the run goes on without
+it, and a rerun retries it); only deterministic content faults become rejects. Also the web-dump sources: url + caption parquet (downloaded by
 threads) and WebDataset tars (txt / json / cls carried into the output sample).
 
 The faults come from a loopback server (faults.py) in front of real clients: urllib for web URLs, s3fs and
@@ -22,7 +22,7 @@ from PIL import Image
 
 from pipeline.ingest import fetch
 from pipeline.ingest.config import IngestConfig
-from pipeline.ingest.engine import QuarantineError, run_ingest
+from pipeline.ingest.engine import run_ingest
 from tests.ingest.faults import FaultServer
 from tests.ingest.helpers import check_readable, shard_contents, verdicts
 
@@ -103,14 +103,15 @@ def test_s3_faults_retried_quarantined_then_rerun_loses_nothing(s3_server, s3_bu
         proxy.fail(f"/{bucket}/dump/img01.jpg", ["503"] * 3)  # outlasts the client's retry, not ours
         proxy.fail(f"/{bucket}/web/part-0.tar", ["reset"] * 3)  # the archive is re-read from the start
         proxy.fail(f"/{bucket}/dump/img09.jpg", ["503"] * 1000)  # an outage: unit 2 cannot be read
-        with pytest.raises(QuarantineError, match=r"stage 2: TransientFailure.*img09") as info:
-            run_ingest(cfg)
-        assert [i for i, _ in info.value.failures] == [2]
-        staged = {p.name for p in (tmp_path / "out/_ingest/stage").iterdir()}
-        assert {"unit-00000000.parquet", "unit-00000001.parquet", "unit-00000003.parquet"} <= staged  # went on
-        assert "unit-00000002.parquet" not in staged and not (tmp_path / "out/report.json").exists()
+        partial = run_ingest(cfg)  # unit 2 (img08-img11) cannot be read: the run goes on without it
+        assert [q["unit"] for q in partial["quarantined"]] == [2] and "img09" in partial["quarantined"][0]["reason"]
+        assert partial["kept"] == 12 - 4 + 3 + 1 and not any("img09" in s for s in verdicts(tmp_path / "out"))
+        staged = {p.name for p in (tmp_path / "out/_ingest/stage").glob("*.parquet")}  # kept for the rerun
+        assert staged == {f"unit-{u:08d}.parquet" for u in (0, 1, 3, 4)}
         proxy.clear()
-        report = run_ingest(cfg)
+        report = run_ingest(cfg)  # the rerun stages unit 2 and redoes dedup, resolve and shards with it
+        assert report["quarantined"] == [] and [p.name for p in (tmp_path / "out/_ingest").iterdir()] == [
+            "config.json"]
     got = verdicts(tmp_path / "out")
     rejected = {s.removeprefix(f"{s3_bucket}/web/"): v for s, v in got.items() if v != "keep"}
     assert rejected == {"part-0.tar::00000/000000002": "no_image", "part-1.tar::": "corrupt_archive"}
