@@ -159,6 +159,7 @@ def _run_phases(run: "_Run", listing: list[ListTask], fingerprint: str, start: f
                           time.perf_counter() - start, plan.classes)
     report["listing_fingerprint"] = plan.fingerprint
     report["quarantined"] = [{"unit": i, "reason": f.reason, "where": f.where} for i, f in quarantined]
+    report["nodes"] = len(run.engine.nodes)  # that ran this run's tasks (1 for the local engine)
     put_bytes(layout.report, json.dumps(report, indent=1).encode(), so)
     return report
 

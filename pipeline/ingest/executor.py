@@ -47,6 +47,7 @@ class Engine:
     def __init__(self, kind: str, workers: int):
         self.kind = kind  # "local" | "ray"
         self.workers = workers  # local: processes; ray: unused (the cluster's CPUs count)
+        self.nodes: set[str] = set()  # the nodes that ran tasks (Ray node ids; "local" for the local engine)
         self._pool: ProcessPoolExecutor | None = None
 
     def run(self, fn: Callable[[T], R], tasks: Iterable[tuple[int, T]], resources: Resources = Resources()
@@ -54,7 +55,8 @@ class Engine:
         """(task id, result or Failed) for every (task id, task), in completion order."""
         guarded = _Guarded(fn)
         if self.kind == "ray":
-            return _run_ray(guarded, tasks, resources)
+            return _run_ray(guarded, tasks, resources, self.nodes)
+        self.nodes.add("local")
         if self.workers == 1:
             return ((i, guarded(t)) for i, t in tasks)
         if self._pool is None:
@@ -104,7 +106,7 @@ def _run_pool(pool: ProcessPoolExecutor, fn, tasks, workers: int):
                 pending[pool.submit(fn, nxt[1])] = nxt[0]
 
 
-def _run_ray(fn, tasks, resources: Resources):
+def _run_ray(fn, tasks, resources: Resources, nodes: set[str]):
     import ray
 
     remote = ray.remote(_call).options(
@@ -130,7 +132,8 @@ def _run_ray(fn, tasks, resources: Resources):
         for ref in ready:
             i = pending.pop(ref)
             try:
-                result = ray.get(ref)
+                result, node = ray.get(ref)
+                nodes.add(node)
             except Exception as e:  # noqa: BLE001 - a worker that died (OOM, node lost) after Ray's own retries
                 result = Failed(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500], "ray")
             yield i, result
@@ -139,5 +142,8 @@ def _run_ray(fn, tasks, resources: Resources):
                 submit(nxt)
 
 
-def _call(fn: Callable, task: Any) -> Any:
-    return fn(task)
+def _call(fn: Callable, task: Any) -> tuple[Any, str]:
+    """fn(task) on a Ray worker, and the id of the node it ran on (the report counts the nodes a run used)."""
+    import ray
+
+    return fn(task), ray.get_runtime_context().get_node_id()

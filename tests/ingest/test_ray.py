@@ -3,12 +3,13 @@
 The cluster is two `ray start --block` processes (a head and a worker node), each with its own temp dir and its own
 loopback address (127.0.0.2, 127.0.0.3: Ray turns 127.0.0.1 into the host's network address, and this test must
 stay on loopback), one CPU each, token authentication on. One CLI run checks at once: it completes, its tasks ran
-on both nodes, and its shards, manifest and rejects equal a local-engine run's on the same S3 sources; and a local
---output is refused, naming the reason. One cluster serves the whole session (starting one takes ~10 s).
+on both nodes (report.json counts them), from the package the driver shipped, and its shards, manifest and rejects
+equal a local-engine run's on the same S3 sources; and a local --output is refused, naming the reason. One cluster serves the whole session (starting one takes ~10 s).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -106,8 +107,9 @@ def test_two_node_cluster_matches_local_engine_and_refuses_local_output(two_node
     assert all((ray_out / t).read_bytes() == (local_out / t).read_bytes() for t in tars)
     assert verdicts(ray_out) == verdicts(local_out)
     check_readable(ray_out)
-    for head_or_worker in two_node_cluster.temp_dirs:  # each node started task workers of its own
-        assert list(head_or_worker.glob("session_*/logs/worker-*")), f"no task ran on the node of {head_or_worker}"
+    assert json.loads((ray_out / "report.json").read_text())["nodes"] == 2  # tasks ran on both nodes
+    for node in two_node_cluster.temp_dirs:  # each node unpacked the package the driver shipped (py_modules)
+        assert list(node.glob("session_*/runtime_resources/py_modules_files/*/pipeline/ingest/engine.py")), node
 
     refused = _shard_cli(two_node_cluster, sources, str(tmp_path / "local-output"))
     assert refused.returncode == 2
