@@ -17,7 +17,8 @@ import logging
 import sys
 
 from pipeline.ingest.config import CleanConfig, IngestConfig
-from pipeline.ingest.engine import QuarantineError, run_ingest
+from pipeline.ingest.engine import run_ingest
+from pipeline.ingest.phase import QuarantineError
 from pipeline.ingest.report import format_table
 from pipeline.ingest.sources import IngestError
 

@@ -13,80 +13,41 @@ Then shards.parquet (one row per shard), classes.json and, last, report.json (th
 The driver holds arrays that grow with the number of units, groups and shards (tens of bytes each), never a row per
 image. Every artefact is a pure function of (what was listed, fingerprinted arguments), so after kill -9 at any
 moment a rerun redoes only the tasks that were in flight and yields exactly what a clean run yields, with any
---workers or --engine. A task that fails (a unit whose transient faults outlast the retries, or anything
-unexpected) is quarantined: the phase finishes the other tasks, saves its progress, and the run stops with the
-list (QuarantineError); the next run retries exactly those.
+--workers or --engine. A unit whose transient faults outlast the retries is quarantined: the run goes on without
+it, report.json lists it, and the next run stages it and redoes dedup, resolve and shards. A failing task of any
+other phase stops the run once the rest of its phase is done (phase.py: QuarantineError); the next run retries it.
+Phase bookkeeping (saved summaries, checkpoints, progress) is phase.py; listing and the plan, plan.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
-import os
-import signal
 import time
 from collections import Counter
-from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from pipeline.ingest.assemble import ShardTask, run_shard
 from pipeline.ingest.atomic import put_bytes, put_table, url_to_fs
 from pipeline.ingest.cluster import start_engine
 from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.dedup import DedupMapTask, DedupReduceTask, run_map, run_reduce
-from pipeline.ingest.executor import Engine, Failed, Resources
+from pipeline.ingest.executor import Failed
 from pipeline.ingest.layout import Layout
 from pipeline.ingest.near import bands, blocks_per_band
+from pipeline.ingest.phase import Run
+from pipeline.ingest.plan import UNIT_KINDS, Plan, build_plan
 from pipeline.ingest.preflight import check_output, write_config
 from pipeline.ingest.readers import ReadOptions
 from pipeline.ingest.report import build_report
 from pipeline.ingest.resolve import ResolveTask, run_resolve
 from pipeline.ingest.retry import RetryPolicy
-from pipeline.ingest.sources import IngestError, ListTask, expand_sources, run_listing, subfolder_tasks
+from pipeline.ingest.sources import ListTask, expand_sources
 from pipeline.ingest.stage import StageTask, run_stage
 
 log = logging.getLogger(__name__)
-
-# Test hook: "PHASE:N" SIGKILLs this process group after N completed tasks of that phase (list, stage, map,
-# reduce, resolve, shard).
-KILL_HOOK_ENV = "CANVIT_INGEST_TEST_KILL_AFTER"
-CHECKPOINT_S = 60.0  # how often a running phase's summaries are saved (a kill costs at most this much re-checking)
-# Memory each task asks Ray for (MB): what it holds at its peak, with room for Python and Pillow.
-_RESOURCES = {"list": Resources(1, 1024), "stage": Resources(1, 1536), "map": Resources(1, 2048),
-              "reduce": Resources(1, 3072), "resolve": Resources(1, 2048), "shard": Resources(1, 1024)}
-_UNIT_KINDS = ("files", "archive", "parquet")
-
-
-class QuarantineError(IngestError):
-    """Some tasks failed after their retries; everything else of the phase is saved. Rerun to retry them."""
-
-    def __init__(self, phase: str, failures: list[tuple[int, Failed]]):
-        self.phase, self.failures = phase, failures
-        lines = [f"  {phase} {i}: {f.reason} ({f.where})" for i, f in failures[:20]]
-        more = f"\n  ... and {len(failures) - 20} more" if len(failures) > 20 else ""
-        super().__init__(f"{len(failures)} {phase} task(s) quarantined after retries; the rest of the phase is "
-                         f"saved. Rerun the same command to retry them.\n" + "\n".join(lines) + more)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Phase 0's result: listing parts and the units cut from them, as arrays (a few tens of bytes per unit)."""
-
-    parts: tuple[str, ...]
-    unit_kind: np.ndarray  # [U] index into _UNIT_KINDS
-    unit_part: np.ndarray  # [U] index into parts
-    unit_start: np.ndarray  # [U] first row in the part
-    unit_end: np.ndarray  # [U] end row
-    unit_rows: np.ndarray  # [U, 2] a parquet unit's rows of its file, [lo, hi); -1 -1: all; 0 0: not parquet
-    classes: tuple[str, ...]
-    fingerprint: str  # of everything listed (paths, sizes, ETags or mtimes)
 
 
 def run_ingest(cfg: IngestConfig) -> dict:
@@ -106,7 +67,7 @@ def run_ingest(cfg: IngestConfig) -> dict:
         return done
     write_config(layout, fingerprint, cfg.public_dict(), cfg.storage_options)
     try:
-        report = _run_phases(_Run(cfg, layout, engine, fs), listing, fingerprint, start)
+        report = _run_phases(Run(cfg, layout, engine, fs), listing, fingerprint, start)
     finally:
         engine.close()
     if not cfg.keep_staging and not report["quarantined"]:  # staged work stays for the rerun that retries them
@@ -117,11 +78,11 @@ def run_ingest(cfg: IngestConfig) -> dict:
     return report
 
 
-def _run_phases(run: "_Run", listing: list[ListTask], fingerprint: str, start: float) -> dict:
+def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: float) -> dict:
     cfg, layout, fs = run.cfg, run.layout, run.fs
     policy = RetryPolicy(cfg.retries, cfg.retry_base_s)
 
-    plan = _list(run, listing, policy)
+    plan = build_plan(run, listing, policy)
     quarantined: list[tuple[int, Failed]] = []
     inputs = run.phase("stage", run_stage, _stage_tasks(plan, cfg, layout, policy), len(plan.unit_kind),
                        ("inputs", "seconds"), progress="inputs", quarantine=quarantined)["inputs"]
@@ -168,7 +129,7 @@ def _within(units: set[int], first: int, end: int) -> tuple[int, ...]:
     return tuple(sorted(u for u in units if first <= u < end))
 
 
-def _forget_dedup_if_staging_changed(run: _Run, skipped: list[int]) -> None:
+def _forget_dedup_if_staging_changed(run: Run, skipped: list[int]) -> None:
     """Dedup, resolve and shard results hold for one set of staged units. If a rerun staged units an earlier run
     had quarantined, those results are stale: their done marks and summaries go, so the phases run again (and
     rewrite every shard). Removed first, recorded second: a kill in between removes them again."""
@@ -182,154 +143,12 @@ def _forget_dedup_if_staging_changed(run: _Run, skipped: list[int]) -> None:
     put_bytes(run.layout.quarantined, json.dumps(skipped).encode(), run.cfg.storage_options)
 
 
-class _Run:
-    """One run's phases: saved summaries, quarantine, progress and the kill hook."""
-
-    def __init__(self, cfg: IngestConfig, layout: Layout, engine: Engine, fs):
-        self.cfg, self.layout, self.engine, self.fs = cfg, layout, engine, fs
-
-    def phase(self, name: str, fn: Callable, tasks: Iterator[tuple[int, object]], n: int, fields: tuple[str, ...],
-              progress: str | None = None, keep_json: str | None = None,
-              quarantine: list[tuple[int, Failed]] | None = None) -> dict[str, np.ndarray]:
-        """Run `n` tasks (id, task); returns each summary field as an array indexed by task id. A phase whose
-        summaries were saved is not run again; one interrupted resumes from its last checkpoint (tasks done since
-        find their own done marks). Failed tasks raise QuarantineError once the others are done, or, given a
-        `quarantine` list, are appended to it (their fields stay 0) and the phase is left unfinished, so the next
-        run retries exactly them."""
-        saved = self._load(self.layout.phase_done(name))
-        if saved is not None:
-            return saved
-        partial = self._load(self.layout.phase_done(name + ".partial"))
-        cols = {f: np.zeros(n, np.float64 if f == "seconds" else np.int64) for f in fields}
-        if keep_json:
-            cols[keep_json] = np.full(n, "{}", dtype=object)
-        done = np.zeros(n, bool)
-        if partial is not None:
-            done[partial["id"]] = True
-            for f in cols:
-                cols[f][partial["id"]] = partial[f]
-        failures: list[tuple[int, Failed]] = []
-        last_save = time.monotonic()
-        bar = _Progress(name, n, int(done.sum()), self.cfg.quiet, progress)
-        pending = ((i, t) for i, t in tasks if not done[i])
-        for count, (i, result) in enumerate(self.engine.run(fn, pending, _RESOURCES[name]), 1):
-            if isinstance(result, Failed):
-                failures.append((i, result))
-                log.warning("%s task %d quarantined: %s (%s)", name, i, result.reason, result.where)
-                continue
-            done[i] = True
-            for f in cols:
-                cols[f][i] = json.dumps(result[f]) if f == keep_json else result[f]
-            bar.advance(result.get(progress, 0) if progress else 0)
-            _maybe_kill(name, count)
-            if time.monotonic() - last_save > CHECKPOINT_S:
-                self._save(self.layout.phase_done(name + ".partial"), done, cols)
-                last_save = time.monotonic()
-        bar.close()
-        if failures:
-            self._save(self.layout.phase_done(name + ".partial"), done, cols)
-            if quarantine is None:
-                raise QuarantineError(name, failures)
-            quarantine.extend(failures)
-        else:
-            self._save(self.layout.phase_done(name), done, cols)
-        return {f: cols[f] for f in cols}
-
-    def _save(self, url: str, done: np.ndarray, cols: dict[str, np.ndarray]) -> None:
-        ids = np.flatnonzero(done)
-        table = pa.table({"id": ids, **{f: (list(c[ids]) if c.dtype == object else c[ids]) for f, c in cols.items()}})
-        put_table(url, table, self.cfg.storage_options)
-
-    def _load(self, url: str) -> dict[str, np.ndarray] | None:
-        fs, path = url_to_fs(url, self.cfg.storage_options)
-        if not fs.exists(path):
-            return None
-        with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read()
-        return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-
-
-def _list(run: _Run, first: list[ListTask], policy: RetryPolicy) -> Plan:
-    """Phase 0: list every source in parallel (top levels, then their sub-folders), cut units, and compare with the
-    plan of an interrupted run."""
-    layout = run.layout
-    results: dict[str, object] = {}
-    listing = _ListFn(policy)
-    _list_into(run.engine, listing, first, results)
-    subs: list[ListTask] = []
-    for i, top in enumerate(first):
-        subs += subfolder_tasks(top, results[top.part_url], lambda j, i=i: layout.list_part(i, j))
-    _list_into(run.engine, listing, subs, results)
-    ordered = sorted(results)  # part names sort in input order: list-TASK-SUB
-    kinds, part, starts, ends, rows, classes, digest = [], [], [], [], [], set(), hashlib.sha256()
-    for p, url in enumerate(ordered):
-        r = results[url]
-        digest.update(f"{url.rsplit('/', 1)[-1]}\t{r.rows}\t{r.digest}\n".encode())
-        classes.update(r.classes)
-        for kind, a, b, lo, hi in r.units:
-            kinds.append(_UNIT_KINDS.index(kind))
-            part.append(p)
-            starts.append(a)
-            ends.append(b)
-            rows.append((lo, hi))
-    plan = Plan(tuple(ordered), np.asarray(kinds, np.int8), np.asarray(part, np.int32),
-                np.asarray(starts, np.int64), np.asarray(ends, np.int64), np.asarray(rows, np.int64).reshape(-1, 2),
-                tuple(sorted(classes)), digest.hexdigest()[:16])
-    _check_plan(run, plan)
-    return plan
-
-
-class _ListFn:
-    """run_listing with the retry policy bound (a picklable callable, for the process pool and Ray)."""
-
-    def __init__(self, policy: RetryPolicy):
-        self.policy = policy
-
-    def __call__(self, task: ListTask):
-        return run_listing(task, self.policy)
-
-
-def _list_into(engine: Engine, fn, tasks: list[ListTask], results: dict) -> None:
-    failures = []
-    for i, result in engine.run(fn, enumerate(tasks), _RESOURCES["list"]):
-        if isinstance(result, Failed):
-            failures.append((i, result))
-            continue
-        results[tasks[i].part_url] = result
-        _maybe_kill("list", len(results))
-    if failures:
-        raise QuarantineError("list", failures)
-
-
-def _check_plan(run: _Run, plan: Plan) -> None:
-    """Save the plan; if an interrupted run listed something else, its staged work is stale: discard it."""
-    layout, so = run.layout, run.cfg.storage_options
-    fs, path = url_to_fs(layout.plan, so)
-    if fs.exists(path):
-        before = json.loads(fs.cat_file(path))["fingerprint"]
-        if before == plan.fingerprint:
-            return
-        log.warning("the sources changed since the interrupted run (listing %s, now %s): its staged work is "
-                    "discarded and the run starts over", before, plan.fingerprint)
-        for folder in ("stage", "dedup", "resolved", "done"):
-            p = url_to_fs(f"{layout.work}/{folder}", so)[1]
-            if fs.exists(p):
-                fs.rm(p, recursive=True)
-    buf = io.BytesIO()
-    np.savez(buf, kind=plan.unit_kind, part=plan.unit_part, start=plan.unit_start, end=plan.unit_end,
-             rows=plan.unit_rows)
-    put_bytes(f"{layout.work}/plan/units.npz", buf.getvalue(), so)
-    body = {"fingerprint": plan.fingerprint, "parts": list(plan.parts), "units": len(plan.unit_kind),
-            "classes": list(plan.classes)}
-    put_bytes(layout.plan, json.dumps(body).encode(), so)
-
-
 def _stage_tasks(plan: Plan, cfg: IngestConfig, layout: Layout, policy: RetryPolicy):
     read = ReadOptions(cfg.clean.max_bytes, cfg.image_column, cfg.label_column, cfg.storage_options, policy,
                        cfg.download_threads)
     for u in range(len(plan.unit_kind)):
         lo, hi = (int(x) for x in plan.unit_rows[u])
-        yield u, StageTask(u, _UNIT_KINDS[plan.unit_kind[u]], plan.parts[plan.unit_part[u]], int(plan.unit_start[u]),
+        yield u, StageTask(u, UNIT_KINDS[plan.unit_kind[u]], plan.parts[plan.unit_part[u]], int(plan.unit_start[u]),
                            int(plan.unit_end[u]), (lo, hi), plan.classes, layout, cfg.clean, cfg.dedup, read)
 
 
@@ -378,32 +197,3 @@ def _finished_report(fs, layout: Layout) -> dict | None:
     return json.loads(fs.cat_file(path)) if fs.exists(path) else None
 
 
-def _maybe_kill(phase: str, completed: int) -> None:
-    hook = os.environ.get(KILL_HOOK_ENV, "")
-    if hook == f"{phase}:{completed}":
-        os.killpg(os.getpgrp(), signal.SIGKILL)
-
-
-class _Progress:
-    """tqdm bar with items/s, or (quiet) one log line per 5% of the tasks."""
-
-    def __init__(self, phase: str, total: int, initial: int, quiet: bool, unit: str | None):
-        self.phase, self.quiet, self.unit, self.items, self.start = phase, quiet, unit, 0, time.perf_counter()
-        self.bar = None if quiet else tqdm(total=total, initial=initial, desc=phase, unit="task", dynamic_ncols=True)
-        self.tasks, self.total, self.step = initial, total, max(1, total // 20)
-
-    def advance(self, items: int) -> None:
-        self.items += items
-        self.tasks += 1
-        rate = self.items / max(time.perf_counter() - self.start, 1e-9)
-        if self.bar is not None:
-            if self.unit:
-                self.bar.set_postfix_str(f"{rate:.1f} {self.unit}/s", refresh=False)
-            self.bar.update(1)
-        elif self.tasks % self.step == 0 or self.tasks == self.total:
-            log.info("%s %d/%d tasks%s", self.phase, self.tasks, self.total,
-                     f", {self.items} {self.unit}, {rate:.1f}/s" if self.unit else "")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -16,7 +16,6 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import s3fs
 from PIL import Image
 

@@ -28,7 +28,7 @@ import pytest
 from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.engine import run_ingest
 from tests.ingest.corpus import build_corpus
-from tests.ingest.helpers import check_readable, shard_contents, verdicts
+from tests.ingest.helpers import check_readable, verdicts
 
 _REPO = Path(__file__).resolve().parents[2]
 _RAY = str(Path(sys.executable).with_name("ray"))

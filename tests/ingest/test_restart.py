@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from pipeline.ingest.config import IngestConfig
-from pipeline.ingest.engine import KILL_HOOK_ENV, run_ingest
+from pipeline.ingest.engine import run_ingest
+from pipeline.ingest.phase import KILL_HOOK_ENV
 from tests.ingest.helpers import check_readable, shard_contents
 
 _ARGS = ["--unit-size", "10", "--samples-per-shard", "8", "--quiet"]
