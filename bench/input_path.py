@@ -1,10 +1,12 @@
 """The loader's host cost outside DALI's decode, from loopback S3: where reading, tar parsing and validation run, and
 what is left for the training process.
 
-    python -m bench.input_path                         # 1,024 photos at 512 px (q95, ~150 KB each), batch 64
+    python -m bench.input_path                         # 1,024 photos at 512 px (q95, ~100 KB each), batch 64
     python -m bench.input_path --images 2048 --workers 1 2 4
+    python -m bench.input_path --local                 # shards on local disk: the readers' own cost, no server
 
-Measured in one run, on the same shards, served by moto's S3 server in a process of its own:
+Measured in one run, on the same shards, served by moto's S3 server in a process of its own (or, with --local, read
+from local files: moto is a Python server, and on a 2-core machine it takes one of the cores the readers would use):
 1. read + parse + validate + batch + draw augmentation parameters, samples/s per rank, with W readers as threads of
    one process (the loader before worker processes: every reader under the training process's GIL) and as W worker
    processes (pipeline/worker_pool.py, batches handed over in shared memory). Nothing is decoded. The ratio of W
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -38,7 +42,7 @@ from pipeline.prefetch import RetryPolicy
 from pipeline.readers import ReadSettings
 from pipeline.sampler import BatchStream
 from pipeline.shards import build_plan
-from pipeline.view_params import draw_batch
+from pipeline.view_params import draw_batch, pack_params
 from pipeline.worker import WorkerSpec
 from pipeline.worker_pool import WorkerPool
 from tools.local_s3 import LocalS3, free_port
@@ -70,52 +74,53 @@ def read_settings() -> ReadSettings:
     return ReadSettings({}, 4 << 20, 4, RetryPolicy(), "header")
 
 
-def time_threads(prefix: str, workers: int, batch: int, samples: int) -> float:
-    """samples/s of `workers` readers as threads of this process, each making batches of its own shards and drawing
-    their augmentation parameters (the work the worker processes do), until `samples` were made in all."""
+def batches_from_threads(prefix: str, workers: int, batch: int):
+    """`workers` readers as threads of this process, each making batches of its own shards and drawing their
+    augmentation parameters (the work a worker process does), into one queue; yields batch sizes, forever."""
     plan, _ = build_plan(DataConfig(shards=prefix).sources, workers, 0, {})
-    counters, made, lock = Counters(), [0], threading.Lock()
-    aug = AugmentConfig()
+    counters, out, aug = Counters(), queue.Queue(maxsize=4 * workers), AugmentConfig()
 
     def run(w: int) -> None:
         stream = BatchStream(plan, True, [w], read_settings(), counters, batch, 0, 0, w)
         stream.start()
-        k = 0
-        while True:
-            with lock:
-                if made[0] >= samples:
-                    break
+        for k in itertools.count():
             enc = stream.next_batch()
-            draw_batch(enc.sizes, aug, 2, PATCHES, 0, 0, k * workers + w)
-            k += 1
-            with lock:
-                made[0] += len(enc.keys)
-        stream.close()
+            views = draw_batch(enc.sizes, aug, 2, PATCHES, 0, 0, k * workers + w)
+            out.put((len(enc.keys), pack_params(aug, views)))
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=run, args=(w,)) for w in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return made[0] / (time.perf_counter() - t0)
+    for w in range(workers):
+        threading.Thread(target=run, args=(w,), daemon=True).start()
+    while True:
+        yield out.get()[0]
 
 
-def time_processes(prefix: str, workers: int, batch: int, samples: int) -> float:
-    """samples/s of `workers` worker processes (the loader's own), batches taken from shared memory in turn."""
+def batches_from_processes(prefix: str, workers: int, batch: int):
+    """`workers` worker processes (the loader's own), batches taken from shared memory in turn; yields batch sizes."""
     cfg = DataConfig(shards=prefix, batch_size=batch, img_size=SIZE, shuffle_buffer=0, workers=workers)
     plan, _ = build_plan(cfg.sources, workers, 0, {})
     specs = [WorkerSpec(plan, True, 0, w, workers, read_settings(), batch, 0, 0, cfg.augment, 2, PATCHES, SIZE, None,
-                        dict(os.environ)) for w in range(workers)]
+                        dict(os.environ), os.getpid()) for w in range(workers)]
     pool = WorkerPool(specs, cfg.worker_prefetch, batch * cfg.slot_bytes_per_sample, True, None)
-    t0, made = time.perf_counter(), 0
-    while made < samples:
-        b = pool.next_batch()
-        made += len(b.keys)
-        pool.release(b)
-    rate = made / (time.perf_counter() - t0)
-    pool.close()
-    return rate
+    try:
+        while True:
+            b = pool.next_batch()
+            pool.release(b)
+            yield len(b.keys)
+    finally:
+        pool.close()
+
+
+def time_source(batches, samples: int, passes: int) -> list[float]:
+    """samples/s over `passes` timed passes of `samples` samples each, after one warm-up pass (in steady state: the
+    readers were started once, before it)."""
+    rates = []
+    for p in range(passes + 1):
+        t0, n = time.perf_counter(), 0
+        while n < samples:
+            n += next(batches)
+        if p > 0:
+            rates.append(n / (time.perf_counter() - t0))
+    return rates
 
 
 def time_loader(prefix: str, workers: int, batch: int, samples: int, threads: int) -> tuple[float, float, float]:
@@ -138,6 +143,27 @@ def time_loader(prefix: str, workers: int, batch: int, samples: int, threads: in
     return n / dt, cpu_ms, process_ms
 
 
+SOURCES = {"threads": batches_from_threads, "processes": batches_from_processes}
+
+
+def _isolated(name: str, prefix: str, workers: int, batch: int, samples: int, passes: int, result) -> None:
+    os.environ.update(result.pop("env"))
+    result["rates"] = time_source(SOURCES[name](prefix, workers, batch), samples, passes)
+
+
+def run_isolated(name: str, prefix: str, workers: int, batch: int, samples: int, passes: int) -> list[float]:
+    """One reading configuration in a fresh process, so that no other configuration's threads compete with it."""
+    import multiprocessing as mp
+
+    with mp.Manager() as manager:
+        result = manager.dict(env=dict(os.environ))
+        proc = mp.get_context("spawn").Process(target=_isolated, args=(name, prefix, workers, batch, samples, passes,
+                                                                       result))
+        proc.start()
+        proc.join()
+        return list(result["rates"])
+
+
 def serve_s3() -> tuple[subprocess.Popen, LocalS3]:
     """moto's S3 server in a process of its own: in a thread it would share the measured process's GIL."""
     port = free_port()
@@ -158,29 +184,31 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--dali-threads", type=int, default=1)
+    ap.add_argument("--local", action="store_true", help="shards on local disk instead of the loopback S3 server")
     args = ap.parse_args()
     jpegs = photo_jpegs(args.images)
     print(f"{args.images} photos at 512 px, JPEG q95, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KB; batch "
           f"{args.batch}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; median of {args.passes} passes")
-    server, s3 = serve_s3()
+    server, s3 = (None, None) if args.local else serve_s3()
+    tmp = tempfile.TemporaryDirectory()
     try:
         from pipeline.ingest.writer import write_shard
 
-        prefix, per = "s3://bench-input/photos", 128
+        prefix, per = (tmp.name + "/photos") if args.local else "s3://bench-input/photos", 128
         for s in range(0, args.images, per):
             write_shard(f"{prefix}/shard-{s // per:06d}.tar",
                         [(f"p{i:06d}", {"jpg": jpegs[i], "cls": b"0"}) for i in range(s, min(args.images, s + per))])
         samples = args.images  # one pass over the data per timed pass
         rows = {}
         for w in args.workers:
-            for name, fn in (("threads", time_threads), ("processes", time_processes)):
-                fn(prefix, w, args.batch, args.batch * 2)  # warm-up (page cache, the forkserver)
-                rows[(name, w)] = [fn(prefix, w, args.batch, samples) for _ in range(args.passes)]
+            # threads first, each in a child process of their own: a finished run's threads would steal the GIL
+            for name in ("threads", "processes"):
+                rows[(name, w)] = run_isolated(name, prefix, w, args.batch, samples, args.passes)
                 print(f"read+parse+validate, {w} reader {name:9s}: {statistics.median(rows[(name, w)]):8.0f} "
                       f"samples/s  (passes: {', '.join(f'{r:.0f}' for r in rows[(name, w)])})", flush=True)
-        base = statistics.median(rows[("threads", max(args.workers))])
-        best = statistics.median(rows[("processes", max(args.workers))])
-        print(f"{max(args.workers)} processes / {max(args.workers)} threads: {best / base:.2f}x")
+        w = max(args.workers)
+        print(f"{w} processes / {w} threads: {statistics.median(rows[('processes', w)]) / statistics.median(rows[('threads', w)]):.2f}x; "
+              f"{w} processes / 1 thread: {statistics.median(rows[('processes', w)]) / statistics.median(rows[('threads', min(args.workers))]):.2f}x")
         for w in args.workers:
             runs = [time_loader(prefix, w, args.batch, samples, args.dali_threads) for _ in range(args.passes)]
             rate, cpu, proc = (statistics.median(r[i] for r in runs) for i in range(3))
@@ -188,8 +216,10 @@ def main() -> None:
                   f"two-view images/s; the loader thread's CPU {cpu:.2f} ms per batch of {args.batch}; the training "
                   f"process's CPU with DALI's threads {proc:.1f} ms per batch", flush=True)
     finally:
-        server.terminate()
-        server.wait()
+        tmp.cleanup()
+        if server is not None:
+            server.terminate()
+            server.wait()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pipeline import augment
 from pipeline.config import AugmentConfig, DataConfig
 from pipeline.loader import build_loader
 from pipeline.validate import inspect_image
-from pipeline.view_params import draw_batch
+from pipeline.view_params import draw_batch, pack_params
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
 STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
@@ -106,29 +106,36 @@ def time_pil(jpegs, size, aug, batch, workers, passes) -> list[float]:
 
 
 def time_dali(jpegs, size, aug, batch, threads, passes, device_id) -> list[float]:
-    """The loader's train pipeline, host-side parameter drawing included (sizes come from the reader's header parse)."""
+    """The loader's train pipeline as the loader runs it (2 batches in flight in DALI's pipelined executor),
+    host-side parameter drawing included (sizes come from the reader's header parse); one continuous stream of
+    batches over passes + 1 passes, each timed."""
     pipe = augment.train_pipeline(batch, size, 2, aug, device_id, threads, 2)
     arrays = [np.frombuffer(j, np.uint8) for j in jpegs]
     sizes = [inspect_image(j, "jpeg", "header")[1] for j in jpegs]
-    rates = []
+    starts = list(range(0, len(arrays) - batch + 1, batch))
+    stream = [i for _ in range(passes + 1) for i in starts]
+
+    def feed(n: int) -> None:
+        i = stream[n]
+        pipe.feed_input(augment.IMAGE_INPUT, arrays[i : i + batch])
+        augment.feed_params(pipe, pack_params(aug, draw_batch(sizes[i : i + batch], aug, 2, (size // 16) ** 2, 0, 0, n)))
+
+    feed(0)
+    feed(1)
+    pipe.schedule_run()  # the first call runs both fed iterations
+    rates, fed = [], 2
     for p in range(passes + 1):
         t0 = time.perf_counter()
-        starts = list(range(0, len(arrays) - batch + 1, batch))
-        for n, i in enumerate(starts):  # the loader's way: 2 batches in flight in DALI's pipelined executor
-            pipe.feed_input(augment.IMAGE_INPUT, arrays[i : i + batch])
-            augment.feed_params(pipe, aug, draw_batch(sizes[i : i + batch], aug, 2, (size // 16) ** 2, 0, 0, i))
-            if n == 1:
-                pipe.schedule_run()  # the first call runs the 2 fed iterations
-            elif n > 1:
-                pipe.share_outputs()
-                pipe.release_outputs()
-                pipe.schedule_run()
-        for _ in range(min(2, len(starts))):
+        for _ in starts:
             out = pipe.share_outputs()
             pipe.release_outputs()
+            if fed < len(stream):
+                feed(fed)
+                fed += 1
+                pipe.schedule_run()
         if device_id is not None:
             out[0].as_cpu()  # wait for the GPU work
-        if p > 0:
+        if p > 0:  # the first pass warms up
             rates.append(len(starts) * batch / (time.perf_counter() - t0))
     return rates
 

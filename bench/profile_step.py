@@ -125,11 +125,10 @@ def analyse(events, steps: int) -> dict:
     }
 
 
-def profile_variant(cfg, args, compile_mode: str, out_dir: Path) -> dict:
+def profile_variant(cfg, args, compile_mode: str, out_dir: Path, dist) -> dict:
     """The analysed report of one variant: a fresh model and engine with deepspeed.compile = compile_mode."""
     from dataclasses import replace
 
-    dist = init_distributed()
     cfg = replace(cfg, deepspeed=replace(cfg.deepspeed, compile=compile_mode))
     o, total = cfg.optim, args.warmup + args.steps + 1  # the last step checkpoints: not analysed
     derived = derive(o.global_batch, cfg.data.batch_size, 1, o.base_lr, o.lr_base_batch, cfg.schedule.total_samples,
@@ -141,6 +140,8 @@ def profile_variant(cfg, args, compile_mode: str, out_dir: Path) -> dict:
     engine = build_engine(model, cfg.optim, cfg.deepspeed, derived, runtime)
     flops = train_flops_per_image(cfg.model)
     hooks = pretrain_hooks(engine, loader, cfg, derived, None)  # the loop as jobs/pretrain.py runs it, less kNN
+    for sub in ("timed", "sites"):
+        (out_dir / sub).mkdir(parents=True)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         # The last step also checkpoints: it ends after the last fetch, so it falls outside the analysed window.
         train(engine, loader, cfg, derived, dist, Progress(), out_dir / "timed", flops, step_fn=train_step,
@@ -154,7 +155,6 @@ def profile_variant(cfg, args, compile_mode: str, out_dir: Path) -> dict:
     report["runtime"] = {"precision": runtime.precision, "compile": runtime.compile}
     if args.trace:
         prof.export_chrome_trace(f"{args.trace}.{compile_mode}.json")
-    torch.distributed.destroy_process_group()
     return report
 
 
@@ -187,9 +187,11 @@ def main() -> None:
                 "logging.tensorboard=false", "logging.progress='off'", f"checkpoint.every_steps={10**9}",
                 "optim.global_batch=8", "data.batch_size=8", *args.set]
         cfg = load_config(args.config, sets)
+        dist = init_distributed()
         for mode in (["off", "blocks"] if args.compile == "both" else [args.compile]):
-            reports[mode] = profile_variant(cfg, args, mode, Path(tmp) / mode)
+            reports[mode] = profile_variant(cfg, args, mode, Path(tmp) / mode, dist)
             print_report(cfg, reports[mode])
+        torch.distributed.destroy_process_group()
     if len(reports) == 2:
         off, on = reports["off"], reports["blocks"]
         print(f"compiled blocks vs eager: step {on['step_ms']:.1f} / {off['step_ms']:.1f} ms "

@@ -24,34 +24,18 @@ graph is static and GPU batches are never split.
 
 from __future__ import annotations
 
+import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 
 from pipeline import mscn_graph
 from pipeline.config import AugmentConfig
-from pipeline.view_params import ViewParams
+from pipeline.view_params import param_columns
 
 IMAGE_INPUT = "images"  # name of the external source the loader feeds with pipe.feed_input (encoded bytes)
 
-# ViewParams field -> (ndim per sample, DALI dtype) of the argument inputs each view of the train pipeline takes.
-_CROP = {"roi_start": (1, types.FLOAT), "roi_end": (1, types.FLOAT), "mirror": (0, types.INT32)}
-_COLOUR = {"brightness": (0, types.FLOAT), "contrast": (0, types.FLOAT), "saturation": (0, types.FLOAT),
-           "hue": (0, types.FLOAT)}
-_BLUR = {"sigma": (0, types.FLOAT)}
-
-
-def param_fields(aug: AugmentConfig) -> dict[str, tuple[int, types.DALIDataType]]:
-    """The parameter inputs one view needs: stages with probability 0 are left out of the graph (the mae preset)."""
-    fields = dict(_CROP)
-    if aug.jitter_p > 0 or aug.grayscale_p > 0:
-        fields.update(_COLOUR)
-    if aug.blur_p > 0:
-        fields.update(_BLUR)
-    return fields
-
-
-def input_name(view: int, field: str) -> str:
-    return f"view{view}_{field}"
+def input_name(view: int) -> str:
+    return f"view{view}_params"
 
 
 def _decode(device_id: int | None):
@@ -77,8 +61,8 @@ def _normalise(x, aug: AugmentConfig, **kw):
 
 def _view(img, size: int, aug: AugmentConfig, view: int):
     """One augmented view: img HWC uint8 -> CHW float32 normalised, [3, size, size]."""
-    p = {f: fn.external_source(name=input_name(view, f), dtype=dtype, ndim=ndim)
-         for f, (ndim, dtype) in param_fields(aug).items()}
+    packed = fn.external_source(name=input_name(view), dtype=types.FLOAT, ndim=1)
+    p = {f: packed[c] if c.stop - c.start > 1 else packed[c.start] for f, c in param_columns(aug).items()}
     # Linear interpolation with antialiasing, as fn.random_resized_crop and torchvision's bilinear + antialias.
     x = fn.resize(img, size=[size, size], roi_start=p["roi_start"], roi_end=p["roi_end"], roi_relative=True)
     if "hue" in p:
@@ -91,14 +75,13 @@ def _view(img, size: int, aug: AugmentConfig, view: int):
         x = fn.gaussian_blur(x, sigma=p["sigma"])
     if _highpass_sigma(aug) > 0:
         x = mscn_graph.highpass(x, _highpass_sigma(aug))
-    return _normalise(x, aug, mirror=p["mirror"])
+    return _normalise(x, aug, mirror=fn.cast(p["mirror"], dtype=types.INT32))
 
 
-def feed_params(pipe: Pipeline, aug: AugmentConfig, views: list[ViewParams]) -> None:
-    """Feed one batch's host-drawn parameters (one ViewParams per view) before pipe.run()."""
-    for v, params in enumerate(views):
-        for f in param_fields(aug):
-            pipe.feed_input(input_name(v, f), getattr(params, f))
+def feed_params(pipe: Pipeline, packed: np.ndarray) -> None:
+    """Feed one batch's packed parameters ([V, n, K], pack_params) before the pipeline runs it."""
+    for v in range(packed.shape[0]):
+        pipe.feed_input(input_name(v), packed[v])
 
 
 def _pipeline(batch_size: int, device_id: int | None, num_threads: int, prefetch: int) -> Pipeline:

@@ -180,7 +180,7 @@ class _Producer(threading.Thread):
         cfg, lo = self.cfg, self.loader
         return WorkerSpec(lo.plan, lo.train, lo.rank, worker, cfg.workers, lo._settings, cfg.batch_size,
                           cfg.shuffle_buffer, cfg.seed, cfg.augment, cfg.num_views, cfg.num_patches, cfg.img_size,
-                          self.worker_states.get(worker), dict(os.environ))
+                          self.worker_states.get(worker), dict(os.environ), os.getpid())
 
     def _build_pipe(self):
         cfg, lo = self.cfg, self.loader
@@ -252,8 +252,8 @@ class _Producer(threading.Thread):
     def _feed(self, batch: Batch, state: dict | None) -> None:
         # no_copy: DALI reads the shared-memory slot itself; the slot is given back after this batch's outputs.
         self.pipe.feed_input(augment.IMAGE_INPUT, self.pool.views(batch))
-        if batch.views:
-            augment.feed_params(self.pipe, self.cfg.augment, batch.views)
+        if batch.params is not None:
+            augment.feed_params(self.pipe, batch.params)
         if batch.masks:
             feed_masks(self.pipe, batch.masks)
         self.inflight.append((batch, state))
@@ -291,13 +291,13 @@ class _Producer(threading.Thread):
         if not self.loader.train:
             batch["view1"] = _to_torch(outputs[0], device)
             return batch
-        for v, params in enumerate(enc.views):
+        views = len(enc.params)
+        for v in range(views):
             batch[f"view{v + 1}"] = _to_torch(outputs[v], device)
-            batch[f"mask_keys{v + 1}"] = _host_to(params.mask_keys, device)
+            batch[f"mask_keys{v + 1}"] = _host_to(enc.mask_keys[v], device)
         if enc.masks:
-            keeps = [_to_torch(o, device) for o in outputs[len(enc.views):]]
-            batch.update(mscn_batch_fields([batch[f"view{v + 1}"] for v in range(len(enc.views))], keeps, enc.masks,
-                                           mscn))
+            keeps = [_to_torch(o, device) for o in outputs[views:]]
+            batch.update(mscn_batch_fields([batch[f"view{v + 1}"] for v in range(views)], keeps, enc.masks, mscn))
         return batch
 
     def get(self):
@@ -319,8 +319,10 @@ class _Producer(threading.Thread):
 
 def _subset(batch: Batch, keep: list[int], images: list) -> Batch:
     """The batch with only the samples `keep`, as inline bytes (its slot, if any, is still released once)."""
+    train = batch.params is not None
     return Batch(batch.worker, batch.index, [batch.keys[i] for i in keep], [batch.labels[i] for i in keep],
-                 batch.slot, None, [bytes(images[i]) for i in keep], [v.take(keep) for v in batch.views],
+                 batch.slot, None, [bytes(images[i]) for i in keep], batch.params[:, keep] if train else None,
+                 batch.mask_keys[:, keep] if train else None,
                  [[m.take(keep) for m in copies] for copies in batch.masks], batch.state, batch.counters)
 
 

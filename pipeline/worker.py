@@ -33,7 +33,7 @@ from pipeline.readers import ReadSettings
 from pipeline.sampler import BatchStream, StreamClosed
 from pipeline.shards import ShardPlan
 from pipeline.shm_ring import SlotRing
-from pipeline.view_params import ViewParams, draw_batch
+from pipeline.view_params import draw_batch, pack_params
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class WorkerSpec:
     # The training process's environment when the loader started (AWS_* endpoint and credentials among it): the
     # forkserver the worker comes from may have started earlier, with another one.
     environ: dict[str, str]
+    trainer_pid: int  # the training process: the worker ends when it is gone (killed with SIGKILL, say)
     slot_names: tuple[str, ...] = ()
     slot_bytes: int = 0
 
@@ -78,7 +79,8 @@ class Batch:
     slot: int | None
     offsets: np.ndarray | None
     images: list[bytes] | None
-    views: list[ViewParams]  # train: one per view; eval: []
+    params: np.ndarray | None  # train: the views' augmentation parameters, [V, B, K] float32 (pack_params); eval: None
+    mask_keys: np.ndarray | None  # train: [V, B, L] float32 U[0, 1); eval: None
     masks: list[list[MaskParams]]  # MSCN: per view, one per masked copy; else []
     state: dict[str, Any]  # the worker's stream state after this batch
     counters: dict[str, float]  # the worker's raw counters so far
@@ -103,13 +105,37 @@ class Failed:
     error: str
 
 
-def run_worker(spec: WorkerSpec, out: Any, free: Any, stop: Any) -> None:
-    """The worker's main: out = the loader's message queue, free = a semaphore counting this worker's free slots
-    (the loader releases one per slotted batch it is done with, in the order it got them), stop = set when the
-    loader closes."""
+class _Sender:
+    """The worker's end of its pipe to the loader, for every thread of the worker (the reader logs too). A thread of
+    its own does the writing, so the worker runs ahead of a loader that is not reading (its slots bound how far)."""
+
+    def __init__(self, conn: Any):
+        self.conn, self.queue = conn, queue.Queue()
+        self.thread = threading.Thread(target=self._send, daemon=True)
+        self.thread.start()
+
+    def _send(self) -> None:
+        while (msg := self.queue.get()) is not None:
+            self.conn.send(msg)
+
+    def put_nowait(self, msg: Any) -> None:  # logging.handlers.QueueHandler's call
+        self.queue.put(msg)
+
+    put = put_nowait
+
+    def flush(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+
+
+def run_worker(spec: WorkerSpec, conn: Any, free: Any, stop: Any) -> None:
+    """The worker's main: conn = the writing end of its pipe to the loader (the worker holds the only one, so its
+    death reads as the end of the pipe there), free = a semaphore counting this worker's free slots (the loader
+    releases one per slotted batch it is done with, in the order it got them), stop = set when the loader closes."""
     os.environ.clear()
     os.environ.update(spec.environ)
-    # Warnings (a skipped shard, a retried read) go to the training process's logging, as records on the queue.
+    out = _Sender(conn)
+    # Warnings (a skipped shard, a retried read) go to the training process's logging, as records on the pipe.
     logging.basicConfig(level=logging.INFO, handlers=[logging.handlers.QueueHandler(out)], force=True)
     ring = SlotRing.attach(list(spec.slot_names), spec.slot_bytes)
     counters = Counters()
@@ -117,12 +143,13 @@ def run_worker(spec: WorkerSpec, out: Any, free: Any, stop: Any) -> None:
                          spec.shuffle_buffer, spec.seed, spec.reader_id)
     if spec.state is not None:
         stream.load_state(spec.state)
-    encoder = _Encoder(spec, ring, free, stop, counters)
+    halt = threading.Event()  # the loader closes, or the training process is gone
+    encoder = _Encoder(spec, ring, free, halt, counters)
     out.put(Ready(spec.worker))
     try:
         stream.start()
-        threading.Thread(target=_close_on_stop, args=(stop, stream), daemon=True).start()
-        while not stop.is_set():
+        threading.Thread(target=_watch, args=(stop, spec.trainer_pid, halt, stream), daemon=True).start()
+        while not halt.is_set():
             enc = stream.next_batch()
             if enc is None:
                 out.put(End(spec.worker, counters.values()))
@@ -135,27 +162,40 @@ def run_worker(spec: WorkerSpec, out: Any, free: Any, stop: Any) -> None:
     finally:
         stream.close()
         ring.close()
-        if stop.is_set():  # the loader is closing and may not read what is left: do not wait to flush it at exit
-            out.cancel_join_thread()
+        if not halt.is_set():  # a normal end (eval): the loader reads on until it has everything
+            out.flush()
 
 
-def _close_on_stop(stop: Any, stream: BatchStream) -> None:
-    """Close the stream (which unblocks next_batch) once the loader stops. Polls: a process blocked in
-    multiprocessing.Event.wait() that then exits would make the loader's Event.set() wait for it forever."""
-    while not stop.is_set():
-        time.sleep(0.1)
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (dead, not yet reaped) still takes signals
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _watch(stop: Any, trainer_pid: int, halt: threading.Event, stream: BatchStream) -> None:
+    """Halt the worker (and close its stream, which unblocks next_batch) once the loader stops or the training
+    process is gone: a worker of a SIGKILLed rank would otherwise wait on its slots for ever. Polls: a process blocked
+    in multiprocessing.Event.wait() that then exits would make the loader's Event.set() wait for it forever."""
+    while not stop.is_set() and _alive(trainer_pid):
+        time.sleep(0.2)
+    halt.set()
     stream.close()
 
 
 class _Encoder:
     """EncodedBatch -> Batch: the augmentation draws, and the images into the next slot of the ring."""
 
-    def __init__(self, spec: WorkerSpec, ring: SlotRing, free: Any, stop: Any, counters: Counters):
-        self.spec, self.ring, self.free, self.stop, self.counters = spec, ring, free, stop, counters
+    def __init__(self, spec: WorkerSpec, ring: SlotRing, free: Any, halt: threading.Event, counters: Counters):
+        self.spec, self.ring, self.free, self.halt, self.counters = spec, ring, free, halt, counters
         self.next_slot = 0  # slots are filled, and given back, in ring order
 
     def _acquire(self) -> None:
-        while not self.stop.is_set():
+        while not self.halt.is_set():
             if self.free.acquire(timeout=0.1):
                 return
         raise StreamClosed
@@ -163,11 +203,14 @@ class _Encoder:
     def __call__(self, enc) -> Batch:
         spec, mscn = self.spec, self.spec.augment.mscn
         index = enc.index * spec.workers + spec.worker
-        views = (draw_batch(enc.sizes, spec.augment, spec.num_views, spec.num_patches, spec.seed, spec.rank, index)
-                 if spec.train else [])
+        params = mask_keys = None
+        if spec.train:
+            views = draw_batch(enc.sizes, spec.augment, spec.num_views, spec.num_patches, spec.seed, spec.rank, index)
+            params, mask_keys = pack_params(spec.augment, views), np.stack([v.mask_keys for v in views])
         masks = (draw_batch_masks(len(enc.images), spec.img_size, mscn, spec.num_views, spec.seed, spec.rank, index)
                  if spec.train and mscn is not None else [])
-        batch = Batch(spec.worker, index, enc.keys, enc.labels, None, None, None, views, masks, enc.state, {})
+        batch = Batch(spec.worker, index, enc.keys, enc.labels, None, None, None, params, mask_keys, masks, enc.state,
+                      {})
         self._acquire()
         batch.offsets = self.ring.write(self.next_slot, enc.images)
         if batch.offsets is None:  # larger than a slot: inline, pickled through the queue; the slot stays free
@@ -178,12 +221,3 @@ class _Encoder:
             batch.slot, self.next_slot = self.next_slot, (self.next_slot + 1) % len(self.ring.segments)
         batch.counters = self.counters.values()
         return batch
-
-
-def drain(q: Any) -> None:
-    """Empty a message queue without blocking (at close)."""
-    while True:
-        try:
-            q.get_nowait()
-        except (queue.Empty, OSError, ValueError):
-            return

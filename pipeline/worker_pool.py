@@ -2,7 +2,9 @@
 
 Processes come from a forkserver that has imported pipeline.worker once, so each starts in tens of milliseconds and
 none is forked from a training process that holds CUDA state. Each worker gets a ring of shared-memory slots
-(shm_ring.py, unlinked as soon as it is mapped) and a semaphore counting its free slots.
+(shm_ring.py, unlinked as soon as it is mapped), a semaphore counting its free slots, and a pipe of its own whose
+writing end only it holds: a worker that dies, even in the middle of a message, reads here as the end of its pipe
+(a shared multiprocessing.Queue would leave the reader waiting for the rest of that message for ever).
 
 Order: "ordered" takes batches round-robin over the active workers, worker w's k-th batch as the rank's batch
 k * W + w, so a restart replays the stream exactly (the default; a worker that falls further behind than its
@@ -18,14 +20,14 @@ import collections
 import dataclasses
 import logging
 import multiprocessing as mp
-import queue
 import time
+from multiprocessing import connection
 from typing import Any
 
 import numpy as np
 
 from pipeline.shm_ring import SlotRing
-from pipeline.worker import Batch, End, Failed, Ready, WorkerSpec, drain, run_worker
+from pipeline.worker import Batch, End, Failed, Ready, WorkerSpec, run_worker
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +49,21 @@ class WorkerPool:
         """specs: one per worker, without slot names (filled in here); position: from position() to resume."""
         ctx = _context()
         self.ordered = ordered
-        self.queue = ctx.Queue()
         self.stop = ctx.Event()
         self.rings = [SlotRing.create(slots, slot_bytes, f"loader worker {s.worker} of rank {s.rank}") for s in specs]
         self.free = [ctx.Semaphore(slots) for _ in specs]
-        self.procs = []
+        self.procs, self.conns = [], {}  # conns: the reading end of each live worker's pipe -> its worker
         for spec, ring, free in zip(specs, self.rings, self.free):
             spec = dataclasses.replace(spec, slot_names=tuple(ring.names), slot_bytes=slot_bytes)
-            self.procs.append(ctx.Process(target=run_worker, args=(spec, self.queue, free, self.stop),
-                                          name=f"loader-rank{spec.rank}-worker{spec.worker}", daemon=True))
-        for p in self.procs:
-            p.start()
+            reading, writing = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=run_worker, args=(spec, writing, free, self.stop),
+                               name=f"loader-rank{spec.rank}-worker{spec.worker}", daemon=True)
+            proc.start()
+            writing.close()  # the worker's is now the only writing end
+            self.procs.append(proc)
+            self.conns[reading] = spec.worker
+        self.inbox: collections.deque = collections.deque()  # received, not yet routed
+        self.ended: set[int] = set()  # workers whose End message came
         self.pending: dict[int, collections.deque] = {w: collections.deque() for w in range(len(specs))}
         self.arrivals: collections.deque[int] = collections.deque()  # worker of each pending message, in arrival order
         self.worker_counters: dict[int, dict[str, float]] = {}
@@ -78,28 +84,37 @@ class WorkerPool:
             ring.unlink()
 
     def _receive(self, deadline: float | None = None) -> Any:
-        while True:
+        """The next message from any worker (a worker's own messages in order)."""
+        while not self.inbox:
             if self.stop.is_set():
                 raise PoolClosed
-            try:
-                msg = self.queue.get(timeout=0.5)
-            except queue.Empty:
-                self._check_alive()
-                if deadline is not None and time.monotonic() > deadline:
-                    raise RuntimeError(f"loader workers did not start within {START_TIMEOUT_S:.0f} s")
-                continue
-            if isinstance(msg, Failed):
-                raise RuntimeError(f"loader worker {msg.worker} failed:\n{msg.error}")
-            if isinstance(msg, logging.LogRecord):  # a worker's log line: emitted here, by this process's handlers
-                logging.getLogger(msg.name).handle(msg)
-                continue
-            return msg
+            ready = connection.wait(list(self.conns), timeout=0.5)
+            if not ready and deadline is not None and time.monotonic() > deadline:
+                raise RuntimeError(f"loader workers did not start within {START_TIMEOUT_S:.0f} s")
+            for conn in ready:
+                self._read(conn)
+        return self.inbox.popleft()
 
-    def _check_alive(self) -> None:
-        for w, p in enumerate(self.procs):
-            if p.exitcode not in (None, 0):  # 0: a clean exit after its End message, or at close
-                raise RuntimeError(f"loader worker {w} ({p.name}) died with exit code {p.exitcode} (killed for "
-                                   "memory, or a crash in a native library)")
+    def _read(self, conn: Any) -> None:
+        worker = self.conns[conn]
+        try:
+            msg = conn.recv()
+        except EOFError:  # the worker exited: after its End message (eval) that is its normal end
+            del self.conns[conn]
+            if worker not in self.ended:
+                self.procs[worker].join(timeout=5)
+                raise RuntimeError(f"loader worker {worker} ({self.procs[worker].name}) died with exit code "
+                                   f"{self.procs[worker].exitcode} (killed for memory, or a crash in a native "
+                                   "library)") from None
+            return
+        if isinstance(msg, Failed):
+            raise RuntimeError(f"loader worker {msg.worker} failed:\n{msg.error}")
+        if isinstance(msg, logging.LogRecord):  # a worker's log line: emitted here, by this process's handlers
+            logging.getLogger(msg.name).handle(msg)
+            return
+        if isinstance(msg, End):
+            self.ended.add(worker)
+        self.inbox.append(msg)
 
     def _route(self, msg: Any) -> None:
         self.pending[msg.worker].append(msg)
@@ -146,18 +161,17 @@ class WorkerPool:
         return list(self.worker_counters.values())
 
     def close(self) -> None:
-        """Stop the workers; one still blocked after 2 s (a read held up by the storage) is terminated."""
+        """Stop the workers; one still blocked after 2 s (a read held up by the storage) is terminated. A stopping
+        worker does not wait for its last messages to be read (worker.run_worker): the pipes are just closed."""
         self.stop.set()
         deadline = time.monotonic() + 2
         for p in self.procs:
-            while p.is_alive() and time.monotonic() < deadline:
-                drain(self.queue)  # a worker's queue feeder may be blocked on a full pipe
-                p.join(timeout=0.1)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 log.warning("loader worker %s did not stop in time: terminated", p.name)
                 p.terminate()
                 p.join(timeout=5)
-        drain(self.queue)
-        self.queue.close()
+        for conn in self.conns:
+            conn.close()
         for ring in self.rings:
             ring.close()

@@ -213,3 +213,58 @@ def test_state_from_another_layout_is_refused(dataset):
     other = build_loader(_cfg(prefix, mode="eval"), 0, 2, torch.device("cpu"))
     with pytest.raises(ValueError, match="world_size"):
         other.load_state_dict(state)
+
+
+def test_worker_processes_end_when_the_training_process_is_killed(dataset, tmp_path):
+    """A rank killed with SIGKILL (a node failure, the OOM killer) runs no cleanup: its loader's worker processes and
+    their forkserver must still go, not wait on their shared-memory slots for ever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    prefix, _ = dataset
+    script = tmp_path / "rank.py"
+    script.write_text(f"""
+import itertools, sys, time, torch
+from pipeline.config import DataConfig
+from pipeline.loader import build_loader
+if __name__ == "__main__":
+    cfg = DataConfig(shards={prefix!r}, batch_size=8, img_size=32, patch_size=8, workers=2, device="cpu")
+    loader = build_loader(cfg, 0, 1, torch.device("cpu"))
+    list(itertools.islice(loader, 2))
+    print("streaming", flush=True)
+    time.sleep(600)
+""")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    assert proc.stdout.readline().strip() == "streaming"
+    helpers = psutil.Process(proc.pid).children(recursive=True)  # the forkserver and the two workers
+    assert len(helpers) >= 3
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in helpers):
+        assert time.monotonic() < deadline, [p.cmdline()[:3] for p in helpers if p.is_running()]
+        time.sleep(0.2)
+
+
+def test_a_worker_killed_mid_run_is_named_not_waited_for(dataset):
+    """The OOM killer takes a loader worker: the rank fails at once, naming the worker and its exit code, instead of
+    waiting for its batches for ever (its pipe's end tells; a message it was writing when killed cannot hang the
+    reader)."""
+    import os
+    import signal
+
+    prefix, _ = dataset
+    loader = build_loader(_cfg(prefix, workers=2), 0, 1, torch.device("cpu"))
+    it = iter(loader)
+    next(it)
+    os.kill(loader._active.pool.procs[1].pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="data pipeline failed") as failure:
+        for _ in range(50):
+            next(it)
+    assert "loader worker 1" in str(failure.value.__cause__) and "exit code -9" in str(failure.value.__cause__)
+    loader.close()

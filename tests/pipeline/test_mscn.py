@@ -19,7 +19,7 @@ from pipeline.ingest.writer import write_shard
 from pipeline.loader import build_loader
 from pipeline.mscn_graph import feed_masks
 from pipeline.mscn_params import draw_batch_masks, draw_masks, keep_pixels, mask_rng
-from pipeline.view_params import NO_BLUR_SIGMA, draw_batch
+from pipeline.view_params import NO_BLUR_SIGMA, draw_batch, pack_params
 
 N, S = 4000, 32
 CFG = MSCNMaskConfig(grid_cell=8, mask_prob=(0.2, 0.5))
@@ -105,7 +105,7 @@ def test_dali_highpass_is_zero_on_flat_regions_and_masks_match_the_host():
         for p in draw_batch(sizes, aug, 2, 16, 0, 0, 0)]
     masks = draw_batch_masks(4, size, mscn, 2, 0, 0, 0)
     pipe.feed_input(augment.IMAGE_INPUT, [np.frombuffer(_jpeg(img), np.uint8)] * 4)
-    augment.feed_params(pipe, aug, views)
+    augment.feed_params(pipe, pack_params(aug, views))
     feed_masks(pipe, masks)
     out = [np.array(o.as_tensor()) for o in pipe.run()]
     assert len(out) == 2 + 3  # two views, then keep masks: view 1 x 2 copies, view 2 x 1

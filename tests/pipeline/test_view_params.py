@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline import augment
 from pipeline.config import AugmentConfig
-from pipeline.view_params import NO_BLUR_SIGMA, batch_rng, crop_windows, draw_batch, draw_view
+from pipeline.view_params import NO_BLUR_SIGMA, batch_rng, crop_windows, draw_batch, draw_view, pack_params
 
 AUG = AugmentConfig()
 N, L = 4000, 16
@@ -87,7 +87,7 @@ def _jpeg(array: np.ndarray) -> np.ndarray:
 
 def _run(pipe, jpegs, views):
     pipe.feed_input(augment.IMAGE_INPUT, jpegs)
-    augment.feed_params(pipe, AUG, views)
+    augment.feed_params(pipe, pack_params(AUG, views))
     return [np.array(o.as_tensor()) for o in pipe.run()]
 
 
