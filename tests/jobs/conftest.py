@@ -53,7 +53,9 @@ class Trainer:
     """Starts jobs/pretrain.py with test_cpu.yaml; output goes to OUT_DIR/launch-N.log."""
 
     def __init__(self, s3_env: dict, shards: str):
-        self.env = {**os.environ, **s3_env, "PYTHONUNBUFFERED": "1"}
+        # Not this process's process-group variables (an in-process test may have set them): each launch sets its own.
+        launch_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        self.env = {**{k: v for k, v in os.environ.items() if k not in launch_vars}, **s3_env, "PYTHONUNBUFFERED": "1"}
         self.shards = shards
         self.launches = 0
         self.ports: list[str] = []  # MASTER_PORT of each multi-rank launch, in order
@@ -115,6 +117,8 @@ class Trainer:
 SRUN = """#!/usr/bin/env bash
 # Stub of SLURM's srun for the tests: SLURM_NTASKS tasks of the command on this machine, each with its SLURM_PROCID
 # and SLURM_LOCALID (one node); options are ignored; the exit code is the first failing task's, as --kill-on-bad-exit.
+# SRUN_NOOP=1: the tasks have nothing left to do (a requeued job whose run already finished) and are not started.
+[ -n "${SRUN_NOOP:-}" ] && exit 0
 while [[ $1 == --* ]]; do shift; done
 pids=()
 for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i SLURM_LOCALID=$i "$@" & pids+=($!); done
@@ -155,6 +159,22 @@ def rank_process(launcher_pid: int, local_rank: int):
         except psutil.Error:  # exited between the listing and the look
             continue
     return None
+
+
+@pytest.fixture(scope="module")
+def in_process_dist():
+    """A process group of one in the test process (jobs.launch.init_distributed), for in-process engines; the
+    variables it sets in os.environ are put back afterwards, so later launches do not inherit a port in use."""
+    import torch
+
+    from jobs.launch import init_distributed
+
+    saved = dict(os.environ)
+    dist = init_distributed()  # gloo on CPU, nccl on CUDA
+    yield dist
+    torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -11,12 +11,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 @pytest.fixture(scope="module")
-def dist():
-    from jobs.launch import init_distributed
-
-    d = init_distributed()
-    yield d
-    torch.distributed.destroy_process_group()
+def dist(in_process_dist):
+    return in_process_dist
 
 
 def _engine(dist, recipe: str = "can", compile_blocks: bool = False):
