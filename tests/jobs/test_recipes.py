@@ -33,10 +33,9 @@ RECIPES = {
     "mscn_byol": [*MSCN, "model.recipe=mscn_byol", "model.pred_hidden_dim=64", "model.ema_momentum=0.99",
                   "data.augment={preset: mscn_byol, mscn: {num_masks: 2, grid_cell: 8}}"],
 }
-TERMS = {"mscn_simclr": "contrastive", "mscn_byol": "byol"}
 
 
-def _monitor_sets(shards: str) -> list[str]:
+def monitor_sets(shards: str) -> list[str]:
     """kNN monitor on the test shards (labels i % 5): memory = shards 0-1, queries = shards 2-3, at the last step."""
     return ["monitor.knn_every_steps=2", "monitor.knn_num_classes=5",
             f"monitor.knn_memory_shards={shards}shard-{{000000..000001}}.tar",
@@ -49,25 +48,21 @@ def _module_state(out_dir, step: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_recipe_trains_two_ranks(trainer, tmp_path, recipe):
-    sets = TINY + RECIPES[recipe] + (_monitor_sets(trainer.shards) if recipe == "mscn_byol" else [])
-    code, log = trainer.run(tmp_path, sets=sets)
+def test_mscn_simclr_trains_two_ranks(trainer, tmp_path):
+    """mscn_byol's run (kNN monitor on a ResNet, the EMA rule, LARS) is test_resume_lars.py's reference run."""
+    code, log = trainer.run(tmp_path, sets=TINY + RECIPES["mscn_simclr"])
     assert code == 0, log[-3000:]
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
         assert r["skipped_steps"] == 0
-        assert math.isfinite(r["loss"]) and math.isfinite(r[TERMS[recipe]]), r
-    if recipe == "mscn_byol":
-        assert 0.0 <= records[1]["knn_top1"] <= 100.0 and "knn_top1" not in records[0]
-        _assert_target_moved_by_ema(tmp_path, base=0.99, total_steps=10)  # test_cpu.yaml: 160 samples / 16
+        assert math.isfinite(r["loss"]) and math.isfinite(r["contrastive"]), r
 
 
-def _assert_target_moved_by_ema(out_dir, base: float, total_steps: int) -> None:
-    """After step 2: target_2 = tau * target_1 + (1 - tau) * online_2, tau = BYOL's cosine momentum at step 2."""
-    before, after = _module_state(out_dir, 1), _module_state(out_dir, 2)
-    tau = byol_momentum(2, total_steps, base)
+def assert_target_moved_by_ema(out_dir, step: int, base: float, total_steps: int) -> None:
+    """After `step`: target = tau * previous target + (1 - tau) * online, tau = BYOL's cosine momentum at `step`."""
+    before, after = _module_state(out_dir, step - 1), _module_state(out_dir, step)
+    tau = byol_momentum(step, total_steps, base)
     pairs = [(k, "target_" + k) for k in after if k.startswith(("encoder.", "projector.")) and
              after[k].is_floating_point() and not k.endswith(("running_mean", "running_var"))]
     assert len(pairs) > 100  # every conv, BatchNorm and Linear parameter of backbone and projector
@@ -76,7 +71,7 @@ def _assert_target_moved_by_ema(out_dir, base: float, total_steps: int) -> None:
         expected = tau * before[target] + (1 - tau) * after[online]
         torch.testing.assert_close(after[target], expected, rtol=1e-5, atol=1e-6, msg=target)
         moved += not torch.equal(after[target], before[target])
-    assert moved > len(pairs) // 2  # the online network changed at step 2, so the target did too
+    assert moved > len(pairs) // 2  # the online network changed at that step, so the target did too
 
 
 @pytest.mark.parametrize("sets, field", [

@@ -1,6 +1,7 @@
 """kill -9 in the middle of a 2-rank MSCN-BYOL run with LARS under ZeRO stage 0, then the same command again: it
 resumes from the step-2 checkpoint with the LARS momentum buffers and BYOL's EMA target network, and continues
-exactly as an uninterrupted run does.
+exactly as an uninterrupted run does. The uninterrupted run is also the mscn_byol recipe's run: a checkpoint after
+every step shows the target following the EMA rule, and the kNN monitor scores its ResNet.
 
 Steps 3-4 depend on both pieces of state: the target network gives the loss its regression targets, and the momentum
 buffer feeds every LARS update. The losses compare them indirectly; the final checkpoints compare them directly.
@@ -15,7 +16,7 @@ import torch
 
 from jobs.checkpoint import SafeCheckpointEngine
 from jobs.plots import read_metrics
-from tests.jobs.test_recipes import RECIPES, TINY
+from tests.jobs.test_recipes import RECIPES, TINY, assert_target_moved_by_ema, monitor_sets
 
 STEPS = 4
 # TINY's narrow ResNet-50 and small heads, the mscn_byol recipe (LARS, ZeRO 0, EMA target), and, overriding TINY's
@@ -36,8 +37,9 @@ def _checkpoint(out_dir, step: int) -> dict:
 def runs(trainer, tmp_path_factory):
     """An uninterrupted run, and a run killed with SIGKILL (whole process group) right after its step-2 checkpoint
     and then started again with the same command and output directory."""
-    ref = tmp_path_factory.mktemp("lars_ref")
-    code, log = trainer.run(ref, sets=SETS)
+    ref = tmp_path_factory.mktemp("lars_ref")  # a checkpoint after every step, and the kNN monitor at steps 2 and 4
+    code, log = trainer.run(ref, sets=[*SETS, *monitor_sets(trainer.shards), "checkpoint.every_steps=1",
+                                       f"checkpoint.keep={STEPS}"])
     assert code == 0, log[-3000:]
 
     killed = tmp_path_factory.mktemp("lars_killed")
@@ -101,6 +103,13 @@ def test_resumed_target_network_and_lars_momentum_match(runs):
                                    msg=f"momentum_buffer of param {index}")
         nonzero += bool(buf.abs().sum() > 0)
     assert nonzero > trainable // 2
+
+
+@pytest.mark.slow
+def test_byol_target_follows_the_ema_rule_and_the_monitor_scores_the_resnet(runs):
+    assert_target_moved_by_ema(runs["ref_dir"], 2, base=0.99, total_steps=10)  # test_cpu.yaml: 160 samples / 16
+    records = runs["ref"]
+    assert "knn_top1" not in records[0] and 0.0 <= records[1]["knn_top1"] <= 100.0 and "knn_top1" in records[3]
 
 
 @pytest.mark.slow
