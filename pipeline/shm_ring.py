@@ -75,5 +75,7 @@ class SlotRing:
         for s in self.segments:
             try:
                 s.close()
-            except BufferError:  # a view still exported (a batch DALI holds while the loader shuts down)
-                pass
+            except BufferError:
+                # Views of the slot are still alive (DALI's no_copy inputs, or a caller's array): the mapping goes
+                # with the last of them. Drop our handles so SharedMemory.__del__ does not try again and warn.
+                s._buf = s._mmap = None

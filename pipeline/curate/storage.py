@@ -1,52 +1,17 @@
-"""How the curation reads and writes its artefacts on any fsspec URL: whole objects, published atomically.
-
-Local paths: written to a hidden temporary name in the destination folder, then renamed (atomic on one filesystem).
-Object stores: one PUT of the whole object (S3 shows an object only once its upload completes). So a file that exists
-is complete, and a killed task leaves either nothing or the whole file: a rerun skips what exists.
-"""
+"""How the curation reads and writes its artefacts on any fsspec URL: whole objects, published atomically with the
+ingest's writer (pipeline/ingest/atomic.py: a hidden temporary name and a rename on local paths, one PUT on object
+stores). So a file that exists is complete, and a killed task leaves either nothing or the whole file: a rerun skips
+what exists."""
 
 from __future__ import annotations
 
 import io
-import os
-import tempfile
-from contextlib import contextmanager
-from typing import BinaryIO, Iterator
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
-
-def url_to_fs(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(url, **storage_options)
-
-
-@contextmanager
-def atomic_file(url: str, storage_options: dict) -> Iterator[BinaryIO]:
-    """A binary file whose content appears at `url` in one step on clean exit, and nowhere on error."""
-    fs, path = url_to_fs(url, storage_options)
-    local = isinstance(fs, LocalFileSystem)
-    if local:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    # Local: beside the destination, so the rename stays on one filesystem; hidden, so listings skip it.
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path) if local else None)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        if local:
-            os.replace(tmp, path)
-        else:
-            fs.put_file(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def put_bytes(url: str, data: bytes, storage_options: dict) -> None:
-    with atomic_file(url, storage_options) as f:
-        f.write(data)
+from pipeline.ingest.atomic import atomic_writer as atomic_file
+from pipeline.ingest.atomic import put_bytes, url_to_fs
 
 
 def get_bytes(url: str, storage_options: dict) -> bytes:
