@@ -40,7 +40,21 @@ class SlotRing:
                                   f"{slot_bytes / 2**20:.0f} MiB) but {SHM_DIR} has {free / 2**20:.0f} MiB free: give "
                                   "the container a larger /dev/shm (docker --shm-size), or lower data.workers, "
                                   "data.worker_prefetch or data.slot_bytes_per_sample")
-        return cls([SharedMemory(create=True, size=slot_bytes) for _ in range(slots)], slot_bytes)
+        ring = cls([], slot_bytes)
+        try:
+            for _ in range(slots):
+                ring.segments.append(SharedMemory(create=True, size=slot_bytes))
+                # Reserve the pages now: the check above sees one ring, while the ranks and workers of a node create
+                # theirs at the same time; a reservation that fails here is an error naming the owner, not a SIGBUS
+                # in a worker mid-run.
+                os.posix_fallocate(ring.segments[-1]._fd, 0, slot_bytes)
+        except OSError as e:
+            ring.unlink()
+            ring.close()
+            raise MemoryError(f"{owner}: could not reserve {need / 2**20:.0f} MiB of shared memory in {SHM_DIR} "
+                              f"({e.strerror}): give the container a larger /dev/shm (docker --shm-size), or lower "
+                              "data.workers, data.worker_prefetch or data.slot_bytes_per_sample") from e
+        return ring
 
     @classmethod
     def attach(cls, names: list[str], slot_bytes: int) -> "SlotRing":
@@ -50,8 +64,12 @@ class SlotRing:
         return cls([SharedMemory(name=n) for n in names], slot_bytes)
 
     def unlink(self) -> None:
+        """Remove the names (the mappings stay). Again on an unlinked ring: nothing to do."""
         for s in self.segments:
-            s.unlink()
+            try:
+                s.unlink()
+            except FileNotFoundError:
+                pass
 
     def write(self, slot: int, images: list[bytes]) -> np.ndarray | None:
         """Copy `images` back to back into `slot`; returns their offsets (n + 1 int64), or None when they do not fit

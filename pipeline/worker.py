@@ -3,8 +3,10 @@ parameters, and hands the encoded batch to the training process through shared m
 
 Everything per sample happens here, in processes of their own with their own GIL (reading, tar parsing and validation
 cost ~100-400 us per sample, which at 2,500 images/s would fill one GIL, the trainer's): the training process only
-receives one small message per batch, gives DALI views of the shared-memory slot, and dispatches GPU work. This
-module imports no torch, so a worker starts in a fraction of a second (forked from a preloaded forkserver).
+receives one message per batch (its mask keys and parameters: ~100 KB at ViT-B/16 with batch 64), gives DALI views
+of the shared-memory slot, and dispatches GPU work. This module imports no torch, and workers do not import the
+trainer's __main__ (worker_pool._main_module_hidden), so a worker starts in a fraction of a second (forked from a
+preloaded forkserver) and holds ~90 MB, not ~450.
 
 Worker w of rank r reads shards as reader r * W + w (shards.ShardPlan) and makes that stream's batches k = 0, 1, ...;
 its batch k is the rank's batch k * W + w: the number that seeds the batch's augmentation (view_params.py), so a batch
@@ -18,6 +20,7 @@ import logging
 import logging.handlers
 import os
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -105,6 +108,28 @@ class Failed:
     error: str
 
 
+class StopFlag:
+    """The loader's "stop" for its workers: one byte of shared memory, read and written without a lock. (A
+    multiprocessing.Event takes a cross-process lock on every is_set(): a worker SIGKILLed while holding it, during
+    its poll, would leave the training process blocked on that lock for ever.)"""
+
+    def __init__(self, ctx: Any):
+        self._value = ctx.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._value.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._value.value)
+
+
+# Signals a worker ignores. SLURM (--signal without B:, scancel, preemption) and a terminal's Ctrl-C signal every
+# process of the job step, the workers as well as their rank: the rank turns SIGTERM / SIGUSR1 into a checkpoint at
+# the next step boundary, and needs its workers' batches until then. Workers end when the loader stops them or their
+# training process is gone (_watch), or by SIGKILL.
+IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
 class _Sender:
     """The worker's end of its pipe to the loader, for every thread of the worker (the reader logs too). A thread of
     its own does the writing, so the worker runs ahead of a loader that is not reading (its slots bound how far)."""
@@ -128,25 +153,29 @@ class _Sender:
         self.thread.join()
 
 
-def run_worker(spec: WorkerSpec, conn: Any, free: Any, stop: Any) -> None:
+def run_worker(spec: WorkerSpec, conn: Any, free: Any, stop: StopFlag) -> None:
     """The worker's main: conn = the writing end of its pipe to the loader (the worker holds the only one, so its
-    death reads as the end of the pipe there), free = a semaphore counting this worker's free slots (the loader
-    releases one per slotted batch it is done with, in the order it got them), stop = set when the loader closes."""
+    death reads as the end of the pipe there), free = a semaphore of this worker's credits, one per batch sent and
+    not yet done with (the loader releases one per batch, slotted or inline, in the order it got them; so at most
+    `slots` batches are in flight, and the slot written next is always free), stop = set when the loader closes."""
+    for s in IGNORED_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
     os.environ.clear()
     os.environ.update(spec.environ)
     out = _Sender(conn)
     # Warnings (a skipped shard, a retried read) go to the training process's logging, as records on the pipe.
     logging.basicConfig(level=logging.INFO, handlers=[logging.handlers.QueueHandler(out)], force=True)
-    ring = SlotRing.attach(list(spec.slot_names), spec.slot_bytes)
-    counters = Counters()
-    stream = BatchStream(spec.plan, spec.train, [spec.reader_id], spec.settings, counters, spec.batch_size,
-                         spec.shuffle_buffer, spec.seed, spec.reader_id)
-    if spec.state is not None:
-        stream.load_state(spec.state)
+    ring = stream = None
     halt = threading.Event()  # the loader closes, or the training process is gone
-    encoder = _Encoder(spec, ring, free, halt, counters)
-    out.put(Ready(spec.worker))
     try:
+        ring = SlotRing.attach(list(spec.slot_names), spec.slot_bytes)
+        counters = Counters()
+        stream = BatchStream(spec.plan, spec.train, [spec.reader_id], spec.settings, counters, spec.batch_size,
+                             spec.shuffle_buffer, spec.seed, spec.reader_id)
+        if spec.state is not None:
+            stream.load_state(spec.state)  # a state that does not fit is reported (Failed), not a silent exit
+        encoder = _Encoder(spec, ring, free, halt, counters)
+        out.put(Ready(spec.worker))
         stream.start()
         threading.Thread(target=_watch, args=(stop, spec.trainer_pid, halt, stream), daemon=True).start()
         while not halt.is_set():
@@ -160,8 +189,10 @@ def run_worker(spec: WorkerSpec, conn: Any, free: Any, stop: Any) -> None:
     except Exception:  # a bug or an unusable source: the trainer must see it, not wait on an empty queue
         out.put(Failed(spec.worker, traceback.format_exc()))
     finally:
-        stream.close()
-        ring.close()
+        if stream is not None:
+            stream.close()
+        if ring is not None:
+            ring.close()
         if not halt.is_set():  # a normal end (eval): the loader reads on until it has everything
             out.flush()
 
@@ -177,10 +208,10 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _watch(stop: Any, trainer_pid: int, halt: threading.Event, stream: BatchStream) -> None:
+def _watch(stop: StopFlag, trainer_pid: int, halt: threading.Event, stream: BatchStream) -> None:
     """Halt the worker (and close its stream, which unblocks next_batch) once the loader stops or the training
-    process is gone: a worker of a SIGKILLed rank would otherwise wait on its slots for ever. Polls: a process blocked
-    in multiprocessing.Event.wait() that then exits would make the loader's Event.set() wait for it forever."""
+    process is gone: a worker of a SIGKILLed rank would otherwise wait on its slots for ever. Polls a lock-free flag
+    (StopFlag): nothing the worker holds can block the loader when the worker dies."""
     while not stop.is_set() and _alive(trainer_pid):
         time.sleep(0.2)
     halt.set()
@@ -213,9 +244,8 @@ class _Encoder:
                       {})
         self._acquire()
         batch.offsets = self.ring.write(self.next_slot, enc.images)
-        if batch.offsets is None:  # larger than a slot: inline, pickled through the queue; the slot stays free
-            self.free.release()
-            self.counters.add("batches_over_slot")
+        if batch.offsets is None:  # larger than a slot: inline, pickled through the pipe. It keeps its credit
+            self.counters.add("batches_over_slot")  # (the loader gives it back), so inline batches are bounded too
             batch.images = list(enc.images)
         else:
             batch.slot, self.next_slot = self.next_slot, (self.next_slot + 1) % len(self.ring.segments)

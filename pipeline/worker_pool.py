@@ -17,9 +17,12 @@ Eval: a worker that has read all its shards leaves the rotation; the pass ends w
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import multiprocessing as mp
+import signal
+import sys
 import time
 from multiprocessing import connection
 from typing import Any
@@ -27,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.shm_ring import SlotRing
-from pipeline.worker import Batch, End, Failed, Ready, WorkerSpec, run_worker
+from pipeline.worker import Batch, End, Failed, Ready, StopFlag, WorkerSpec, run_worker
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +43,37 @@ class PoolClosed(Exception):
 
 def _context():
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["pipeline.worker"])  # takes effect when the forkserver starts (once per process)
+    ctx.set_forkserver_preload(["pipeline.forkserver_init"])  # when the forkserver starts (once per process)
     return ctx
+
+
+def _start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (the process that unlinks shared memory a crashed process leaves)
+    with SIGUSR1 and SIGUSR2 blocked, as it starts itself with SIGINT and SIGTERM blocked: SLURM's `--signal=USR1`
+    reaches every process of the step, and a tracker killed by it is relaunched with a warning by the next process
+    that needs it. Blocked, not ignored, in this thread only: a signal meanwhile still reaches the trainer."""
+    from multiprocessing import resource_tracker
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """A forkserver child imports the parent's __main__ (spawn.prepare) before it runs its target: for the trainer,
+    jobs/pretrain.py with torch and DeepSpeed, about 400 MB and seconds per worker, for nothing (run_worker needs
+    pipeline/ only). Without __file__ and __spec__ on __main__ while the process starts, none is imported."""
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
 
 
 class WorkerPool:
@@ -49,19 +81,14 @@ class WorkerPool:
         """specs: one per worker, without slot names (filled in here); position: from position() to resume."""
         ctx = _context()
         self.ordered = ordered
-        self.stop = ctx.Event()
-        self.rings = [SlotRing.create(slots, slot_bytes, f"loader worker {s.worker} of rank {s.rank}") for s in specs]
-        self.free = [ctx.Semaphore(slots) for _ in specs]
+        self.stop = StopFlag(ctx)
+        self.rings: list[SlotRing] = []
         self.procs, self.conns = [], {}  # conns: the reading end of each live worker's pipe -> its worker
-        for spec, ring, free in zip(specs, self.rings, self.free):
-            spec = dataclasses.replace(spec, slot_names=tuple(ring.names), slot_bytes=slot_bytes)
-            reading, writing = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=run_worker, args=(spec, writing, free, self.stop),
-                               name=f"loader-rank{spec.rank}-worker{spec.worker}", daemon=True)
-            proc.start()
-            writing.close()  # the worker's is now the only writing end
-            self.procs.append(proc)
-            self.conns[reading] = spec.worker
+        try:
+            self._start(ctx, specs, slots, slot_bytes)
+        except BaseException:  # no process and no shared memory outlives a pool that failed to start
+            self.close()
+            raise
         self.inbox: collections.deque = collections.deque()  # received, not yet routed
         self.ended: set[int] = set()  # workers whose End message came
         self.pending: dict[int, collections.deque] = {w: collections.deque() for w in range(len(specs))}
@@ -69,7 +96,27 @@ class WorkerPool:
         self.worker_counters: dict[int, dict[str, float]] = {}
         self.active = list(range(len(specs))) if position is None else list(position["active"])
         self.rr = 0 if position is None else int(position["rr"])
-        self._await_ready(len(specs))
+        try:
+            self._await_ready(len(specs))
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, ctx: Any, specs: list[WorkerSpec], slots: int, slot_bytes: int) -> None:
+        _start_resource_tracker()
+        for s in specs:
+            self.rings.append(SlotRing.create(slots, slot_bytes, f"loader worker {s.worker} of rank {s.rank}"))
+        self.free = [ctx.Semaphore(slots) for _ in specs]
+        for spec, ring, free in zip(specs, self.rings, self.free):
+            spec = dataclasses.replace(spec, slot_names=tuple(ring.names), slot_bytes=slot_bytes)
+            reading, writing = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=run_worker, args=(spec, writing, free, self.stop),
+                               name=f"loader-rank{spec.rank}-worker{spec.worker}", daemon=True)
+            with _main_module_hidden():
+                proc.start()
+            writing.close()  # the worker's is now the only writing end
+            self.procs.append(proc)
+            self.conns[reading] = spec.worker
 
     def _await_ready(self, n: int) -> None:
         """Every worker has mapped its slots: unlink the names (see shm_ring.py)."""
@@ -99,7 +146,9 @@ class WorkerPool:
         worker = self.conns[conn]
         try:
             msg = conn.recv()
-        except EOFError:  # the worker exited: after its End message (eval) that is its normal end
+        except (EOFError, OSError):
+            # The worker exited: after its End message (eval) that is its normal end. A worker killed in the middle
+            # of a message (most are larger than a pipe's buffer) reads as OSError("got end of file during message").
             del self.conns[conn]
             if worker not in self.ended:
                 self.procs[worker].join(timeout=5)
@@ -117,9 +166,11 @@ class WorkerPool:
         self.inbox.append(msg)
 
     def _route(self, msg: Any) -> None:
+        self.worker_counters[msg.worker] = msg.counters
+        if msg.worker not in self.active:  # a worker that had ended before the saved position repeats its End
+            return
         self.pending[msg.worker].append(msg)
         self.arrivals.append(msg.worker)
-        self.worker_counters[msg.worker] = msg.counters
 
     def next_batch(self) -> Batch | None:
         """The next batch in this pool's order, or None when every worker has ended (eval)."""
@@ -144,9 +195,10 @@ class WorkerPool:
         return self.arrivals[0] if self.arrivals else None
 
     def release(self, batch: Batch) -> None:
-        """The loader is done with batch's slot (DALI has produced its outputs)."""
-        if batch.slot is not None:
-            self.free[batch.worker].release()
+        """The loader is done with `batch` (DALI has produced its outputs): its worker's credit, and with it its slot if
+        it had one, comes back. Inline batches hold a credit too, so a worker whose batches do not fit its slots
+        still runs at most `slots` batches ahead."""
+        self.free[batch.worker].release()
 
     def views(self, batch: Batch) -> list[np.ndarray]:
         """The batch's encoded images as uint8 arrays: views of its slot (no copy), or of its inline bytes."""
@@ -161,17 +213,18 @@ class WorkerPool:
         return list(self.worker_counters.values())
 
     def close(self) -> None:
-        """Stop the workers; one still blocked after 2 s (a read held up by the storage) is terminated. A stopping
+        """Stop the workers; one still blocked after 2 s (a read held up by the storage) is killed. A stopping
         worker does not wait for its last messages to be read (worker.run_worker): the pipes are just closed."""
         self.stop.set()
         deadline = time.monotonic() + 2
         for p in self.procs:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
             if p.is_alive():
-                log.warning("loader worker %s did not stop in time: terminated", p.name)
-                p.terminate()
+                log.warning("loader worker %s did not stop in time: killed", p.name)
+                p.kill()  # workers ignore SIGTERM (worker.IGNORED_SIGNALS)
                 p.join(timeout=5)
         for conn in self.conns:
             conn.close()
         for ring in self.rings:
+            ring.unlink()  # (already unlinked once every worker was ready; not when the start failed)
             ring.close()

@@ -251,20 +251,109 @@ if __name__ == "__main__":
         time.sleep(0.2)
 
 
-def test_a_worker_killed_mid_run_is_named_not_waited_for(dataset):
-    """The OOM killer takes a loader worker: the rank fails at once, naming the worker and its exit code, instead of
-    waiting for its batches for ever (its pipe's end tells; a message it was writing when killed cannot hang the
-    reader)."""
+def test_a_worker_killed_mid_message_is_named_not_waited_for(dataset):
+    """The OOM killer takes a loader worker while it is writing a message (a batch's mask keys alone, [2, 16, 1024]
+    float32, are twice a pipe's 64 KB, so a worker ahead of its loader is blocked mid-message): the rank fails at once,
+    naming the worker and its exit code, instead of waiting for the rest of that message or its batches for ever."""
     import os
     import signal
+    import time
 
     prefix, _ = dataset
-    loader = build_loader(_cfg(prefix, workers=2), 0, 1, torch.device("cpu"))
+    loader = build_loader(_cfg(prefix, workers=2, batch_size=16, img_size=128, patch_size=4), 0, 1,
+                          torch.device("cpu"))
     it = iter(loader)
     next(it)
+    time.sleep(1.0)  # the workers write ahead until their credits run out: worker 1 stops inside a message
     os.kill(loader._active.pool.procs[1].pid, signal.SIGKILL)
     with pytest.raises(RuntimeError, match="data pipeline failed") as failure:
         for _ in range(50):
             next(it)
     assert "loader worker 1" in str(failure.value.__cause__) and "exit code -9" in str(failure.value.__cause__)
     loader.close()
+
+
+def test_batches_larger_than_their_slots_go_inline_and_stay_bounded(dataset):
+    """slot_bytes_per_sample=1: every batch travels inline through the pipe, with the same values as through shared
+    memory, and holds one of its worker's credits until the loader is done with it, so a worker whose batches do not
+    fit its slots still runs at most worker_prefetch batches ahead (it ran ahead without bound, growing its memory)."""
+    import time
+
+    from pipeline.worker_pool import PoolClosed
+
+    prefix, _ = dataset
+    cfg = _cfg(prefix, workers=2, worker_prefetch=3)
+    ref = build_loader(cfg, 0, 1, torch.device("cpu"))
+    expected = _take(ref, 4)
+    ref.close()
+    loader = build_loader(cfg.with_(slot_bytes_per_sample=1), 0, 1, torch.device("cpu"))
+    try:
+        got = _take(loader, 4)
+        _assert_identical(got, expected)
+        time.sleep(1.0)  # the loader's thread has filled DALI and waits for the trainer; the workers use their credits
+        pool, extra = loader._active.pool, 0
+        deadline = time.monotonic() + 1.5
+        try:
+            while time.monotonic() < deadline:  # read whatever the workers still send, without giving credits back
+                pool._receive(deadline)
+                extra += 1
+        except (RuntimeError, PoolClosed):  # the deadline: nothing more came
+            pass
+        assert loader.counters()["batches_over_slot"] >= 4  # the inline path really ran
+        assert extra <= 2 * cfg.worker_prefetch, extra
+    finally:
+        loader.close()
+
+
+def test_unordered_eval_resumes_after_a_worker_has_ended(s3_bucket, shard_writer):
+    """Eval, unordered, 2 workers over 3 shards (one worker has half the other's): saved after one worker's end, the
+    resumed pass yields exactly the rest (the ended worker, restarted, only repeats its end)."""
+    prefix = s3_bucket + "/three"
+    keys = shard_writer(prefix, 3, 12)
+    cfg = _cfg(prefix, mode="eval", batch_size=5, ordered=False)
+    for _ in range(3):  # arrival order decides when the first End is taken: rarely after the last batch (try again)
+        first = build_loader(cfg, 0, 1, torch.device("cpu"))
+        head = []
+        for batch in first:
+            head += batch["keys"]
+            if len(first.state_dict()["stream"]["position"]["active"]) == 1:
+                break
+        state = pickle.loads(pickle.dumps(first.state_dict()))
+        first.close()
+        if len(head) < len(keys):
+            break
+    assert len(head) < len(keys) and len(state["stream"]["position"]["active"]) == 1
+    resumed = build_loader(cfg, 0, 1, torch.device("cpu"))
+    resumed.load_state_dict(state)
+    tail = [k for b in resumed for k in b["keys"]]
+    resumed.close()
+    assert sorted(head + tail) == sorted(keys) and len(head + tail) == len(keys)
+
+
+def test_the_signals_slurm_sends_a_whole_job_step_leave_the_loader_running(dataset):
+    """SLURM's --signal=USR1, scancel and preemption signal every process of the step, not only the ranks: the
+    loader's workers, their forkserver and multiprocessing's resource tracker must outlive SIGUSR1, SIGUSR2, SIGTERM
+    and SIGINT, so the rank can take the batches of the steps until its checkpoint (they died of SIGUSR1 before)."""
+    import os
+    import signal
+    import time
+    from multiprocessing import resource_tracker
+
+    import psutil
+
+    prefix, _ = dataset
+    loader = build_loader(_cfg(prefix, workers=2), 0, 1, torch.device("cpu"))
+    try:
+        it = iter(loader)
+        next(it)
+        workers = [p.pid for p in loader._active.pool.procs]
+        processes = {*workers, psutil.Process(workers[0]).ppid(), resource_tracker._resource_tracker._pid}
+        assert os.getpid() not in processes and None not in processes
+        for pid in processes:
+            for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+                os.kill(pid, sig)
+        time.sleep(0.5)
+        assert all(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in processes)
+        assert len(_take(loader, 20)) == 20
+    finally:
+        loader.close()
