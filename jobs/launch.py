@@ -1,8 +1,10 @@
 """Process-group start-up, the same for `python`, `torchrun` and the `deepspeed` launcher.
 
 torchrun and deepspeed export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; deepspeed.init_distributed
-reads them. A plain `python jobs/pretrain.py` has none, so we describe a world of one on a free loopback port:
-DeepSpeed's engine wants a process group even for a single process.
+reads them. A bare `srun python ...` or `mpirun python ...` exports only its own variables: rank_environment takes the
+ranks from those (MASTER_ADDR and MASTER_PORT must then be exported by hand, as jobs/slurm_pretrain.sh does). A plain
+`python jobs/pretrain.py` has none, so we describe a world of one on a free loopback port: DeepSpeed's engine wants a
+process group even for a single process.
 """
 
 from __future__ import annotations
@@ -37,11 +39,9 @@ def init_distributed(backend: str = "auto") -> Dist:
     """Join (or create) the process group; nccl on CUDA, gloo on CPU unless the config says otherwise."""
     import deepspeed
 
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    os.environ.update(rank_environment(os.environ))
     on_cuda, local = torch.cuda.is_available(), local_rank()
-    device = rank_device(local, on_cuda)
+    device = rank_device(local, on_cuda, torch.cuda.device_count() if on_cuda else 0)
     if on_cuda:
         torch.cuda.set_device(device)  # before any CUDA work, so NCCL (and DALI) bind each rank to its own GPU
     if backend == "auto":
@@ -55,6 +55,33 @@ def init_distributed(backend: str = "auto") -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local, device=device)
 
 
+# (rank, world size, local rank) variables of the launchers that do not export RANK: an srun task (SLURM_STEP_NUM_TASKS
+# exists in a job step only; a batch script, which is not a rank, has SLURM_PROCID=0 and SLURM_NTASKS as well) and an
+# Open MPI process.
+RANK_SOURCES = {"srun": ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),
+                "mpirun": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")}
+
+
+def rank_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """The variables torch.distributed's env:// start-up needs that `env` lacks: none under torchrun or deepspeed
+    (RANK and LOCAL_RANK are set); the ranks of an srun or mpirun task; else a world of one on a free loopback port."""
+    if env.get("RANK", "") != "":  # LOCAL_RANK too, from the launcher's own variable when only RANK was exported
+        return {} if env.get("LOCAL_RANK", "") != "" else {"LOCAL_RANK": str(local_rank(env))}
+    for launcher, (rank, size, local) in RANK_SOURCES.items():
+        if env.get(rank, "") != "" and env.get(size, "") != "":
+            ranks = {"RANK": env[rank], "WORLD_SIZE": env[size], "LOCAL_RANK": env.get(local, "0")}
+            if int(env[size]) > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
+                raise RuntimeError(f"started by {launcher} as rank {env[rank]} of {env[size]} ({rank}, {size}) "
+                                   "without MASTER_ADDR and MASTER_PORT: export them in every task (the first "
+                                   "node's address and a free port, as jobs/slurm_pretrain.sh does), or start with "
+                                   "torchrun or deepspeed")
+            if int(env[size]) > 1:
+                return ranks
+            break
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": env.get("MASTER_PORT") or str(_free_port())}
+
+
 def local_rank(env: Mapping[str, str] = os.environ) -> int:
     """This process's index among the processes of its node (LOCAL_RANK_VARS), 0 when no launcher set one."""
     for name in LOCAL_RANK_VARS:
@@ -63,10 +90,20 @@ def local_rank(env: Mapping[str, str] = os.environ) -> int:
     return 0
 
 
-def rank_device(local: int, on_cuda: bool) -> torch.device:
-    """The device a rank trains on: its own GPU of the node (cuda:LOCAL_RANK), or the CPU. Always with an index on
-    CUDA: a bare "cuda" means the current device, GPU 0 until set_device, which every rank would share."""
-    return torch.device("cuda", local) if on_cuda else torch.device("cpu")
+def rank_device(local: int, on_cuda: bool, visible: int = 0) -> torch.device:
+    """The device a rank trains on: its own GPU of the node (cuda:LOCAL_RANK among `visible` GPUs), or the CPU.
+    Always with an index on CUDA: a bare "cuda" means the current device, GPU 0 until set_device, which every rank
+    would share. A task that sees one GPU only (srun --gpus-per-task or --gpu-bind, a per-task CUDA_VISIBLE_DEVICES)
+    trains on that one, cuda:0, whatever its local rank."""
+    if not on_cuda:
+        return torch.device("cpu")
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if local >= visible:
+        raise RuntimeError(f"local rank {local} (LOCAL_RANK / SLURM_LOCALID) but this process sees {visible} GPUs "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): start one "
+                           "process per GPU of the node, and let each see all of the node's GPUs or only its own")
+    return torch.device("cuda", local)
 
 
 SHM_DIR = Path("/dev/shm")

@@ -12,6 +12,7 @@ B. supcon (a siamese recipe) on a ViT, bf16, ZeRO-1, compiled blocks, started by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -19,6 +20,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -119,7 +121,12 @@ def test_siamese_bf16_zero1_compiled_preempted_under_slurm_requeued_then_resumed
         assert proc.poll() is None, log_path.read_text()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    rank_process(proc.pid, 1).send_signal(signal.SIGUSR1)  # one rank only: the ranks must agree to save anyway
+    # One rank only (the ranks must agree to save anyway), but, as SLURM signals a job step, every process of that rank
+    # too: its loader's forkserver and workers (which must not die of it before the save), any compiler workers.
+    rank = rank_process(proc.pid, 1)
+    for p in [rank, *rank.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=300) == 0, log_path.read_text()[-3000:]  # srun exits 0 iff every task did
     log = log_path.read_text()
     got = re.search(r"SIGUSR1 received during step (\d+)", log)  # rank 1's warning
@@ -128,6 +135,7 @@ def test_siamese_bf16_zero1_compiled_preempted_under_slurm_requeued_then_resumed
     step = int(saved.split("_")[1])
     assert step < 8 and (run / "checkpoints" / saved / "COMPLETE").is_file()
     assert f"signal on another rank: saved step {step}, exiting" in log  # rank 0, which got no signal
+    assert "data producer crashed" not in log and "loader worker" not in log  # rank 1's workers outlived the signal
     assert json.loads((run / "status.json").read_text()) == {"outcome": "preempted", "step": step}
     assert not (run / "encoder.safetensors").exists()  # a preempted run is not finished
     assert _requeues(tmp_path) == ["requeue 4242"]  # the script put the job back in the queue
