@@ -16,14 +16,17 @@ Eval: a worker that has read all its shards leaves the rotation; the pass ends w
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import dataclasses
 import logging
 import multiprocessing as mp
+import multiprocessing.util
 import signal
 import sys
 import time
+import weakref
 from multiprocessing import connection
 from typing import Any
 
@@ -35,6 +38,18 @@ from pipeline.worker import Batch, End, Failed, Ready, StopFlag, WorkerSpec, run
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120.0  # a worker process that has not mapped its slots by then is reported, not waited for
+
+
+_LIVE: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
+
+
+@atexit.register  # after multiprocessing.util's own hook, so it runs first (atexit runs last-registered first)
+def _close_live_pools() -> None:
+    """A training process that exits without closing its loader (an error on the way out): multiprocessing's exit
+    hook would SIGTERM its daemon workers and join them, and workers ignore SIGTERM (worker.IGNORED_SIGNALS), so the
+    process would never end. Close them here first: the stop flag, then SIGKILL for any still running."""
+    for pool in list(_LIVE):
+        pool.close()
 
 
 class PoolClosed(Exception):
@@ -84,6 +99,7 @@ class WorkerPool:
         self.stop = StopFlag(ctx)
         self.rings: list[SlotRing] = []
         self.procs, self.conns = [], {}  # conns: the reading end of each live worker's pipe -> its worker
+        _LIVE.add(self)
         try:
             self._start(ctx, specs, slots, slot_bytes)
         except BaseException:  # no process and no shared memory outlives a pool that failed to start
@@ -215,6 +231,7 @@ class WorkerPool:
     def close(self) -> None:
         """Stop the workers; one still blocked after 2 s (a read held up by the storage) is killed. A stopping
         worker does not wait for its last messages to be read (worker.run_worker): the pipes are just closed."""
+        _LIVE.discard(self)
         self.stop.set()
         deadline = time.monotonic() + 2
         for p in self.procs:
