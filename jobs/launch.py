@@ -68,16 +68,15 @@ def rank_environment(env: Mapping[str, str]) -> dict[str, str]:
     if env.get("RANK", "") != "":  # LOCAL_RANK too, from the launcher's own variable when only RANK was exported
         return {} if env.get("LOCAL_RANK", "") != "" else {"LOCAL_RANK": str(local_rank(env))}
     for launcher, (rank, size, local) in RANK_SOURCES.items():
-        if env.get(rank, "") != "" and env.get(size, "") != "":
-            ranks = {"RANK": env[rank], "WORLD_SIZE": env[size], "LOCAL_RANK": env.get(local, "0")}
-            if int(env[size]) > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
-                raise RuntimeError(f"started by {launcher} as rank {env[rank]} of {env[size]} ({rank}, {size}) "
-                                   "without MASTER_ADDR and MASTER_PORT: export them in every task (the first "
-                                   "node's address and a free port, as jobs/slurm_pretrain.sh does), or start with "
-                                   "torchrun or deepspeed")
-            if int(env[size]) > 1:
-                return ranks
+        if env.get(rank, "") == "" or env.get(size, "") == "":
+            continue
+        if int(env[size]) == 1:
             break
+        if not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
+            raise RuntimeError(f"started by {launcher} as rank {env[rank]} of {env[size]} ({rank}, {size}) without "
+                               "MASTER_ADDR and MASTER_PORT: export them in every task (the first node's address and "
+                               "a free port, as jobs/slurm_pretrain.sh does), or start with torchrun or deepspeed")
+        return {"RANK": env[rank], "WORLD_SIZE": env[size], "LOCAL_RANK": env.get(local, "0")}
     return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": env.get("MASTER_PORT") or str(_free_port())}
 

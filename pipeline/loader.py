@@ -107,7 +107,7 @@ class Loader:
         """Plain python (ints, tuples, dicts): the stream position after the last batch handed to the caller."""
         return {"version": STATE_VERSION, "mode": self.cfg.mode, "rank": self.rank, "world_size": self.world_size,
                 "workers": self.cfg.workers, "ordered": self.cfg.ordered, "seed": self.cfg.seed,
-                "batches": self._batches, "stream": self._state}
+                "batches": self._batches, "stream": _plain_stream(self._state)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -315,6 +315,15 @@ class _Producer(threading.Thread):
         self.inflight.clear()
         self.pipe = None
         self.pool.close()
+
+
+def _plain_stream(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The stream state with each worker's shuffle-buffer indices as a list of ints (a checkpoint holds plain python;
+    they travel from the workers as an array)."""
+    if state is None:
+        return None
+    workers = {w: {**s, "buffer": [int(i) for i in s["buffer"]]} for w, s in state["workers"].items()}
+    return {**state, "workers": workers}
 
 
 def _subset(batch: Batch, keep: list[int], images: list) -> Batch:

@@ -100,11 +100,6 @@ class WorkerPool:
         self.rings: list[SlotRing] = []
         self.procs, self.conns = [], {}  # conns: the reading end of each live worker's pipe -> its worker
         _LIVE.add(self)
-        try:
-            self._start(ctx, specs, slots, slot_bytes)
-        except BaseException:  # no process and no shared memory outlives a pool that failed to start
-            self.close()
-            raise
         self.inbox: collections.deque = collections.deque()  # received, not yet routed
         self.ended: set[int] = set()  # workers whose End message came
         self.pending: dict[int, collections.deque] = {w: collections.deque() for w in range(len(specs))}
@@ -113,8 +108,9 @@ class WorkerPool:
         self.active = list(range(len(specs))) if position is None else list(position["active"])
         self.rr = 0 if position is None else int(position["rr"])
         try:
+            self._start(ctx, specs, slots, slot_bytes)
             self._await_ready(len(specs))
-        except BaseException:
+        except BaseException:  # no process and no shared memory outlives a pool that failed to start
             self.close()
             raise
 

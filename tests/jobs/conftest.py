@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from tools.local_s3 import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "jobs" / "configs" / "test_cpu.yaml"
@@ -43,12 +44,6 @@ def shards_url(s3_server) -> str:
     return f"{bucket}/shards/"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Trainer:
     """Starts jobs/pretrain.py with test_cpu.yaml; output goes to OUT_DIR/launch-N.log."""
 
@@ -68,7 +63,7 @@ class Trainer:
         args = ["jobs/pretrain.py", "--config", str(config)] + [a for o in overrides for a in ("--set", o)]
         if ranks == 1:
             return [sys.executable, *args]
-        self.ports.append(str(_free_port()))
+        self.ports.append(str(free_port()))
         if launcher == "slurm":
             return ["bash", "jobs/slurm_pretrain.sh", *args[2:]]
         if launcher == "torchrun":
