@@ -20,6 +20,7 @@ Each figure is the median of --passes timed passes after a warm-up pass.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import itertools
 import os
@@ -40,7 +41,7 @@ from pipeline.counters import Counters
 from pipeline.loader import build_loader
 from pipeline.prefetch import RetryPolicy
 from pipeline.readers import ReadSettings
-from pipeline.sampler import BatchStream
+from pipeline.sampler import BatchStream, StreamClosed
 from pipeline.shards import build_plan
 from pipeline.view_params import draw_batch, pack_params
 from pipeline.worker import WorkerSpec
@@ -79,19 +80,30 @@ def batches_from_threads(prefix: str, workers: int, batch: int):
     augmentation parameters (the work a worker process does), into one queue; yields batch sizes, forever."""
     plan, _ = build_plan(DataConfig(shards=prefix).sources, workers, 0, {})
     counters, out, aug = Counters(), queue.Queue(maxsize=4 * workers), AugmentConfig()
+    streams = [BatchStream(plan, True, [w], read_settings(), counters, batch, 0, 0, w) for w in range(workers)]
 
     def run(w: int) -> None:
-        stream = BatchStream(plan, True, [w], read_settings(), counters, batch, 0, 0, w)
-        stream.start()
-        for k in itertools.count():
-            enc = stream.next_batch()
-            views = draw_batch(enc.sizes, aug, 2, PATCHES, 0, 0, k * workers + w)
-            out.put((len(enc.keys), pack_params(aug, views)))
+        streams[w].start()
+        try:
+            for k in itertools.count():
+                enc = streams[w].next_batch()
+                views = draw_batch(enc.sizes, aug, 2, PATCHES, 0, 0, k * workers + w)
+                out.put((len(enc.keys), pack_params(aug, views)))
+        except StreamClosed:
+            return
 
-    for w in range(workers):
-        threading.Thread(target=run, args=(w,), daemon=True).start()
-    while True:
-        yield out.get()[0]
+    threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in range(workers)]
+    for t in threads:
+        t.start()
+    try:
+        while True:
+            yield out.get()[0]
+    finally:  # stop the readers before the process exits (their fetchers refuse work once it is shutting down)
+        for stream in streams:
+            stream.close()
+        while any(t.is_alive() for t in threads):  # a thread blocked on the full queue needs room to see the close
+            with contextlib.suppress(queue.Empty):
+                out.get(timeout=0.1)
 
 
 def batches_from_processes(prefix: str, workers: int, batch: int):
@@ -148,7 +160,11 @@ SOURCES = {"threads": batches_from_threads, "processes": batches_from_processes}
 
 def _isolated(name: str, prefix: str, workers: int, batch: int, samples: int, passes: int, result) -> None:
     os.environ.update(result.pop("env"))
-    result["rates"] = time_source(SOURCES[name](prefix, workers, batch), samples, passes)
+    batches = SOURCES[name](prefix, workers, batch)
+    try:
+        result["rates"] = time_source(batches, samples, passes)
+    finally:
+        batches.close()
 
 
 def run_isolated(name: str, prefix: str, workers: int, batch: int, samples: int, passes: int) -> list[float]:
