@@ -32,6 +32,7 @@ from pipeline.curate.report import build_report
 from pipeline.curate.storage import (concat_tables, exists, get_bytes, list_files, put_bytes, remove, url_to_fs,
                                      write_table)
 from pipeline.curate.write_stage import MANIFEST_SCHEMA, plan_writes, write_curated
+from pipeline.ingest.cluster import start_engine
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ def run_curation(emb: EmbeddingSet, cfg: CurateConfig, embedded_now: int = 0, em
     if done is not None:
         log.info("%s is already curated with these arguments", layout.output)
         return done
+    if cfg.workers > 1 or cfg.ray_address:
+        _start_ray(cfg, emb)
     seconds: dict[str, float] = {}
     t0 = time.monotonic()
     dedup = run_dedup(emb, layout.stage("dedup", fp_dedup), cfg.dedup, cfg.balance.level1_size, cfg.bucket_rows,
@@ -84,6 +87,13 @@ def run_curation(emb: EmbeddingSet, cfg: CurateConfig, embedded_now: int = 0, em
         "embedding": embedding}
     put_bytes(layout.report, json.dumps(report, indent=1).encode(), so)
     return report
+
+
+def _start_ray(cfg: CurateConfig, emb: EmbeddingSet) -> None:
+    """Ray as the ingest starts it: joining a cluster ships the `pipeline` package (every task of stages 2-4 lives
+    in it) to each node, and a multi-node cluster is refused a local output or input (each node would see its own
+    disk). The input shards share one store, so the first stands for all."""
+    start_engine("ray", cfg.workers, cfg.ray_address, cfg.output, emb.shards[:1], cfg.storage_options)
 
 
 def check_output(cfg: CurateConfig) -> None:

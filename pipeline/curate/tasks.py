@@ -16,19 +16,17 @@ R = TypeVar("R")
 
 def run_tasks(fn: Callable[[T], R], tasks: Sequence[T], workers: int, ray_address: str | None = None,
               memory_bytes: int = 0) -> list[R]:
-    """[fn(t) for t in tasks], on `workers` local CPUs with Ray (workers > 1), on the Ray cluster at `ray_address`,
-    or in this process (workers == 1 and no address). memory_bytes: what one task needs (Ray schedules by it)."""
+    """[fn(t) for t in tasks], as Ray tasks (workers > 1 or an address: the Ray the caller started, local CPUs or a
+    cluster) or in this process (workers == 1 and no address). memory_bytes: what one task needs (Ray schedules by
+    it)."""
     if not tasks:
         return []
     if workers <= 1 and not ray_address:
         return [fn(t) for t in tasks]
     import ray
 
-    if not ray.is_initialized():
-        if ray_address:
-            ray.init(address=ray_address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():  # the caller starts Ray (engine._start_ray): joining a cluster must ship the code
+        raise RuntimeError("run_tasks needs Ray started first: pipeline.curate.engine.run_curation starts it")
     options = {"num_cpus": 1, "max_retries": 3} | ({"memory": memory_bytes} if memory_bytes else {})
     remote = ray.remote(**options)(fn)
     window = 2 * int(ray.cluster_resources().get("CPU", workers))

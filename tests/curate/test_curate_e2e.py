@@ -3,8 +3,9 @@
 Three launches share the work of every property (each launch costs ~10 s of start-up on 2 cores):
   A1  1 rank, in-process stages, killed (SIGKILL of its process group) after its first embedding part
   A2  the same command again: resumes, embeds only the missing parts, finishes
-  B   torchrun with 2 ranks, Ray with 2 workers, the output on S3
-A (killed and resumed, 1 rank, 1 worker) and B must produce the same curated dataset byte for byte.
+  B   torchrun with 2 ranks joining a Ray node started by `ray start` (2 CPUs, --ray-address), the output on S3
+A (killed and resumed, 1 rank, 1 worker) and B must produce the same curated dataset byte for byte, and B's tasks
+run the `pipeline` package the driver shipped (as on a cluster whose nodes have no copy of the repository).
 """
 
 from __future__ import annotations
@@ -12,8 +13,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import secrets
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import fsspec
@@ -31,6 +37,7 @@ from pipeline.curate.config import BalanceConfig, CurateConfig, DedupConfig
 from pipeline.curate.engine import OutputExists, check_output
 from pipeline.ingest.writer import write_shard
 from pipeline.loader import build_loader
+from tests.ingest.test_ray import _start_node
 from tools.local_s3 import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,7 +111,24 @@ def _launch(args: list[str], ranks: int, env: dict | None = None) -> subprocess.
 
 
 @pytest.fixture(scope="module")
-def runs(dump, tmp_path_factory, s3_server) -> dict:
+def ray_node(s3_server):
+    """A one-node Ray cluster with 2 CPUs and its own temp dir (short: Ray's socket paths are limited to 107 bytes),
+    so what it unpacks comes from this module's launch alone. Yields (address, driver env, temp dir)."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="rayc"))
+    env = {**os.environ, **s3_server.env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    proc, text = _start_node(["--head", "--port=0", "--include-dashboard=false", "--num-cpus=2"], "127.0.0.4",
+                             temp_dir, env)
+    try:
+        yield re.search(r"--address='(127\.0\.0\.4:\d+)'", text).group(1), env, temp_dir
+    finally:
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes
+        proc.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def runs(dump, tmp_path_factory, s3_server, ray_node) -> dict:
     local = tmp_path_factory.mktemp("curated") / "out"
     killed = _launch(_args(dump, str(local)), 1, {KILL_HOOK_ENV: "1"})
     embed_dir = next((local / "_curate").glob("embed-*"))
@@ -114,10 +138,12 @@ def runs(dump, tmp_path_factory, s3_server) -> dict:
     resumed = _launch(_args(dump, str(local)), 1)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     remote = s3_server.make_bucket("curate-e2e") + "/out"
-    two = _launch(_args(dump, remote) + ["--workers", "2"], 2)
+    address, env, ray_dir = ray_node
+    two = _launch(_args(dump, remote) + ["--ray-address", address], 2, env)
     assert two.returncode == 0, two.stderr[-4000:]
+    shipped = list(ray_dir.glob("session_*/runtime_resources/py_modules_files/*/pipeline/curate/engine.py"))
     return {"local": local, "remote": remote, "killed": killed, "parts_after_kill": parts_after_kill,
-            "mtimes": mtimes, "embed_dir": embed_dir, "report_after_kill": report_after_kill}
+            "mtimes": mtimes, "embed_dir": embed_dir, "report_after_kill": report_after_kill, "shipped": shipped}
 
 
 def test_a_killed_embedding_pass_resumes_at_the_parts_it_has(runs):
@@ -136,7 +162,8 @@ def _read(url: str) -> bytes:
         return f.read()
 
 
-def test_one_rank_one_worker_and_two_ranks_two_ray_workers_give_the_same_dataset(runs):
+def test_one_rank_one_worker_and_two_ranks_on_a_ray_node_give_the_same_dataset(runs):
+    assert runs["shipped"], "the Ray node did not unpack the pipeline package the driver shipped (py_modules)"
     local, remote = runs["local"], runs["remote"]
     names = sorted(p.name for p in local.iterdir() if p.suffix in (".tar", ".idx", ".parquet"))
     assert names == ["manifest.parquet", "removed.parquet", "shard-000000.idx", "shard-000000.tar",
