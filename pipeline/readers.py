@@ -6,7 +6,10 @@ ranges and the next shard's first ones (prefetch.py). It pushes into a bounded q
 `queue_size` samples plus `read_concurrency` blocks.
 
 Position of a reader = (epoch, shard index in its list, sample offset in that shard): a pure description of how far
-it got, from which a new reader resumes exactly (plan.train_shards / plan.eval_shards are deterministic).
+it got, from which a new reader resumes exactly (plan.train_shards / plan.eval_shards are deterministic). A shard that
+ended early (a read that failed after its retries) is reported with the marker that follows it, as (epoch, shard
+index, samples read); a reader given such cuts stops those shards at the same sample, so a resumed stream replays the
+interrupted run's samples exactly even after the fault has gone.
 """
 
 from __future__ import annotations
@@ -19,22 +22,25 @@ from dataclasses import dataclass
 from pipeline.counters import Counters
 from pipeline.prefetch import BlockFetcher, RetryPolicy
 from pipeline.shards import ShardPlan
-from pipeline.stream import Sample, stream_shard
+from pipeline.stream import Cut, Sample, stream_shard
 
 log = logging.getLogger(__name__)
 
 Position = tuple[int, int, int]  # (epoch, shard index, sample offset)
+ShardCut = tuple[int, int, int]  # (epoch, shard index, samples read before the fault): Cut.at of that shard
 
 
 @dataclass(frozen=True)
 class Item:
-    """What a reader queue carries: a sample and the position just after it, or a position marker alone (shard end),
-    or end=True (eval: this reader has read all its shards), or an error to re-raise in the consumer."""
+    """What a reader queue carries: a sample and the position just after it, or a position marker alone (shard end,
+    with the shard's cut if it ended early), or end=True (eval: this reader has read all its shards), or an error to
+    re-raise in the consumer."""
 
     pos: Position
     sample: Sample | None = None
     end: bool = False
     error: str | None = None
+    cut: ShardCut | None = None
 
 
 @dataclass(frozen=True)
@@ -49,9 +55,10 @@ class ReadSettings:
 
 class Reader(threading.Thread):
     def __init__(self, reader_id: int, plan: ShardPlan, train: bool, start: Position, settings: ReadSettings,
-                 counters: Counters):
+                 counters: Counters, cuts: dict[tuple[int, int], int] | None = None):
         super().__init__(name=f"shard-reader-{reader_id}", daemon=True)
         self.reader_id, self.plan, self.train, self.start_pos = reader_id, plan, train, start
+        self.cuts = dict(cuts or {})  # (epoch, shard index) -> samples read: cuts of an earlier run, replayed
         self.settings, self.counters = settings, counters
         self.queue: queue.Queue[Item] = queue.Queue(maxsize=settings.queue_size)
         self._stop_event = threading.Event()
@@ -98,8 +105,12 @@ class Reader(threading.Thread):
             yielded_this_epoch = 0
             while shard_idx < len(shards):
                 next_url = self._next_url(shards, shard_idx, epoch)
+                cut = None
                 for next_offset, got in stream_shard(fetcher, shards[shard_idx], next_url, offset, self.counters,
-                                                     s.validate):
+                                                     s.validate, self.cuts.get((epoch, shard_idx))):
+                    if isinstance(got, Cut):
+                        cut = (epoch, shard_idx, got.at)
+                        continue
                     if isinstance(got, str):
                         self.counters.skip(got)
                         continue
@@ -108,7 +119,7 @@ class Reader(threading.Thread):
                     if not self._put(Item((epoch, shard_idx, next_offset), got)):
                         return
                 shard_idx, offset = shard_idx + 1, 0
-                if not self._put(Item((epoch, shard_idx, 0))):
+                if not self._put(Item((epoch, shard_idx, 0), cut=cut)):
                     return
             if not self.train:
                 self._put(Item((epoch, shard_idx, 0), end=True))

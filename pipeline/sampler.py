@@ -18,6 +18,8 @@ the merge position just before the oldest of them. Restoring replays the merge f
 samples whose indices are listed (the others were already emitted) and rebuilds the buffer in the same order, so
 train resumes exactly, with or without a shuffle buffer; the replay re-reads the samples pulled since the oldest
 buffered one (about shuffle_buffer * a few samples; ~1-5 s per 10,000 at header-validation speed). Eval has no buffer.
+The state also keeps the cuts (shards that ended early on a read fault, readers.py) the replay will re-read: without
+them a fault that has gone by the resume would give the replay more samples than the run had, and no resume.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class BatchStream:
         self.pulled = 0  # samples taken from the merge so far (the merge index of the next one)
         self.batches = 0  # batches made so far (the index of the next one)
         self.buffer: list[_Buffered] = []
+        self.cuts: dict[int, dict[tuple[int, int], int]] = {r: {} for r in self.reader_ids}  # per reader, see state()
         self.readers: dict[int, Reader] = {}
         self.closed = False
         self._replay: dict[str, Any] | None = None  # a restored state whose buffer is still to be rebuilt
@@ -91,10 +94,18 @@ class BatchStream:
         self.positions = {int(r): tuple(p) for r, p in m[0].items()}
         self.active, self.rr = list(m[1]), int(m[2])
 
+    def _prune_cuts(self, since: dict[int, tuple[int, int, int]] | None) -> None:
+        """Keep only the cuts of shards a replay from the positions `since` re-reads (None: no replay, none)."""
+        for r, cuts in self.cuts.items():
+            keep = {} if since is None else {sh: at for sh, at in cuts.items() if sh >= tuple(since[r][:2])}
+            if len(keep) != len(cuts):
+                self.cuts[r] = keep
+
     def state(self) -> dict[str, Any]:
         oldest = min(self.buffer, key=lambda b: b.index) if self.buffer else None
+        self._prune_cuts(None if oldest is None else oldest.before[0])
         return {"positions": {r: tuple(p) for r, p in self.positions.items()}, "active": list(self.active),
-                "rr": self.rr, "rng": copy.deepcopy(self.rng.bit_generator.state), "pulled": self.pulled,
+                "cuts": {r: [(*sh, at) for sh, at in cuts.items()] for r, cuts in self.cuts.items()}, "rr": self.rr, "rng": copy.deepcopy(self.rng.bit_generator.state), "pulled": self.pulled,
                 # An array, not a list: the state travels with every batch to the training process, where unpickling
                 # a list of shuffle_buffer ints cost ~100 us per batch at 5,000 (Loader.state_dict makes it a list).
                 "batches": self.batches, "buffer": np.fromiter((b.index for b in self.buffer), np.int64,
@@ -107,6 +118,8 @@ class BatchStream:
         assert sorted(state["positions"]) == sorted(self.reader_ids), "state is from another rank/worker layout"
         self.rng.bit_generator.state = copy.deepcopy(state["rng"])
         self.pulled, self.batches = int(state["pulled"]), int(state["batches"])
+        for r, cuts in state.get("cuts", {}).items():
+            self.cuts[int(r)] = {(int(e), int(sh)): int(at) for e, sh, at in cuts}
         start = state["buffer_from"]
         if start is None:
             self._set_merge_state((state["positions"], state["active"], state["rr"]))
@@ -125,19 +138,22 @@ class BatchStream:
             before, index = self._merge_state(), self.pulled
             s = self._pull()
             if s is None:
-                raise RuntimeError("stream ended while replaying the shuffle buffer: the shards changed since the save")
+                raise RuntimeError("stream ended while replaying the shuffle buffer: the shards changed since the save, or "
+                                   "a read failed during the replay (see the warnings; a rerun retries it)")
             if index in wanted:
                 kept[index] = _Buffered(index, s, before)
         m = replay["merge"]
         if self._merge_state() != ({int(r): tuple(p) for r, p in m[0].items()}, list(m[1]), int(m[2])) or \
                 sorted(kept) != sorted(wanted):
-            raise RuntimeError("replaying the shuffle buffer did not reach the saved position: the shards changed")
+            raise RuntimeError("replaying the shuffle buffer did not reach the saved position: the shards changed since "
+                               "the save, or a read failed during the replay (see the warnings; a rerun retries it)")
         self.buffer = [kept[i] for i in replay["buffer"]]
 
     # ----- running -----------------------------------------------------------------------------------------------
     def start(self) -> None:
         for r in self.active:
-            self.readers[r] = Reader(r, self.plan, self.train, self.positions[r], self.settings, self.counters)
+            self.readers[r] = Reader(r, self.plan, self.train, self.positions[r], self.settings, self.counters,
+                                     self.cuts[r])
             self.readers[r].start()
 
     def close(self) -> None:
@@ -157,6 +173,8 @@ class BatchStream:
             if item.error is not None:
                 raise RuntimeError(item.error)
             self.positions[r] = item.pos
+            if item.cut is not None:
+                self.cuts[r][item.cut[:2]] = item.cut[2]
             if item.end:
                 self.active.pop(self.rr)
                 continue

@@ -5,7 +5,9 @@ and are parsed here by a minimal tar reader: 512-byte headers (ustar, GNU long n
 padding. It costs a few microseconds per member where tarfile's stream mode costs ~50 (measured here: 110 us per
 two-member sample with tarfile), and memory stays bounded whatever the shard size: no shell pipe, no local copy.
 A sample that fails validation is skipped and counted; a range that keeps failing, or bytes that are not a tar, end the
-shard there with a warning naming it (shards_failed); the stream goes on with the next shard.
+shard there with a warning naming it (shards_failed); the stream goes on with the next shard. Where it ended is
+reported (Cut), so that a resume which re-reads that shard stops it at the same sample even when the fault is gone
+(sampler.py replays the shuffle buffer sample by sample).
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ class Sample:
     fmt: str
     label: int
     size: Size | None = None
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The end of a shard that could not be read to its end: samples at offsets >= at were not read."""
+
+    at: int
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -142,16 +151,21 @@ def to_sample(raw: RawSample, validate: str) -> Sample | str:
 
 
 def stream_shard(fetcher: BlockFetcher, url: str, next_url: str | None, start: int, counters: Counters,
-                 validate: str) -> Iterator[tuple[int, Sample | str]]:
-    """(offset after this sample, Sample or skip reason) for samples start, start+1, ... of one shard.
+                 validate: str, end: int | None = None) -> Iterator[tuple[int, Sample | str | Cut]]:
+    """(offset after this sample, Sample or skip reason) for samples start, start+1, ... of one shard, and last a
+    (offset, Cut) when the shard ended early.
 
     Resumable: `start` skips already-consumed samples (parsed, not validated: a tar stream has no index to seek by).
+    end: a cut recorded by an earlier run (Cut.at): the shard stops there again, so a replay yields the same samples.
     next_url: the shard the reader reads next, whose first ranges are requested as this one ends.
     Raises nothing: a shard that cannot be read to its end ends early with a warning and shards_failed += 1."""
     offset = start
     try:
         with fetcher.open(url, next_url) as f:
             for raw in iter_samples(f):
+                if end is not None and raw.offset >= end:
+                    yield offset, Cut(end)
+                    return
                 if raw.offset < start:
                     continue
                 offset = raw.offset + 1
@@ -160,3 +174,4 @@ def stream_shard(fetcher: BlockFetcher, url: str, next_url: str | None, start: i
     except Exception as e:  # a range that failed after its retries, a missing object, bytes that are not a tar
         log.warning("shard %s: rest skipped at sample %d: %r", url, offset, e)
         counters.add("shards_failed")
+        yield offset, Cut(offset)

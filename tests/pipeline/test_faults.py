@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import itertools
+import pickle
 
 import numpy as np
 import torch
 
 from pipeline.config import DataConfig
 from pipeline.loader import build_loader
+from pipeline.shards import build_plan
 from PIL import Image
 
 from tests.pipeline.proxy import FlakyProxy
@@ -116,3 +119,39 @@ def test_every_format_dali_decodes_streams_and_truncated_ones_are_caught(s3_buck
     assert c["skipped_bad_image"] == 5 and c["skipped_decode_error"] == 0  # no DALI failure, no culprit hunt
     assert {f: c.get(f"format_{f}", 0) for f in ("jpeg", "png", "webp", "tiff", "jpeg2000", "bmp")} == \
         {"jpeg": 2, "png": 2, "webp": 2, "tiff": 3, "jpeg2000": 2, "bmp": 2}
+
+
+def test_train_resume_is_exact_after_a_shard_cut_short_by_a_fault(s3_server, dataset):
+    """The third shard of the one reader's epoch is refused past 16 KB (see FlakyProxy), so it ends at its sample 2
+    in the run that saves at batch 4. The resumed run, the fault gone, replays its shuffle buffer from before that
+    cut: it stops the shard at the same sample and gives exactly the uninterrupted faulty run's batches, instead of
+    reading more of the shard and refusing to resume ("the shards changed"). In the next shard-epoch it reads the
+    shard whole (the cut was not made permanent): from there on its batches differ from the faulty run's."""
+    prefix, _ = dataset
+    base = DataConfig(shards=prefix, batch_size=8, img_size=32, patch_size=8, shuffle_buffer=16, workers=1,
+                      device="cpu", seed=0, read_block_bytes=8 << 10)
+    plan, _ = build_plan(base.sources, 1, base.seed, base.storage_options)
+    damaged = plan.train_shards(0, 0)[2].split("://", 1)[1]
+    proxy = FlakyProxy(s3_server.endpoint_url, first_bad=0, last_bad=-1, fail_path=damaged, fail_from=16 << 10)
+    faulty = base.with_(storage_options={"client_kwargs": {"endpoint_url": proxy.url}})
+    try:
+        ref = build_loader(faulty, 0, 1, torch.device("cpu"))
+        uninterrupted = [b["keys"] for b in itertools.islice(ref, 6)]
+        ref.close()
+        first = build_loader(faulty, 0, 1, torch.device("cpu"))
+        head = [b["keys"] for b in itertools.islice(first, 4)]
+        state = pickle.loads(pickle.dumps(first.state_dict()))
+        first.close()
+    finally:
+        proxy.close()
+    (stream,) = state["stream"]["workers"].values()
+    assert proxy.failed > 0 and stream["cuts"] == {0: [(0, 2, 2)]}  # the cut, in the window the resume re-reads
+    resumed = build_loader(base, 0, 1, torch.device("cpu"))  # straight to the server: the fault has gone
+    resumed.load_state_dict(state)
+    tail = [b["keys"] for b in itertools.islice(resumed, 5)]
+    resumed.close()
+    # 6 batches = 48 samples pulled up to the damaged shard's turn in shard-epoch 1 (41 samples an epoch with the cut)
+    assert head + tail[:2] == uninterrupted
+    shard = int(damaged.rsplit("-", 1)[1].split(".")[0])
+    past_the_cut = {f"s{shard}_{i:03d}" for i in range(2, 12)} & {k for b in tail[2:] for k in b}
+    assert len(past_the_cut) >= 5, past_the_cut  # (the others are still in the shuffle buffer)
