@@ -6,8 +6,10 @@
 For each N: writes N synthetic input rows (content hash, pHash, ordinal, unit; 5% exact and 5% near duplicates
 planted, 2% rejects) as stage tables of 10,000 inputs per unit (an img2dataset tar's worth), then, in a fresh
 driver process on a local Ray instance, runs the engine's own phases on them (dedup map, dedup reduce, resolve,
-and the prefix sum that numbers shards), and prints per phase the wall time, the tasks' CPU seconds and the peak
-RSS of the largest task, plus the driver's peak RSS over the whole run. Generation and Ray's start-up are not
+and the prefix sum that numbers shards), and prints per phase the wall time, the tasks' CPU seconds (and the
+system part of them), their page faults and the peak RSS of the largest task, plus the driver's peak RSS over the
+whole run. On a shared machine CPU seconds also grow with the load (two vCPUs that other processes share run
+slower), so compare the ratios of runs made at similar load. Generation and Ray's start-up are not
 timed. Then the near-dedup recall of the LSH bands against brute force (every pair compared) on a separate sample
 with planted near duplicates at distances 0..t.
 
@@ -106,14 +108,15 @@ def run_phases(output: str, units: int, dedup: str, threshold: int, workers: int
     out: dict = {"groups": len(groups), "buckets": buckets}
     kept = np.zeros(len(groups), np.int64)
     for name, (fn, tasks) in phases.items():
-        start, peak, cpu = time.perf_counter(), 0, 0.0
+        start, peak, cost = time.perf_counter(), 0, np.zeros(4)
         for i, measured in engine.run(_Measured(fn), tasks):
             assert not isinstance(measured, Failed), measured
-            result, rss, seconds = measured
-            peak, cpu = max(peak, rss), cpu + seconds
+            result, rss, used = measured
+            peak, cost = max(peak, rss), cost + used
             if name == "resolve":
                 kept[i] = result["kept"]
-        out[name] = {"seconds": round(time.perf_counter() - start, 2), "cpu_s": round(cpu, 2),
+        out[name] = {"seconds": round(time.perf_counter() - start, 2), "cpu_s": round(cost[0] + cost[1], 2),
+                     "sys_s": round(cost[1], 2), "minor_faults": int(cost[2]), "major_faults": int(cost[3]),
                      "task_peak_mb": round(peak / 1024)}
     start = time.perf_counter()
     shards = sum(1 for _ in _shard_tasks(kept, 5000, layout, {}))
@@ -138,9 +141,12 @@ class _Measured:
         self.fn = fn
 
     def __call__(self, task):
-        cpu = time.process_time()
+        import resource
+        before, usage = os.times(), resource.getrusage(resource.RUSAGE_SELF)
         result = self.fn(task)
-        return result, peak_rss_kb(), time.process_time() - cpu
+        after, end = os.times(), resource.getrusage(resource.RUSAGE_SELF)
+        return result, peak_rss_kb(), (after.user - before.user, after.system - before.system,
+                                       end.ru_minflt - usage.ru_minflt, end.ru_majflt - usage.ru_majflt)
 
 
 def recall(n: int, threshold: int, seed: int = 1) -> tuple[float, int]:
@@ -196,8 +202,9 @@ def main() -> None:
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         total = sum(res[k]["seconds"] for k in ("map", "reduce", "resolve", "numbering"))  # Ray start-up excluded
         cpu = sum(res[k]["cpu_s"] for k in ("map", "reduce", "resolve"))
-        phases = ", ".join(f"{k} {res[k]['seconds']} s / {res[k]['cpu_s']} CPU-s (task peak "
-                           f"{res[k]['task_peak_mb']} MB)" for k in ("map", "reduce", "resolve"))
+        phases = ", ".join(f"{k} {res[k]['seconds']} s / {res[k]['cpu_s']} CPU-s ({res[k]['sys_s']} system; "
+                           f"{res[k]['minor_faults'] / 1e6:.2f}M minor, {res[k]['major_faults']} major page faults; "
+                           f"task peak {res[k]['task_peak_mb']} MB)" for k in ("map", "reduce", "resolve"))
         ratio = f", {total / previous[0]:.2f}x wall and {cpu / previous[1]:.2f}x CPU of the previous N" \
             if previous else ""
         print(f"N={n:,}: {total:.1f} s wall, {cpu:.1f} task CPU-s{ratio} ({res['groups']} groups, {res['buckets']} "

@@ -4,12 +4,12 @@ An input's ordinal is (unit << 32) | row: its position in input order. Three kin
   source   the key of the source identity (always: the same file listed twice is stored once)
   exact    the pixel hash (--dedup exact or near)
   near     one record per LSH band (--dedup near; near.py)
-Map (one task per group of units): read the stage tables' hash columns, emit every record into the bucket its
-hash falls in, one file per (bucket, group). Reduce (one task per bucket): read the bucket, sort, and report each
-record that loses: for source and exact records, everything but the earliest of equal hashes; for near records,
-anything with an earlier sample within the threshold (near.py). Losers are written per (group, bucket) for the
-verdict phase. No process ever holds more than one group's or one bucket's records, and both steps are sorts, so
-the result does not depend on which worker ran what.
+Map (one task per group of units): read the stage tables' hash columns, emit every record into the bucket its hash
+falls in: one file per group, a part per bucket (exchange.py). Reduce (one task per bucket): read the bucket's part
+of every group's file, sort, and report each record that loses: for source and exact records, everything but the
+earliest of equal hashes; for near records, anything with an earlier sample within the threshold (near.py). Losers
+are written one file per bucket, a part per group, for the verdict phase. No process ever holds more than one
+group's or one bucket's records, and both steps are sorts, so the result does not depend on which worker ran what.
 
 Records for --dedup none are the source keys only; no pixel hash or pHash was computed for them (clean.py).
 """
@@ -96,7 +96,7 @@ def run_map(task: DedupMapTask) -> dict:
     records = pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
     bucket = _bucket(records.column("kind").to_numpy(), records.column("k1").to_numpy(),
                      records.column("k2").to_numpy(), task.buckets)
-    write_parts(task.layout.dedup_records(task.group), records, bucket, task.storage_options)
+    write_parts(task.layout.dedup_records(task.group), records, bucket, task.buckets, task.storage_options)
     return mark_done(task.layout, "map", task.group, {"records": records.num_rows}, task.storage_options)
 
 
@@ -123,9 +123,9 @@ def run_reduce(task: DedupReduceTask) -> dict:
         winner[order[~head]], windex[order[~head]] = ords[first[~head]], first[~head]
     if (~hashed).any():
         i = np.flatnonzero(~hashed)
-        # Band id and key as one group id; if two (band, key) pairs collide, their records are only compared
-        # more: every candidate pair is still checked by Hamming distance, so the result does not change.
-        group = (kind[i] << 40) ^ k1[i].astype(np.int64)
+        # Band and key as one compact group id (~34 bits: band keys of <= 28 bits up to 2 billion inputs).
+        key_bits = int(k1[i].max()).bit_length()
+        group = ((kind[i] - NEAR) << key_bits) | k1[i].astype(np.int64)
         w, wi = earliest_neighbours(group, ph[i], ords[i], task.threshold)
         found = wi >= 0
         winner[i[found]], windex[i[found]] = w[found], i[wi[found]]
@@ -139,7 +139,7 @@ def run_reduce(task: DedupReduceTask) -> dict:
     losers = pa.table({"ordinal": ords[order], "kind": verdict.astype(np.int8), "winner": winner[order],
                        "winner_key": keys.take(pa.array(windex[order]))}, schema=LOSER_SCHEMA)
     group_of = np.searchsorted(np.asarray(task.group_starts), ords[order] >> 32, side="right") - 1
-    write_parts(task.layout.dedup_losers(task.bucket), losers, group_of, so)
+    write_parts(task.layout.dedup_losers(task.bucket), losers, group_of, len(task.group_starts), so)
     return mark_done(task.layout, "reduce", task.bucket, {"records": len(ords), "losers": len(order)}, so)
 
 

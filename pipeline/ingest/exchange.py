@@ -1,45 +1,55 @@
-"""The files of a shuffle: one parquet file per writing task, one row group per reading task.
+"""The files of a shuffle: one file per writing task, one Arrow IPC stream per reading task, found by an offset table.
 
-A map task writes its records for every bucket into ONE file, a row group per bucket (in bucket order), and lists
-the buckets in the file's metadata; a reduce task reads, from every map file, the footer and then only its own row
-group (two ranged GETs). So a shuffle of G writers and B readers makes G objects, not G x B small ones: at 300M
-images with ~1,200 groups and ~1,300 buckets that is the difference between 1,200 PUTs and 1.5M (and as many
-fsyncs on a local disk). The same layout carries the losers back from the reduce tasks to the resolve tasks.
+A map task writes its records for every bucket into ONE file: the buckets' Arrow IPC streams back to back (bucket
+0 first; an empty bucket takes no bytes), then the offset table (P + 1 little-endian int64: where each part starts,
+and the end of the last) and P itself. A reduce task reads, from every map file, the table entries of its own part
+and then only its part's bytes: two small ranged reads and one of the data. So a shuffle of G writers and B readers
+makes G objects, not G x B small ones: at 300M images with ~1,200 groups and ~1,300 buckets that is the difference
+between 1,200 PUTs and 1.5M (and as many fsyncs on a local disk). The same layout carries the losers back from the
+reduce tasks to the resolve tasks.
+
+Not parquet (which this was): a reader of a parquet file parses its whole footer, whose size grows with the number
+of row groups, i.e. with B, and all B readers read all G footers: G x B x B work, which grew the cost per input
+with N. Parquet also dictionary-encodes a column chunk until its dictionary passes 1 MB, so smaller parts (more
+buckets at larger N) cost more to encode and to decode, and its compression gains nothing on random hashes. An IPC
+stream is written and read without encoding (measured on 4M records: 0.2 s to write against 1.3-2.1 s for
+parquet, reads ~0 against 0.3-0.5 s; 26% more bytes).
 """
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.ingest.atomic import atomic_writer, url_to_fs
 
-_PARTS_KEY = b"canvit.parts"
 _READ_THREADS = 16
+_WORD = 8  # bytes of one offset-table entry
 
 
-def write_parts(url: str, table: pa.Table, part: np.ndarray, storage_options: dict) -> int:
-    """Write `table`'s rows grouped by `part` ([N] int, one per row): one row group per part present.
-    Returns the number of parts written."""
+def write_parts(url: str, table: pa.Table, part: np.ndarray, parts: int, storage_options: dict) -> None:
+    """Write `table`'s rows grouped by `part` ([N] int in [0, parts), one per row), each part in row order."""
     order = np.argsort(part, kind="stable")
-    parts, starts = np.unique(part[order], return_index=True)
-    ends = np.r_[starts[1:], len(order)]
-    schema = table.schema.with_metadata({_PARTS_KEY: json.dumps([int(p) for p in parts]).encode()})
     # One take of the whole table, then zero-copy slices: a take per part would cost the whole table each time.
-    ordered = table.take(pa.array(order)).replace_schema_metadata(schema.metadata)
-    with atomic_writer(url, storage_options) as f, pq.ParquetWriter(f, schema) as writer:
-        for a, b in zip(starts, ends):
-            writer.write_table(ordered.slice(a, b - a), row_group_size=max(1, int(b - a)))
-    return len(parts)
+    ordered = table.take(pa.array(order)).replace_schema_metadata(None)
+    bounds = np.searchsorted(part[order], np.arange(parts + 1))
+    offsets = np.zeros(parts + 1, "<i8")
+    with atomic_writer(url, storage_options) as f:
+        for p in range(parts):
+            a, b = bounds[p], bounds[p + 1]
+            if b > a:
+                with pa.ipc.new_stream(f, ordered.schema) as writer:
+                    writer.write_table(ordered.slice(a, b - a))
+            offsets[p + 1] = f.tell()
+        f.write(offsets.tobytes())
+        f.write(np.array([parts], "<i8").tobytes())
 
 
 def read_parts(urls: list[str], part: int, schema: pa.Schema, storage_options: dict) -> pa.Table:
     """The rows of `part` from every writer's file, in the order of `urls`. A thread pool hides the latency of the
-    ~2 x len(urls) small reads (a reducer reads from every group: a thousand files at 300M images)."""
+    ~3 x len(urls) small reads (a reducer reads from every group: a thousand files at 300M images)."""
     with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
         tables = list(pool.map(lambda url: read_part(url, part, schema, storage_options), urls))
     return pa.concat_tables(tables) if tables else schema.empty_table()
@@ -48,9 +58,17 @@ def read_parts(urls: list[str], part: int, schema: pa.Schema, storage_options: d
 def read_part(url: str, part: int, schema: pa.Schema, storage_options: dict) -> pa.Table:
     """The rows of `part` in the file at `url` (none if the writer had none for it)."""
     fs, path = url_to_fs(url, storage_options)
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        parts = json.loads(pf.schema_arrow.metadata[_PARTS_KEY])
-        if part not in parts:
+    # No read-ahead: each read below is exactly the bytes needed (s3fs would otherwise fetch 50 MB blocks).
+    with fs.open(path, "rb", cache_type="none") as f:
+        size = f.seek(0, 2)
+        f.seek(size - _WORD)
+        parts = int(np.frombuffer(f.read(_WORD), "<i8")[0])
+        if not 0 <= part < parts:
             return schema.empty_table()
-        return pf.read_row_group(parts.index(part)).replace_schema_metadata(None)
+        f.seek(size - _WORD * (parts + 2) + _WORD * part)
+        start, end = (int(x) for x in np.frombuffer(f.read(2 * _WORD), "<i8"))
+        if end == start:
+            return schema.empty_table()
+        f.seek(start)
+        data = f.read(end - start)
+    return pa.ipc.open_stream(data).read_all()

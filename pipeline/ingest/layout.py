@@ -82,12 +82,12 @@ class Layout:
         return f"{self.work}/stage/unit-{unit:08d}.parquet"
 
     def dedup_records(self, group: int) -> str:
-        """A map task's hash records, a row group per bucket (exchange.py)."""
-        return f"{self.work}/dedup/records/g-{group:06d}.parquet"
+        """A map task's hash records, an Arrow IPC stream per bucket (exchange.py)."""
+        return f"{self.work}/dedup/records/g-{group:06d}.parts"
 
     def dedup_losers(self, bucket: int) -> str:
-        """A reduce task's losing inputs, a row group per group."""
-        return f"{self.work}/dedup/losers/b-{bucket:06d}.parquet"
+        """A reduce task's losing inputs, an Arrow IPC stream per group."""
+        return f"{self.work}/dedup/losers/b-{bucket:06d}.parts"
 
     def resolved(self, group: int) -> str:
         return f"{self.work}/resolved/g-{group:06d}.parquet"
