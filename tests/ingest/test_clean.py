@@ -69,3 +69,25 @@ def test_phash_dct_matches_scipy_reference():
 
     thumb = np.random.default_rng(0).integers(0, 256, (32, 32)).astype(np.float64)
     assert np.allclose(_DCT @ thumb @ _DCT.T, dctn(thumb, type=2)[:8, :8])
+
+
+def test_opencv_path_equals_pillow_path_and_keeps_the_truncated_verdict(monkeypatch):
+    """An upright colour JPEG goes through OpenCV alone; its stored bytes and pixel hash must be those of the
+    Pillow path, a cut file must still be "truncated" (OpenCV would decode it grey), and data appended after the
+    end-of-image marker must not count as damage."""
+    from pipeline.ingest import clean
+
+    data = _jpeg(Image.fromarray(skdata.astronaut()).resize((1200, 900)), quality=90)
+    fast = clean_image(data, CleanConfig(), "exact")
+    monkeypatch.setattr(clean, "_clean_plain_jpeg", lambda *args: None)
+    slow = clean_image(data, CleanConfig(), "exact")
+    monkeypatch.undo()
+    assert (fast.width, fast.height) == (683, 512)
+    assert fast.jpeg == slow.jpeg and fast.pixel_hash == slow.pixel_hash
+    for cut in (len(data) // 2, len(data) - 2):
+        assert clean._jpeg_complete(data[:cut]) is False  # checked before OpenCV, whose versions differ here
+        with pytest.raises(Rejected) as info:
+            clean_image(data[:cut], CleanConfig())
+        assert info.value.reason == "truncated"
+    assert clean._jpeg_complete(data + b"\xff\xd8 appended picture") is True
+    assert clean_image(data + b"\xff\xd8 appended picture", CleanConfig(), "exact").jpeg == fast.jpeg
