@@ -117,7 +117,7 @@ def time_dali(jpegs, size, aug, batch, threads, passes, device_id) -> list[float
 
     def feed(n: int) -> None:
         i = stream[n]
-        pipe.feed_input(augment.IMAGE_INPUT, arrays[i : i + batch])
+        augment.feed_images(pipe, arrays[i : i + batch], [len(a) for a in arrays[i : i + batch]])
         augment.feed_params(pipe, pack_params(aug, draw_batch(sizes[i : i + batch], aug, 2, (size // 16) ** 2, 0, 0, n)))
 
     feed(0)

@@ -16,7 +16,9 @@ class Counters:
     samples (delivered to the trainer), decoded (passed validation and went to DALI), skipped_<reason>,
     format_<format> (samples accepted per image format, validate.FORMATS), shards_done, shards_failed, read_retries,
     wait_s (trainer time blocked on data), input_cpu_s (CPU time the loader's thread in the training process spent
-    on input, outside DALI's own threads), samples_per_s."""
+    on input, outside DALI's own threads), batches_packed / batches_over_slot (batches whose images went back to back
+    in their slot, a costlier feed, or did not fit it and went through the pipe: raise data.slot_bytes_per_sample),
+    samples_per_s."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -40,7 +42,8 @@ class Counters:
         """Every counter, with `others` (raw values, e.g. from worker processes) added in, and the derived rates."""
         with self._lock:
             out = {"samples": 0.0, "decoded": 0.0, "shards_done": 0.0, "shards_failed": 0.0, "read_retries": 0.0,
-                   "wait_s": 0.0, **{f"skipped_{r}": 0.0 for r in SKIP_REASONS}, **self._values}
+                   "wait_s": 0.0, "batches_packed": 0.0, "batches_over_slot": 0.0,
+                   **{f"skipped_{r}": 0.0 for r in SKIP_REASONS}, **self._values}
         for other in others:
             for k, v in other.items():
                 out[k] = out.get(k, 0.0) + v

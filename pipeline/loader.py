@@ -167,8 +167,10 @@ class _Producer(threading.Thread):
         self.loader, self.cfg = loader, cfg
         saved = loader._state or {}
         self.worker_states: dict[int, Any] = {int(w): s for w, s in saved.get("workers", {}).items()}
+        mask_keys_bytes = 4 * cfg.num_views * cfg.batch_size * cfg.num_patches if loader.train else 0  # slot's tail
         self.pool = WorkerPool([self._spec(w) for w in range(cfg.workers)], cfg.worker_prefetch,
-                               cfg.batch_size * cfg.slot_bytes_per_sample, cfg.ordered, saved.get("position"))
+                               cfg.batch_size * cfg.slot_bytes_per_sample + mask_keys_bytes, cfg.ordered,
+                               saved.get("position"))
         self.out: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch))
         self._stop_event = threading.Event()
         self.pipe = None
@@ -251,7 +253,7 @@ class _Producer(threading.Thread):
 
     def _feed(self, batch: Batch, state: dict | None) -> None:
         # no_copy: DALI reads the shared-memory slot itself; the slot is given back after this batch's outputs.
-        self.pipe.feed_input(augment.IMAGE_INPUT, self.pool.views(batch))
+        augment.feed_images(self.pipe, self.pool.views(batch), batch.lengths)
         if batch.params is not None:
             augment.feed_params(self.pipe, batch.params)
         if batch.masks:
@@ -271,7 +273,7 @@ class _Producer(threading.Thread):
         self.inflight.clear()
         self.pipe = self._build_pipe()
         for batch, state in fed:
-            images = self.pool.views(batch)
+            images = [image[:n] for image, n in zip(self.pool.views(batch), batch.lengths.tolist())]
             keep = [i for i, image in enumerate(images) if decodes_fully(bytes(image))]
             dropped += len(images) - len(keep)
             self._feed(_subset(batch, keep, images) if len(keep) < len(images) else batch, state)
@@ -329,8 +331,8 @@ def _plain_stream(state: dict[str, Any] | None) -> dict[str, Any] | None:
 def _subset(batch: Batch, keep: list[int], images: list) -> Batch:
     """The batch with only the samples `keep`, as inline bytes (its slot, if any, is still released once)."""
     train = batch.params is not None
-    return Batch(batch.worker, batch.index, [batch.keys[i] for i in keep], [batch.labels[i] for i in keep],
-                 batch.slot, None, [bytes(images[i]) for i in keep], batch.params[:, keep] if train else None,
+    return Batch(batch.worker, batch.index, [batch.keys[i] for i in keep], batch.labels[keep], batch.slot,
+                 batch.lengths[keep], 0, [bytes(images[i]) for i in keep], batch.params[:, keep] if train else None,
                  batch.mask_keys[:, keep] if train else None,
                  [[m.take(keep) for m in copies] for copies in batch.masks], batch.state, batch.counters)
 

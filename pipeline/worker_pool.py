@@ -200,6 +200,8 @@ class WorkerPool:
                 self.rr -= i < self.rr  # the cursor keeps pointing at the same next worker
                 continue
             self.rr = (self.active.index(w) + 1) % len(self.active)
+            if msg.mask_keys_shape is not None:
+                msg.mask_keys = self.rings[w].read_tail(msg.slot, msg.mask_keys_shape, np.float32)
             return msg
         return None
 
@@ -212,11 +214,12 @@ class WorkerPool:
         still runs at most `slots` batches ahead."""
         self.free[batch.worker].release()
 
-    def views(self, batch: Batch) -> list[np.ndarray]:
-        """The batch's encoded images as uint8 arrays: views of its slot (no copy), or of its inline bytes."""
+    def views(self, batch: Batch) -> np.ndarray | list[np.ndarray]:
+        """The batch's encoded images, as DALI takes them (augment.feed_images): views of its slot (no copy; one
+        [n, stride] array, or a list), or of its inline bytes (a list)."""
         if batch.images is not None:
             return [np.frombuffer(b, np.uint8) for b in batch.images]
-        return self.rings[batch.worker].views(batch.slot, batch.offsets)
+        return self.rings[batch.worker].views(batch.slot, batch.lengths, batch.stride)
 
     def position(self) -> dict:
         return {"active": list(self.active), "rr": self.rr}

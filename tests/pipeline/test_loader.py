@@ -274,9 +274,11 @@ def test_a_worker_killed_mid_message_is_named_not_waited_for(dataset):
 
 
 def test_batches_larger_than_their_slots_go_inline_and_stay_bounded(dataset):
-    """slot_bytes_per_sample=1: every batch travels inline through the pipe, with the same values as through shared
-    memory, and holds one of its worker's credits until the loader is done with it, so a worker whose batches do not
-    fit its slots still runs at most worker_prefetch batches ahead (it ran ahead without bound, growing its memory)."""
+    """Slots of 3,000 bytes a sample (the images are 1.3-3.8 KB): batches whose longest image x 8 does not fit go
+    back to back in the slot (a list feed) and give the same values as at a uniform stride. slot_bytes_per_sample=1:
+    every batch travels inline through the pipe, with the same values, and holds one of its worker's credits until
+    the loader is done with it, so a worker whose batches do not fit its slots still runs at most worker_prefetch
+    batches ahead (it ran ahead without bound, growing its memory)."""
     import time
 
     from pipeline.worker_pool import PoolClosed
@@ -285,7 +287,12 @@ def test_batches_larger_than_their_slots_go_inline_and_stay_bounded(dataset):
     cfg = _cfg(prefix, workers=2, worker_prefetch=3)
     ref = build_loader(cfg, 0, 1, torch.device("cpu"))
     expected = _take(ref, 4)
+    assert ref.counters()["batches_packed"] == 0
     ref.close()
+    packed = build_loader(cfg.with_(slot_bytes_per_sample=3000), 0, 1, torch.device("cpu"))
+    _assert_identical(_take(packed, 4), expected)
+    assert packed.counters()["batches_packed"] >= 1 and packed.counters()["batches_over_slot"] == 0
+    packed.close()
     loader = build_loader(cfg.with_(slot_bytes_per_sample=1), 0, 1, torch.device("cpu"))
     try:
         got = _take(loader, 4)

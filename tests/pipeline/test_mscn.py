@@ -104,7 +104,8 @@ def test_dali_highpass_is_zero_on_flat_regions_and_masks_match_the_host():
         hue=np.zeros(4, np.float32), sigma=np.full(4, NO_BLUR_SIGMA, np.float32))
         for p in draw_batch(sizes, aug, 2, 16, 0, 0, 0)]
     masks = draw_batch_masks(4, size, mscn, 2, 0, 0, 0)
-    pipe.feed_input(augment.IMAGE_INPUT, [np.frombuffer(_jpeg(img), np.uint8)] * 4)
+    jpeg = np.frombuffer(_jpeg(img), np.uint8)
+    augment.feed_images(pipe, [jpeg] * 4, [len(jpeg)] * 4)
     augment.feed_params(pipe, pack_params(aug, views))
     feed_masks(pipe, masks)
     out = [np.array(o.as_tensor()) for o in pipe.run()]
@@ -117,8 +118,8 @@ def test_dali_highpass_is_zero_on_flat_regions_and_masks_match_the_host():
         assert got.dtype == np.uint8
         np.testing.assert_array_equal(got, want)
     ev = augment.eval_pipeline(1, size, aug, None, 1, 1)
-    ev.feed_input(augment.IMAGE_INPUT, [np.frombuffer(_jpeg(np.pad(img, ((0, 0), (0, 8), (0, 0)), mode="edge")),
-                                                     np.uint8)])
+    jpeg = np.frombuffer(_jpeg(np.pad(img, ((0, 0), (0, 8), (0, 0)), mode="edge")), np.uint8)
+    augment.feed_images(ev, [jpeg], [len(jpeg)])
     (e,) = [np.array(o.as_tensor()) for o in ev.run()]
     assert e.shape == (1, 3, size, size) and np.abs(e[..., :24]).max() < 1e-4 and np.abs(e).max() > 0.5
 

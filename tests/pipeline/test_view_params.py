@@ -86,7 +86,7 @@ def _jpeg(array: np.ndarray) -> np.ndarray:
 
 
 def _run(pipe, jpegs, views):
-    pipe.feed_input(augment.IMAGE_INPUT, jpegs)
+    augment.feed_images(pipe, jpegs, [len(j) for j in jpegs])
     augment.feed_params(pipe, pack_params(AUG, views))
     return [np.array(o.as_tensor()) for o in pipe.run()]
 
