@@ -153,7 +153,7 @@ def _jpeg_complete(data: bytes) -> bool | None:
         if marker == 0xFF:  # fill byte
             pos += 1
         elif marker == 0xDA:
-            return data.find(b"\xff\xd9", pos) >= 0
+            return data.rfind(b"\xff\xd9", pos) >= 0  # from the end: a whole file ends with it (find: ~0.3 ms)
         elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
             pos += 2
         else:

@@ -91,11 +91,29 @@ def write_shard(
     )
 
 
-def _header(name: str, size: int) -> bytes:
+def _tarfile_header(name: str, size: int) -> bytes:
     """One ustar header block, from tarfile itself (checksum and field encoding stay tarfile's)."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, _MTIME, 0o444
     return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+_TEMPLATE = _tarfile_header("", 0)
+# The checksum is the byte sum of the header with its own field as spaces: the template's, plus the name and size.
+_BASE_SUM = sum(_TEMPLATE[:148]) + 8 * ord(" ") + sum(_TEMPLATE[156:]) - sum(_TEMPLATE[124:136])
+
+
+def _header(name: str, size: int) -> bytes:
+    """tarfile's header for `name` and `size`, made from a template: only the name, the size and the checksum
+    differ between members, and TarInfo.tobuf costs ~0.1 ms, four times per sample (stage and shard), ~3% of a
+    sample's whole cost. Long names and sizes past the field (8 GiB) go through tarfile."""
+    raw = name.encode("ascii")  # keys and extensions are checked against [A-Za-z0-9_-.]
+    if len(raw) > 100 or size >= 8**11:
+        return _tarfile_header(name, size)
+    size_field = b"%011o\0" % size
+    checksum = b"%06o\0 " % (_BASE_SUM + sum(raw) + sum(size_field))
+    return b"".join((raw, bytes(100 - len(raw)), _TEMPLATE[100:124], size_field, _TEMPLATE[136:148], checksum,
+                     _TEMPLATE[156:]))
 
 
 def _padding(size: int, block: int = tarfile.BLOCKSIZE) -> bytes:

@@ -119,3 +119,10 @@ def test_dali_reads_shard_with_index(tmp_path):
     for (_key, parts), (jpg, cls) in zip(samples, got):
         assert jpg.tobytes() == parts["jpg"]
         assert cls == parts["cls"]
+
+
+def test_member_headers_are_tarfiles():
+    from pipeline.ingest.writer import _header, _tarfile_header
+
+    for name, size in [("k.jpg", 0), ("0123456789abcdef0123.json", 123_456), ("a" * 96 + ".cls", 8**11 - 1)]:
+        assert _header(name, size) == _tarfile_header(name, size)
