@@ -38,7 +38,7 @@ from PIL import Image
 
 from pipeline.config import AugmentConfig, DataConfig
 from pipeline.counters import Counters
-from pipeline.loader import build_loader
+from pipeline.loader import build_loader, slot_bytes
 from pipeline.prefetch import RetryPolicy
 from pipeline.readers import ReadSettings
 from pipeline.sampler import BatchStream, StreamClosed
@@ -112,7 +112,7 @@ def batches_from_processes(prefix: str, workers: int, batch: int):
     plan, _ = build_plan(cfg.sources, workers, 0, {})
     specs = [WorkerSpec(plan, True, 0, w, workers, read_settings(), batch, 0, 0, cfg.augment, 2, PATCHES, SIZE, None,
                         dict(os.environ), os.getpid()) for w in range(workers)]
-    pool = WorkerPool(specs, cfg.worker_prefetch, batch * cfg.slot_bytes_per_sample, True, None)
+    pool = WorkerPool(specs, cfg.worker_prefetch, slot_bytes(cfg, True), True, None)
     try:
         while True:
             b = pool.next_batch()

@@ -167,10 +167,8 @@ class _Producer(threading.Thread):
         self.loader, self.cfg = loader, cfg
         saved = loader._state or {}
         self.worker_states: dict[int, Any] = {int(w): s for w, s in saved.get("workers", {}).items()}
-        mask_keys_bytes = 4 * cfg.num_views * cfg.batch_size * cfg.num_patches if loader.train else 0  # slot's tail
         self.pool = WorkerPool([self._spec(w) for w in range(cfg.workers)], cfg.worker_prefetch,
-                               cfg.batch_size * cfg.slot_bytes_per_sample + mask_keys_bytes, cfg.ordered,
-                               saved.get("position"))
+                               slot_bytes(cfg, loader.train), cfg.ordered, saved.get("position"))
         self.out: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch))
         self._stop_event = threading.Event()
         self.pipe = None
@@ -317,6 +315,12 @@ class _Producer(threading.Thread):
         self.inflight.clear()
         self.pipe = None
         self.pool.close()
+
+
+def slot_bytes(cfg: DataConfig, train: bool) -> int:
+    """A worker's shared-memory slot: the batch's images, then (train) its mask keys in the tail (shm_ring.py)."""
+    return cfg.batch_size * cfg.slot_bytes_per_sample + (4 * cfg.num_views * cfg.batch_size * cfg.num_patches
+                                                         if train else 0)
 
 
 def _plain_stream(state: dict[str, Any] | None) -> dict[str, Any] | None:
