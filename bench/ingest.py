@@ -19,7 +19,8 @@ the load hits both sides.
 The floor is one process doing only what a naive converter must: full-resolution decode, resize to shorter
 side 512 with the filter shard.py uses (clean.RESAMPLE), JPEG q95 encode.
 shard.py does more (header checks, EXIF, two hashes, dedup, a staged copy, tar + index + parquet) and still wins,
-because it decodes JPEGs in draft mode (DCT scaling) and so never touches most of the pixels the floor decodes.
+because it decodes JPEGs at a reduced DCT scale (OpenCV, no pixel copies between libraries) and so never touches
+most of the pixels the floor decodes.
 The quality line is the PSNR of shard.py's stored images against a full-decode Lanczos reference of the same size.
 Load average (1 min) is printed at the start and the end: compare runs only at similar load.
 """
@@ -205,6 +206,7 @@ def main() -> None:
     a = p.parse_args()
     web = max(a.workers) if a.web is None else a.web
     files = generate(a.dump, a.count)
+    a.output.parent.mkdir(parents=True, exist_ok=True)
     file_list = a.output.parent / f"files-{a.count}.txt"  # a text-list SOURCE: exactly these files, in this order
     file_list.write_text("".join(f"{f.resolve()}\n" for f in files))
     sizes = [Image.open(f).size for f in files]
