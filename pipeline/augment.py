@@ -34,10 +34,7 @@ from pipeline.view_params import param_columns
 
 IMAGE_INPUT = "images"  # the external sources feed_images feeds: the encoded bytes, and their lengths
 LENGTH_INPUT = "image_lengths"
-
-
-def input_name(view: int) -> str:
-    return f"view{view}_params"
+PARAMS_INPUT = "view_params"  # every view's parameters, one row per sample (feed_params)
 
 
 def feed_images(pipe: Pipeline, images: np.ndarray | list[np.ndarray], lengths: np.ndarray) -> None:
@@ -70,10 +67,13 @@ def _normalise(x, aug: AugmentConfig, **kw):
     return fn.crop_mirror_normalize(x, mean=mean, std=list(aug.std), dtype=types.FLOAT, output_layout="CHW", **kw)
 
 
-def _view(img, size: int, aug: AugmentConfig, view: int):
-    """One augmented view: img HWC uint8 -> CHW float32 normalised, [3, size, size]."""
-    packed = fn.external_source(name=input_name(view), dtype=types.FLOAT, ndim=1)
-    p = {f: packed[c] if c.stop - c.start > 1 else packed[c.start] for f, c in param_columns(aug).items()}
+def _view(img, params, size: int, aug: AugmentConfig, view: int):
+    """One augmented view: img HWC uint8 -> CHW float32 normalised, [3, size, size]; params: the PARAMS_INPUT rows
+    (view v's K columns at v x K, feed_params)."""
+    columns = param_columns(aug)
+    k = max(c.stop for c in columns.values())
+    p = {f: params[view * k + c.start:view * k + c.stop] if c.stop - c.start > 1 else params[view * k + c.start]
+         for f, c in columns.items()}
     # Linear interpolation with antialiasing, as fn.random_resized_crop and torchvision's bilinear + antialias.
     x = fn.resize(img, size=[size, size], roi_start=p["roi_start"], roi_end=p["roi_end"], roi_relative=True)
     if "hue" in p:
@@ -90,9 +90,9 @@ def _view(img, size: int, aug: AugmentConfig, view: int):
 
 
 def feed_params(pipe: Pipeline, packed: np.ndarray) -> None:
-    """Feed one batch's packed parameters ([V, n, K], pack_params) before the pipeline runs it."""
-    for v in range(packed.shape[0]):
-        pipe.feed_input(input_name(v), packed[v])
+    """Feed one batch's packed parameters ([V, n, K], pack_params) before the pipeline runs it: as one [n, V x K]
+    array, one feed_input for every view (each call costs the training thread tens of microseconds)."""
+    pipe.feed_input(PARAMS_INPUT, packed.transpose(1, 0, 2).reshape(packed.shape[1], -1))
 
 
 def _pipeline(batch_size: int, device_id: int | None, num_threads: int, prefetch: int) -> Pipeline:
@@ -110,7 +110,8 @@ def train_pipeline(batch_size: int, img_size: int, num_views: int, aug: AugmentC
     pipe = _pipeline(batch_size, device_id, num_threads, prefetch)
     with pipe:
         img = _decode(device_id)
-        views = [_view(img, img_size, aug, v) for v in range(num_views)]
+        params = fn.external_source(name=PARAMS_INPUT, dtype=types.FLOAT, ndim=1)
+        views = [_view(img, params, img_size, aug, v) for v in range(num_views)]
         masks = (mscn_graph.keep_masks(aug.mscn, num_views, img_size, device_id is not None)
                  if aug.mscn is not None else [])
         pipe.set_outputs(*views, *masks)
