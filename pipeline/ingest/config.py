@@ -6,6 +6,11 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+# The version of the work files' formats (staged tables, shuffle files, summaries) and of the pixel hash: bumped when
+# one changes (2: Arrow IPC shuffle files and the OpenCV decode path's hash order, 2026-11-30), so that an output
+# interrupted under an older version is refused with the reason instead of resumed into files it cannot read.
+WORK_FORMAT = 2
+
 # Fields that change how the run executes but not which bytes it produces: left out of the fingerprint, so a rerun
 # with more workers, another engine or a quieter log resumes the same output.
 _EXECUTION_ONLY = ("workers", "engine", "ray_address", "quiet", "overwrite", "storage_options", "keep_staging",
@@ -70,7 +75,10 @@ class IngestConfig:
         return d
 
     def fingerprint(self) -> str:
+        """Of the arguments that shape the output, and of WORK_FORMAT: an output interrupted under other arguments,
+        or under a version of this tool whose work files differ, is refused (preflight.py), not resumed into a mix."""
         d = self.public_dict()
         for name in _EXECUTION_ONLY:
             d.pop(name)
+        d["work_format"] = WORK_FORMAT
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

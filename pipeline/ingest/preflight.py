@@ -30,8 +30,9 @@ def check_output(layout: Layout, fingerprint: str, overwrite: bool, storage_opti
         if fs.exists(url_to_fs(layout.work, storage_options)[1]):
             fs.rm(url_to_fs(layout.work, storage_options)[1], recursive=True)
     elif existing is not None and existing != fingerprint:
-        raise IngestError(f"output {layout.output!r} holds shards made with different arguments "
-                          f"(fingerprint {existing}, now {fingerprint}); use another --output or pass --overwrite")
+        raise IngestError(f"output {layout.output!r} holds shards made with different arguments or by a version of "
+                          f"this tool with other work formats (fingerprint {existing}, now {fingerprint}); use another "
+                          "--output or pass --overwrite")
     elif existing is None and owned:
         raise IngestError(f"output {layout.output!r} already holds shard files of unknown origin; pass --overwrite")
     remove_stale_temporaries(layout.output, storage_options)

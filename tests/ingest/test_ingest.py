@@ -14,7 +14,7 @@ import fsspec
 import pytest
 from PIL import Image
 
-from pipeline.ingest.config import IngestConfig
+from pipeline.ingest.config import WORK_FORMAT, IngestConfig
 from pipeline.ingest.engine import run_ingest
 from pipeline.ingest.sources import IngestError
 from tests.ingest.corpus import KEEP, build_corpus
@@ -103,7 +103,7 @@ def test_two_workers_give_identical_shards(corpus, clean_run, tmp_path):
     assert verdicts(tmp_path / "w2") == verdicts(out)
 
 
-def test_rerun_is_noop_and_mismatched_arguments_are_refused(corpus, clean_run, tmp_path):
+def test_rerun_is_noop_and_mismatched_arguments_are_refused(corpus, clean_run, tmp_path, monkeypatch):
     _root, sources, _expected = corpus
     out, report = clean_run
     cfg = IngestConfig(sources=tuple(sources), output=str(out), workers=1, samples_per_shard=5, quiet=True)
@@ -112,6 +112,10 @@ def test_rerun_is_noop_and_mismatched_arguments_are_refused(corpus, clean_run, t
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
     with pytest.raises(IngestError, match="different arguments"):
         run_ingest(dataclasses.replace(cfg, clean=type(cfg.clean)(quality=80)))
+    with monkeypatch.context() as m:  # the same arguments under a version whose work files differ
+        m.setattr("pipeline.ingest.config.WORK_FORMAT", WORK_FORMAT + 1)
+        with pytest.raises(IngestError, match="other work formats"):
+            run_ingest(cfg)
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     again = run_ingest(dataclasses.replace(cfg, output=str(copy), overwrite=True, samples_per_shard=3))
