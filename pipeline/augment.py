@@ -92,7 +92,8 @@ def _view(img, params, size: int, aug: AugmentConfig, view: int):
 def feed_params(pipe: Pipeline, packed: np.ndarray) -> None:
     """Feed one batch's packed parameters ([V, n, K], pack_params) before the pipeline runs it: as one [n, V x K]
     array, one feed_input for every view (each call costs the training thread tens of microseconds)."""
-    pipe.feed_input(PARAMS_INPUT, packed.transpose(1, 0, 2).reshape(packed.shape[1], -1))
+    views, n, k = packed.shape
+    pipe.feed_input(PARAMS_INPUT, packed.transpose(1, 0, 2).reshape(n, views * k))
 
 
 def _pipeline(batch_size: int, device_id: int | None, num_threads: int, prefetch: int) -> Pipeline:

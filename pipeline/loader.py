@@ -32,6 +32,8 @@ them, and the noise fill runs here on `device` from host-drawn seeds (mscn_fill.
 from __future__ import annotations
 
 import collections
+import functools
+import io
 import logging
 import os
 import queue
@@ -41,6 +43,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pipeline import augment
 from pipeline.config import DataConfig
@@ -274,6 +277,9 @@ class _Producer(threading.Thread):
             images = [image[:n] for image, n in zip(self.pool.views(batch), batch.lengths.tolist())]
             keep = [i for i, image in enumerate(images) if decodes_fully(bytes(image))]
             dropped += len(images) - len(keep)
+            if not keep:  # DALI takes no empty batch: a stand-in keeps the batch's turn, and its outputs are dropped
+                batch, keep, images = _subset(batch, [0], [_stand_in_jpeg()]), [], []
+                batch.keys, batch.labels = [], batch.labels[:0]
             self._feed(_subset(batch, keep, images) if len(keep) < len(images) else batch, state)
         if dropped == 0:
             raise RuntimeError("DALI failed on a batch that decodes with Pillow") from error
@@ -317,6 +323,14 @@ class _Producer(threading.Thread):
         self.pool.close()
 
 
+@functools.cache
+def _stand_in_jpeg() -> bytes:
+    """A valid 16 x 16 JPEG, fed in place of a batch none of whose images DALI decodes."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (128, 128, 128)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
 def slot_bytes(cfg: DataConfig, train: bool) -> int:
     """A worker's shared-memory slot: the batch's images, then (train) its mask keys in the tail (shm_ring.py)."""
     return cfg.batch_size * cfg.slot_bytes_per_sample + (4 * cfg.num_views * cfg.batch_size * cfg.num_patches
@@ -334,9 +348,9 @@ def _plain_stream(state: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _subset(batch: Batch, keep: list[int], images: list) -> Batch:
     """The batch with only the samples `keep`, as inline bytes (its slot, if any, is still released once)."""
-    train = batch.params is not None
+    train, kept = batch.params is not None, [bytes(images[i]) for i in keep]
     return Batch(batch.worker, batch.index, [batch.keys[i] for i in keep], batch.labels[keep], batch.slot,
-                 batch.lengths[keep], 0, [bytes(images[i]) for i in keep], batch.params[:, keep] if train else None,
+                 np.fromiter(map(len, kept), np.int32, len(kept)), 0, kept, batch.params[:, keep] if train else None,
                  batch.mask_keys[:, keep] if train else None,
                  [[m.take(keep) for m in copies] for copies in batch.masks], batch.state, batch.counters)
 

@@ -105,7 +105,8 @@ class BatchStream:
         oldest = min(self.buffer, key=lambda b: b.index) if self.buffer else None
         self._prune_cuts(None if oldest is None else oldest.before[0])
         return {"positions": {r: tuple(p) for r, p in self.positions.items()}, "active": list(self.active),
-                "cuts": {r: [(*sh, at) for sh, at in cuts.items()] for r, cuts in self.cuts.items()}, "rr": self.rr, "rng": copy.deepcopy(self.rng.bit_generator.state), "pulled": self.pulled,
+                "cuts": {r: [(*sh, at) for sh, at in cuts.items()] for r, cuts in self.cuts.items()}, "rr": self.rr,
+                "rng": copy.deepcopy(self.rng.bit_generator.state), "pulled": self.pulled,
                 # An array, not a list: the state travels with every batch to the training process, where unpickling
                 # a list of shuffle_buffer ints cost ~100 us per batch at 5,000 (Loader.state_dict makes it a list).
                 "batches": self.batches, "buffer": np.fromiter((b.index for b in self.buffer), np.int64,
@@ -138,15 +139,16 @@ class BatchStream:
             before, index = self._merge_state(), self.pulled
             s = self._pull()
             if s is None:
-                raise RuntimeError("stream ended while replaying the shuffle buffer: the shards changed since the save, or "
-                                   "a read failed during the replay (see the warnings; a rerun retries it)")
+                raise RuntimeError("stream ended while replaying the shuffle buffer: the shards changed since the save, "
+                                   "or a read failed during the replay (see the warnings; a rerun retries it)")
             if index in wanted:
                 kept[index] = _Buffered(index, s, before)
         m = replay["merge"]
         if self._merge_state() != ({int(r): tuple(p) for r, p in m[0].items()}, list(m[1]), int(m[2])) or \
                 sorted(kept) != sorted(wanted):
-            raise RuntimeError("replaying the shuffle buffer did not reach the saved position: the shards changed since "
-                               "the save, or a read failed during the replay (see the warnings; a rerun retries it)")
+            raise RuntimeError("replaying the shuffle buffer did not reach the saved position: the shards changed "
+                               "since the save, or a read failed during the replay (see the warnings; a rerun retries "
+                               "it)")
         self.buffer = [kept[i] for i in replay["buffer"]]
 
     # ----- running -----------------------------------------------------------------------------------------------

@@ -142,8 +142,9 @@ def draw_batch(sizes: list[Size | None], aug: AugmentConfig, num_views: int, num
 
 
 # ViewParams field -> its number of columns in a view's packed parameter array (pack_params): one float32 row per
-# sample, fed as ONE argument input per view and sliced inside the graph. One feed_input per view instead of one per
-# field: each call costs the loader's thread ~60 us, and that thread is the training process's.
+# sample; every view's rows are fed as ONE argument input (augment.feed_params) and sliced inside the graph. One
+# feed_input per batch instead of one per field and view: each call costs the loader's thread tens of microseconds,
+# and that thread is the training process's.
 _CROP = {"roi_start": 2, "roi_end": 2, "mirror": 1}
 _COLOUR = {"brightness": 1, "contrast": 1, "saturation": 1, "hue": 1}
 _BLUR = {"sigma": 1}

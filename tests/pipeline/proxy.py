@@ -8,7 +8,8 @@ import threading
 import time
 from urllib.parse import urlparse
 
-_DENIED_BODY = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+_DENIED_BODY = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code>"
+                b"<Message>Access Denied</Message></Error>")
 _DENIED = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nConnection: close\r\n"
            b"Content-Length: %d\r\n\r\n" % len(_DENIED_BODY) + _DENIED_BODY)
 

@@ -10,8 +10,11 @@ import numpy as np
 import torch
 
 from pipeline.config import DataConfig
+from pipeline.counters import Counters
 from pipeline.loader import build_loader
+from pipeline.sampler import BatchStream, _Buffered
 from pipeline.shards import build_plan
+from pipeline.stream import Sample
 from PIL import Image
 
 from tests.pipeline.proxy import FlakyProxy
@@ -58,12 +61,21 @@ def test_corrupt_samples_are_skipped_and_counted(s3_bucket, shard_writer):
 
 
 def test_dali_failure_costs_only_the_bad_sample(s3_bucket, shard_writer):
-    """With reader validation off, a truncated JPEG reaches DALI and fails its batch: the batch is re-run without it."""
+    """With reader validation off, a truncated JPEG reaches DALI and fails its batch: the batch is re-run without it.
+    In training with batches of one, the bad sample's batch has nothing left: it is dropped (DALI, which takes no empty
+    batch, is fed a stand-in in its place) and training goes on with the next."""
     good = _sample_jpeg()
     keys = shard_writer(s3_bucket + "/d", 1, 12, corrupt={"s0_004": good[: len(good) // 2]})
     got, c = _eval_keys(_cfg(s3_bucket + "/d", validate="none", workers=1))
     assert sorted(got) == sorted(k for k in keys if k != "s0_004")
     assert c["skipped_decode_error"] == 1 and c["samples"] == 11
+    train = build_loader(_cfg(s3_bucket + "/d", validate="none", workers=1, mode="train", batch_size=1,
+                              shuffle_buffer=0), 0, 1, torch.device("cpu"))
+    got = [b["keys"] for b in itertools.islice(train, 13)]
+    c = train.counters()
+    train.close()
+    good_keys = [[k] for k in keys if k != "s0_004"]
+    assert got == good_keys + good_keys[:2] and c["skipped_decode_error"] >= 1
 
 
 def test_missing_shard_is_skipped_with_a_warning(dataset, caplog):
@@ -125,8 +137,9 @@ def test_train_resume_is_exact_after_a_shard_cut_short_by_a_fault(s3_server, dat
     """The third shard of the one reader's epoch is refused past 16 KB (see FlakyProxy), so it ends at its sample 2
     in the run that saves at batch 4. The resumed run, the fault gone, replays its shuffle buffer from before that
     cut: it stops the shard at the same sample and gives exactly the uninterrupted faulty run's batches, instead of
-    reading more of the shard and refusing to resume ("the shards changed"). In the next shard-epoch it reads the
-    shard whole (the cut was not made permanent): from there on its batches differ from the faulty run's."""
+    reading more of the shard and refusing to resume ("the shards changed"); saved again one batch later, it keeps
+    the cut for the next resume, which replays it too. In the next shard-epoch it reads the shard whole (the cut was
+    not made permanent): from there on its batches differ from the faulty run's."""
     prefix, _ = dataset
     base = DataConfig(shards=prefix, batch_size=8, img_size=32, patch_size=8, shuffle_buffer=16, workers=1,
                       device="cpu", seed=0, read_block_bytes=8 << 10)
@@ -148,10 +161,28 @@ def test_train_resume_is_exact_after_a_shard_cut_short_by_a_fault(s3_server, dat
     assert proxy.failed > 0 and stream["cuts"] == {0: [(0, 2, 2)]}  # the cut, in the window the resume re-reads
     resumed = build_loader(base, 0, 1, torch.device("cpu"))  # straight to the server: the fault has gone
     resumed.load_state_dict(state)
-    tail = [b["keys"] for b in itertools.islice(resumed, 5)]
+    middle = [b["keys"] for b in itertools.islice(resumed, 1)]
+    state = pickle.loads(pickle.dumps(resumed.state_dict()))
+    resumed.close()
+    (stream,) = state["stream"]["workers"].values()
+    assert stream["cuts"] == {0: [(0, 2, 2)]}  # still in the window: the next resume replays it again
+    resumed = build_loader(base, 0, 1, torch.device("cpu"))
+    resumed.load_state_dict(state)
+    tail = [b["keys"] for b in itertools.islice(resumed, 4)]
     resumed.close()
     # 6 batches = 48 samples pulled up to the damaged shard's turn in shard-epoch 1 (41 samples an epoch with the cut)
-    assert head + tail[:2] == uninterrupted
+    assert head + middle + tail[:1] == uninterrupted
     shard = int(damaged.rsplit("-", 1)[1].split(".")[0])
-    past_the_cut = {f"s{shard}_{i:03d}" for i in range(2, 12)} & {k for b in tail[2:] for k in b}
+    past_the_cut = {f"s{shard}_{i:03d}" for i in range(2, 12)} & {k for b in tail[1:] for k in b}
     assert len(past_the_cut) >= 5, past_the_cut  # (the others are still in the shuffle buffer)
+
+
+def test_the_state_keeps_exactly_the_cuts_a_replay_rereads():
+    """A replay restarts each reader where the oldest buffered sample was pulled: that shard's cut (the sample may
+    lie inside the cut shard) and later ones are kept, earlier ones dropped (the state stays small)."""
+    stream = BatchStream(None, True, [0], None, Counters(), 1, 4, 0, 0)
+    stream.cuts[0] = {(0, 1): 5, (0, 2): 3, (1, 0): 7}
+    stream.buffer = [_Buffered(10, Sample("k", b"", "jpeg", -1), ({0: (0, 2, 1)}, [0], 0))]
+    assert stream.state()["cuts"] == {0: [(0, 2, 3), (1, 0, 7)]}
+    stream.buffer = []  # nothing buffered: no replay, no cut needed
+    assert stream.state()["cuts"] == {0: []}
