@@ -4,6 +4,7 @@ what is left for the training process.
     python -m bench.input_path                         # 1,024 photos at 512 px (q95, ~100 KB each), batch 64
     python -m bench.input_path --images 2048 --workers 1 2 4
     python -m bench.input_path --local                 # shards on local disk: the readers' own cost, no server
+    python -m bench.input_path --local --loader-only --loader-batches 48   # only the training thread's cost
 
 Measured in one run, on the same shards, served by moto's S3 server in a process of its own (or, with --local, read
 from local files: moto is a Python server, and on a 2-core machine it takes one of the cores the readers would use):
@@ -201,6 +202,9 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--dali-threads", type=int, default=1)
     ap.add_argument("--local", action="store_true", help="shards on local disk instead of the loopback S3 server")
+    ap.add_argument("--loader-only", action="store_true", help="skip the reading rows (1.): only the whole loader")
+    ap.add_argument("--loader-batches", type=int, default=0,
+                    help="batches timed per whole-loader pass (default: one pass over the images)")
     args = ap.parse_args()
     jpegs = photo_jpegs(args.images)
     print(f"{args.images} photos at 512 px, JPEG q95, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KB; batch "
@@ -216,17 +220,19 @@ def main() -> None:
                         [(f"p{i:06d}", {"jpg": jpegs[i], "cls": b"0"}) for i in range(s, min(args.images, s + per))])
         samples = args.images  # one pass over the data per timed pass
         rows = {}
-        for w in args.workers:
+        for w in [] if args.loader_only else args.workers:
             # threads first, each in a child process of their own: a finished run's threads would steal the GIL
             for name in ("threads", "processes"):
                 rows[(name, w)] = run_isolated(name, prefix, w, args.batch, samples, args.passes)
                 print(f"read+parse+validate, {w} reader {name:9s}: {statistics.median(rows[(name, w)]):8.0f} "
                       f"samples/s  (passes: {', '.join(f'{r:.0f}' for r in rows[(name, w)])})", flush=True)
         w = max(args.workers)
-        print(f"{w} processes / {w} threads: {statistics.median(rows[('processes', w)]) / statistics.median(rows[('threads', w)]):.2f}x; "
-              f"{w} processes / 1 thread: {statistics.median(rows[('processes', w)]) / statistics.median(rows[('threads', min(args.workers))]):.2f}x")
+        if not args.loader_only:
+            print(f"{w} processes / {w} threads: {statistics.median(rows[('processes', w)]) / statistics.median(rows[('threads', w)]):.2f}x; "
+                  f"{w} processes / 1 thread: {statistics.median(rows[('processes', w)]) / statistics.median(rows[('threads', min(args.workers))]):.2f}x")
+        timed = args.loader_batches * args.batch or samples  # train mode: the loader goes on into further epochs
         for w in args.workers:
-            runs = [time_loader(prefix, w, args.batch, samples, args.dali_threads) for _ in range(args.passes)]
+            runs = [time_loader(prefix, w, args.batch, timed, args.dali_threads) for _ in range(args.passes)]
             rate, cpu, proc = (statistics.median(r[i] for r in runs) for i in range(3))
             print(f"whole loader, {w} worker processes, DALI on the CPU ({args.dali_threads} thread): {rate:.0f} "
                   f"two-view images/s; the loader thread's CPU {cpu:.2f} ms per batch of {args.batch}; the training "
