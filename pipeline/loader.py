@@ -53,6 +53,7 @@ from pipeline.mscn_graph import feed_masks
 from pipeline.prefetch import RetryPolicy
 from pipeline.readers import ReadSettings
 from pipeline.shards import ShardPlan, build_plan
+from pipeline.shm_ring import byte_lengths
 from pipeline.validate import decodes_fully
 from pipeline.worker import Batch, WorkerSpec
 from pipeline.worker_pool import PoolClosed, WorkerPool
@@ -350,7 +351,7 @@ def _subset(batch: Batch, keep: list[int], images: list) -> Batch:
     """The batch with only the samples `keep`, as inline bytes (its slot, if any, is still released once)."""
     train, kept = batch.params is not None, [bytes(images[i]) for i in keep]
     return Batch(batch.worker, batch.index, [batch.keys[i] for i in keep], batch.labels[keep], batch.slot,
-                 np.fromiter(map(len, kept), np.int32, len(kept)), 0, kept, batch.params[:, keep] if train else None,
+                 byte_lengths(kept), 0, kept, batch.params[:, keep] if train else None,
                  batch.mask_keys[:, keep] if train else None,
                  [[m.take(keep) for m in copies] for copies in batch.masks], batch.state, batch.counters)
 

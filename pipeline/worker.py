@@ -35,7 +35,7 @@ from pipeline.mscn_params import MaskParams, draw_batch_masks
 from pipeline.readers import ReadSettings
 from pipeline.sampler import BatchStream, StreamClosed
 from pipeline.shards import ShardPlan
-from pipeline.shm_ring import SlotRing
+from pipeline.shm_ring import SlotRing, byte_lengths
 from pipeline.view_params import draw_batch, pack_params
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ class _Encoder:
         if written is None:  # larger than a slot: inline, pickled through the pipe. It keeps its credit
             self.counters.add("batches_over_slot")  # (the loader gives it back), so inline batches are bounded too
             batch.images = list(enc.images)
-            batch.lengths = np.fromiter(map(len, enc.images), np.int32, len(enc.images))
+            batch.lengths = byte_lengths(enc.images)
         else:
             batch.lengths, batch.stride = written
             if mask_keys is not None:
