@@ -8,7 +8,8 @@ import time
 from collections import defaultdict
 
 # Reasons a sample is skipped; the counters expose them as skipped_<reason>.
-SKIP_REASONS = ("no_image", "bad_image", "decode_error", "shard_failed")
+# bad_batch: good samples of a training batch that DALI failed on another sample: the batch goes whole (loader.py).
+SKIP_REASONS = ("no_image", "bad_image", "decode_error", "shard_failed", "bad_batch")
 
 
 class Counters:

@@ -178,6 +178,7 @@ class _Producer(threading.Thread):
         self.pipe = None
         self.inflight: collections.deque[tuple[Batch, dict]] = collections.deque()  # fed to DALI, outputs not taken
         self.cpu_s = 0.0
+        self._blind_drops = 0  # batches dropped in a row for a DALI failure no Pillow decode explains
         self.start()
 
     def _spec(self, worker: int) -> WorkerSpec:
@@ -264,28 +265,54 @@ class _Producer(threading.Thread):
 
     def _outputs(self):
         """The oldest in-flight batch's outputs, bound to the stream that trains. DALI fails a whole iteration on one
-        bad image, and then the pipeline: it is rebuilt, the culprits (found by a full decode of the in-flight
-        batches) dropped and counted, and the in-flight batches fed again."""
+        bad image, and then the pipeline: it is rebuilt and the in-flight batches fed again without the culprits,
+        found by a full Pillow decode, dropped and counted (decode_error). In training a batch that had a culprit is
+        dropped whole (its other samples counted as bad_batch), never delivered short: every rank's contrastive
+        all-gather needs the same batch size, and a rank with 63 of 64 would break the collective for all ranks.
+        In evaluation only the culprits go. When Pillow decodes every image (the GPU decoder can refuse what Pillow
+        takes), the oldest batch, whose outputs failed, is dropped whole, its keys logged; a failure that does not go
+        away with the batches (not the data's fault: a device error) is raised after `prefetch + 1` such drops in a
+        row. Either way the drop is deterministic, so an exact resume that replays the batch drops it again rather
+        than crash-looping on it."""
         stream = torch.cuda.current_stream(self.loader.device) if self.loader.device.type == "cuda" else None
         try:
-            return self.pipe.share_outputs(stream)
+            outputs = self.pipe.share_outputs(stream)
+            self._blind_drops = 0
+            return outputs
         except RuntimeError as e:
             error = e
-        fed, dropped = list(self.inflight), 0
+        fed = list(self.inflight)
         self.inflight.clear()
         self.pipe = self._build_pipe()
-        for batch, state in fed:
-            images = [image[:n] for image, n in zip(self.pool.views(batch), batch.lengths.tolist())]
-            keep = [i for i, image in enumerate(images) if decodes_fully(bytes(image))]
-            dropped += len(images) - len(keep)
-            if not keep:  # DALI takes no empty batch: a stand-in keeps the batch's turn, and its outputs are dropped
-                batch, keep, images = _subset(batch, [0], [_stand_in_jpeg()]), [], []
-                batch.keys, batch.labels = [], batch.labels[:0]
-            self._feed(_subset(batch, keep, images) if len(keep) < len(images) else batch, state)
-        if dropped == 0:
-            raise RuntimeError("DALI failed on a batch that decodes with Pillow") from error
-        log.warning("DALI rejected a batch (%s): %d sample(s) dropped", str(error).splitlines()[0], dropped)
-        self.loader._counters.skip("decode_error", dropped)
+        images = [[image[:n] for image, n in zip(self.pool.views(b), b.lengths.tolist())] for b, _ in fed]
+        bad = [[i for i, image in enumerate(imgs) if not decodes_fully(bytes(image))] for imgs in images]
+        blind = not any(bad)
+        if blind:
+            self._blind_drops += 1
+            if self._blind_drops > self.cfg.prefetch + 1:
+                raise RuntimeError(f"DALI failed {self._blind_drops} batches in a row whose images all decode with "
+                                   "Pillow: not a data fault") from error
+            bad[0] = list(range(len(images[0])))
+            log.warning("DALI rejected a batch whose images all decode with Pillow (%s): batch dropped, keys %s",
+                        str(error).splitlines()[0], fed[0][0].keys)
+        for (batch, state), imgs, culprits in zip(fed, images, bad):
+            if not culprits:
+                self._feed(batch, state)
+                continue
+            keep = [i for i in range(len(imgs)) if i not in set(culprits)]
+            counters = self.loader._counters if state is not None else Counters()  # padding repeats count nothing
+            if not blind:
+                log.warning("DALI rejected a batch (%s): undecodable %s", str(error).splitlines()[0],
+                            [batch.keys[i] for i in culprits])
+            counters.skip("bad_batch" if blind else "decode_error", len(culprits))
+            if keep and not self.loader.train:
+                self._feed(_subset(batch, keep, imgs), state)
+                continue
+            counters.skip("bad_batch", len(keep))
+            # DALI takes no empty batch: a stand-in keeps the batch's turn, and its outputs are dropped.
+            stand_in = _subset(batch, [0], [_stand_in_jpeg()])
+            stand_in.keys, stand_in.labels = [], stand_in.labels[:0]
+            self._feed(stand_in, state)
         self.pipe.schedule_run()
         return self._outputs()
 

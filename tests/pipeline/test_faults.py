@@ -78,6 +78,28 @@ def test_dali_failure_costs_only_the_bad_sample(s3_bucket, shard_writer):
     assert got == good_keys + good_keys[:2] and c["skipped_decode_error"] >= 1
 
 
+def test_a_training_batch_dali_fails_is_dropped_whole_never_delivered_short(s3_bucket, shard_writer, monkeypatch):
+    """Every rank's contrastive all-gather needs the same batch size: a training batch that DALI fails goes whole
+    (the culprit counted as decode_error, the rest as bad_batch), also when Pillow decodes every image of it (as
+    when the GPU decoder refuses what Pillow takes: faked here by a Pillow check that passes everything)."""
+    good = _sample_jpeg()
+    keys = shard_writer(s3_bucket + "/w", 1, 12, corrupt={"s0_005": good[: len(good) // 2]})
+    cfg = _cfg(s3_bucket + "/w", validate="none", workers=1, mode="train", batch_size=4, shuffle_buffer=0)
+    for pillow_decodes_it in (False, True):
+        if pillow_decodes_it:
+            monkeypatch.setattr("pipeline.loader.decodes_fully", lambda data: True)
+        train = build_loader(cfg, 0, 1, torch.device("cpu"))
+        got = [b["keys"] for b in itertools.islice(train, 4)]
+        c = train.counters()
+        train.close()
+        # s0_004..s0_007 go with s0_005; the stream goes on into the next shard-epoch (the same shard, in order)
+        assert got == [keys[0:4], keys[8:12], keys[0:4], keys[8:12]], got
+        if pillow_decodes_it:
+            assert c["skipped_bad_batch"] >= 4 and c["skipped_decode_error"] == 0, c
+        else:
+            assert c["skipped_decode_error"] >= 1 and c["skipped_bad_batch"] >= 3, c
+
+
 def test_missing_shard_is_skipped_with_a_warning(dataset, caplog):
     prefix, keys = dataset
     # The pattern names 6 shards; 4 exist. Training must go on: in train mode too.
