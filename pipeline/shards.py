@@ -1,6 +1,9 @@
 """Shard lists and who reads what: URL resolution, dataset mixing, and the per-reader shard sequence.
 
-A "reader" is one worker thread of one rank: reader id r = rank * workers + worker, R = world_size * workers readers.
+A "reader" is one worker of one rank, R = world_size * workers readers, numbered by `reader_id`: rank-major in
+training (r = rank * workers + worker), worker-major in evaluation (r = worker * world_size + rank), so that the
+few validation shards are dealt to every rank before any rank gets a second one (64 shards on 64 ranks x 4 workers:
+one per rank, not all on ranks 0-15 while 48 ranks idle).
 
 Invariants (asserted in tests/pipeline/test_shards.py):
 - eval: the R readers' shard lists partition the shard list (every shard read by exactly one reader, once).
@@ -23,6 +26,11 @@ from pipeline.config import ShardSource
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 # tools/shard.py writes this beside manifest.parquet: one row per shard (shard file name, samples).
 SHARD_INDEX = "shards.parquet"
+
+
+def reader_id(rank: int, worker: int, workers: int, world_size: int, train: bool) -> int:
+    """Which of the R = world_size * workers readers a rank's worker is (see the module docstring)."""
+    return rank * workers + worker if train else worker * world_size + rank
 
 
 def expand_braces(pattern: str) -> list[str]:

@@ -34,7 +34,7 @@ from pipeline.counters import Counters
 from pipeline.mscn_params import MaskParams, draw_batch_masks
 from pipeline.readers import ReadSettings
 from pipeline.sampler import BatchStream, StreamClosed
-from pipeline.shards import ShardPlan
+from pipeline.shards import ShardPlan, reader_id
 from pipeline.shm_ring import SlotRing, byte_lengths
 from pipeline.view_params import draw_batch, pack_params
 
@@ -68,7 +68,7 @@ class WorkerSpec:
 
     @property
     def reader_id(self) -> int:
-        return self.rank * self.workers + self.worker
+        return reader_id(self.rank, self.worker, self.workers, self.plan.num_readers // self.workers, self.train)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import fsspec
 import pytest
 
 from pipeline.config import ShardSource, data_config_from_dict
-from pipeline.shards import ShardPlan, build_plan, expand_braces, list_prefix, read_manifest
+from pipeline.shards import ShardPlan, build_plan, expand_braces, list_prefix, read_manifest, reader_id
 
 
 def test_expand_braces_keeps_zero_padding_and_nests():
@@ -57,6 +57,18 @@ def test_eval_assignment_partitions_shards(num_shards, readers):
     plan = _plan(num_shards, readers)
     got = [s for r in range(readers) for s in plan.eval_shards(r)]
     assert sorted(got) == sorted(plan.all_shards)
+
+
+@pytest.mark.parametrize("num_shards,world,workers", [(64, 64, 4), (10, 8, 2), (130, 64, 4)])
+def test_eval_shards_reach_every_rank_before_any_gets_a_second(num_shards, world, workers):
+    """Few validation shards on many ranks: each rank's workers together hold num_shards // world or one more."""
+    plan = _plan(num_shards, world * workers)
+    per_rank = [[s for w in range(workers) for s in plan.eval_shards(reader_id(r, w, workers, world, False))]
+                for r in range(world)]
+    assert sorted(s for p in per_rank for s in p) == sorted(plan.all_shards)
+    assert {len(p) for p in per_rank} <= {num_shards // world, num_shards // world + 1}, [len(p) for p in per_rank]
+    train_ids = sorted(reader_id(r, w, workers, world, True) for r in range(world) for w in range(workers))
+    assert train_ids == list(range(world * workers))
 
 
 @pytest.mark.parametrize("num_shards,readers", [(10, 4), (3, 4), (8, 8), (16, 4)])
