@@ -5,30 +5,40 @@ PNG costs nothing), and every input is decoded exactly once. A JPEG larger than 
 reduced DCT scale: libjpeg scales the DCT by 1/2, 1/4 or 1/8, picking the smallest scale whose result still covers
 the target on both sides (Pillow's draft() contract: never smaller than asked), so the shorter side stays
 >= max_shorter_side before the final resize and no detail the stored image could hold is lost. That skips most
-of the IDCT, upsampling and colour conversion, and leaves a resize of factor < 2, done by OpenCV. An upright
-colour JPEG (the common case) goes through OpenCV alone, bytes to bytes (`_clean_plain_jpeg`); other formats,
-EXIF-rotated, grey and CMYK JPEGs through Pillow. Both paths give the same bytes for the same JPEG (one
-libjpeg-turbo, the same scale, resize and encoder settings). A source JPEG that is RGB, needs no EXIF rotation and
-no resize is stored byte for byte (after its one full decode proved it intact).
+of the IDCT, upsampling and colour conversion, and leaves a resize of factor < 2, done by OpenCV. libjpeg-turbo
+also has 3/8, 5/8, 6/8 and 7/8, not used: their IDCTs have no SIMD code, so on bench/ingest.py's photos a 5/8 or
+6/8 decode costs more than a full one and 3/8 the same as 1/2 (the Huffman decoding, ~75% of a 1/2 decode, does
+not shrink with the scale); and Pillow's draft offers only 1/2^k, so the two paths would store different bytes.
+An upright colour JPEG (the common case) never touches Pillow (`_clean_plain_jpeg`: its header read by one walk
+of the segments, decoded by simplejpeg, resized and encoded by OpenCV); other formats, EXIF-rotated, grey and
+CMYK JPEGs go through Pillow. Both paths give the same bytes for the same JPEG (libjpeg-turbo, the same scale,
+resize and encoder settings; a test checks it). A source JPEG that is RGB, needs no EXIF rotation and no resize
+is stored byte for byte (after its one full decode proved it intact).
 
 `pixel_hash` (exact-duplicate identity) hashes the pixels that are stored (in BGR order, whichever library decoded
-them), before JPEG encoding, with their size: deterministic for given source bytes. SHA-256, truncated to 16
-bytes, because CPUs with SHA extensions run it 2-3x faster than hashlib's portable BLAKE2b on the ~1 MB of pixels
-per image. Caveat: the same picture as a large JPEG and as a PNG can differ in those pixels because only the JPEG
-is decoded at a reduced scale; the perceptual hash (`--dedup near`) catches that case.
+them), before JPEG encoding, with their size: deterministic for given source bytes, and equal for two files whose
+bytes differ but whose pixels do not (EXIF stripped, Huffman tables optimised, progressive re-encoding, a PNG saved
+from a decoded JPEG). BLAKE3, truncated to 16 bytes: a cryptographic hash (a crafted collision could otherwise
+drop a chosen image as a "duplicate"), ~0.24 ms for the ~1 MB of pixels of a 512 px image against ~0.8 ms for
+SHA-256 with SHA extensions. Hashing the stored JPEG bytes instead (~0.1 ms) was measured and not taken: a JPEG
+stored byte for byte would then match only byte-identical copies, not the cases above. Caveat: the same picture as
+a large JPEG and as a PNG can differ in those pixels because only the JPEG is decoded at a reduced scale; the
+perceptual hash (`--dedup near`) catches that case.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import simplejpeg
+from blake3 import blake3
 from PIL import Image, ImageOps
 
 from pipeline.ingest.config import CleanConfig
+from pipeline.ingest.jpeg_header import JpegHeader, read_jpeg_header
 from pipeline.ingest.phash import phash
 
 # Transparent pixels are composited onto white: fixed, so the same RGBA input always gives the same RGB output.
@@ -52,7 +62,7 @@ class CleanedImage:
     height: int
     original_width: int  # header size, before EXIF rotation
     original_height: int
-    pixel_hash: bytes  # 16 bytes: SHA-256 of stored RGB pixels and size, truncated (b"" without dedup)
+    pixel_hash: bytes  # 16 bytes: BLAKE3 of the stored pixels and size, truncated (b"" without dedup)
     phash: int  # 64-bit perceptual hash of the stored pixels (0 unless dedup is "near")
     copied: bool  # True when `jpeg` is the source file unchanged
 
@@ -71,6 +81,11 @@ def clean_image(data: bytes, cfg: CleanConfig, dedup: str = "near") -> CleanedIm
     computed ("none": neither, pixel_hash b"" and phash 0; "exact": pixel_hash; "near": both)."""
     if not data:
         raise Rejected("empty", "zero bytes")
+    header = read_jpeg_header(data)
+    if header is not None and header.components == 3 and header.orientation == 1:
+        cleaned = _clean_plain_jpeg(data, header, cfg, dedup)
+        if cleaned is not None:
+            return cleaned
     # Pillow's own bomb guard at our limit; we also check the header below, so this only backs it up.
     Image.MAX_IMAGE_PIXELS = cfg.max_pixels
     try:
@@ -84,10 +99,6 @@ def clean_image(data: bytes, cfg: CleanConfig, dedup: str = "near") -> CleanedIm
     orientation = _orientation(img)
     tw, th = target_size(w, h, cfg.max_shorter_side)
     copy = img.format == "JPEG" and img.mode == "RGB" and orientation == 1 and (tw, th) == (w, h) and not cfg.reencode
-    if img.format == "JPEG" and img.mode == "RGB" and orientation == 1:
-        cleaned = _clean_plain_jpeg(data, (w, h), (tw, th), copy, cfg, dedup)
-        if cleaned is not None:
-            return cleaned
     if img.format == "JPEG" and (tw, th) != (w, h):
         img.draft("RGB", (tw, th))  # decodes at the smallest 1/2^k scale still >= the target size
     _load(img)
@@ -106,32 +117,32 @@ def clean_image(data: bytes, cfg: CleanConfig, dedup: str = "near") -> CleanedIm
     return CleanedImage(stored, rgb.width, rgb.height, w, h, pixel_hash, phash(rgb) if dedup == "near" else 0, copy)
 
 
-def _clean_plain_jpeg(data: bytes, size: tuple[int, int], target: tuple[int, int], copy: bool, cfg: CleanConfig,
-                      dedup: str) -> CleanedImage | None:
-    """The common case, an upright colour JPEG, in OpenCV from bytes to bytes: decoded at the same reduced DCT
-    scale Pillow's draft picks (libjpeg-turbo both), straight into a numpy array that is resized, hashed and
-    encoded with no copy between libraries (Pillow's path copies the pixels three times and decodes ~10% slower;
-    whole clean_image on bench/ingest.py's 1-3 MP photos: 78-83 against 66-70 images per CPU-second, same stored
-    bytes). None when OpenCV cannot decode it or the segments cannot be walked: Pillow's path then says why."""
-    complete = _jpeg_complete(data)
-    if complete is None:
-        return None
-    if not complete:
+def _clean_plain_jpeg(data: bytes, header: JpegHeader, cfg: CleanConfig, dedup: str) -> CleanedImage | None:
+    """The common case, an upright colour JPEG, from bytes to bytes without Pillow: decoded by simplejpeg
+    (libjpeg-turbo's TurboJPEG API: the same pixels as cv2.imdecode, ~4% less CPU on bench/ingest.py's photos) at
+    the scale Pillow's draft picks, straight into a numpy array that OpenCV resizes and encodes (Pillow's path
+    copies the pixels three times). Same stored bytes as Pillow's path. None when libjpeg-turbo refuses it:
+    Pillow's path then says why."""
+    w, h = header.width, header.height
+    _check_header(w, h, cfg)
+    if not header.complete:
         raise Rejected("truncated", "the JPEG data ends before its end-of-image marker")
-    scale = _dct_scale(size, target)
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[scale] | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None or bgr.shape[:2] != (-(-size[1] // scale), -(-size[0] // scale)):
+    target = target_size(w, h, cfg.max_shorter_side)
+    copy = target == (w, h) and not cfg.reencode
+    scale = _dct_scale((w, h), target)
+    size = (-(-w // scale), -(-h // scale))
+    try:  # strict=False: libjpeg's warnings (e.g. extraneous bytes) pass, as in Pillow and OpenCV
+        bgr = simplejpeg.decode_jpeg(data, "BGR", min_width=size[0], min_height=size[1], strict=False)
+    except ValueError:
         return None
-    if (bgr.shape[1], bgr.shape[0]) != target:
+    if (bgr.shape[1], bgr.shape[0]) != size:
+        return None
+    if size != target:
         bgr = _resize(bgr, target)
     stored = data if copy else cv2.imencode(".jpg", bgr, (cv2.IMWRITE_JPEG_QUALITY, cfg.quality))[1].tobytes()
     pixel_hash = _pixel_hash(bgr) if dedup != "none" else b""
     ph = phash(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))) if dedup == "near" else 0
-    return CleanedImage(stored, target[0], target[1], size[0], size[1], pixel_hash, ph, copy)
-
-
-_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-            8: cv2.IMREAD_REDUCED_COLOR_8}
+    return CleanedImage(stored, target[0], target[1], w, h, pixel_hash, ph, copy)
 
 
 def _dct_scale(size: tuple[int, int], target: tuple[int, int]) -> int:
@@ -140,32 +151,11 @@ def _dct_scale(size: tuple[int, int], target: tuple[int, int]) -> int:
     return next(s for s in (8, 4, 2, 1) if fit >= s)
 
 
-def _jpeg_complete(data: bytes) -> bool | None:
-    """Whether the JPEG runs to its end-of-image marker (None: its segments could not be walked). OpenCV 4 decodes a
-    truncated file without complaint (the missing rows grey), OpenCV 5 refuses it, Pillow raises "truncated":
-    checked here, so the verdict does not depend on the version. The segment headers are walked to the first start
-    of scan (an EXIF thumbnail's own markers are inside a segment, skipped); from there on 0xFF 0xD9 can only be the
-    end of image, because entropy-coded data stuffs every 0xFF with 0x00. Anything appended after the end of image
-    (a second picture) is ignored."""
-    pos, n = 2, len(data)
-    while pos + 4 <= n and data[pos] == 0xFF:
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-        elif marker == 0xDA:
-            return data.rfind(b"\xff\xd9", pos) >= 0  # from the end: a whole file ends with it (find: ~0.3 ms)
-        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
-            pos += 2
-        else:
-            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-    return False if pos + 4 > n else None
-
-
 def _pixel_hash(bgr: np.ndarray) -> bytes:
-    """SHA-256 of the stored pixels (BGR order, whichever library decoded them) and their size, 16 bytes."""
-    digest = hashlib.sha256(b"px%dx%d:" % (bgr.shape[1], bgr.shape[0]))
+    """BLAKE3 of the stored pixels (BGR order, whichever library decoded them) and their size, 16 bytes."""
+    digest = blake3(b"px%dx%d:" % (bgr.shape[1], bgr.shape[0]))
     digest.update(np.ascontiguousarray(bgr))
-    return digest.digest()[:16]
+    return digest.digest(length=16)
 
 
 def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

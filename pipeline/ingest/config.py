@@ -7,9 +7,10 @@ import json
 from dataclasses import asdict, dataclass, field
 
 # The version of the work files' formats (staged tables, shuffle files, summaries) and of the pixel hash: bumped when
-# one changes (2: Arrow IPC shuffle files and the OpenCV decode path's hash order, 2026-11-30), so that an output
-# interrupted under an older version is refused with the reason instead of resumed into files it cannot read.
-WORK_FORMAT = 2
+# one changes (2: Arrow IPC shuffle files and the OpenCV decode path's hash order; 3: the pixel hash is BLAKE3, not
+# SHA-256; both 2026-11-30), so that an output interrupted under an older version is refused with the reason instead
+# of resumed into files it cannot read or hashes that never match.
+WORK_FORMAT = 3
 
 # Fields that change how the run executes but not which bytes it produces: left out of the fingerprint, so a rerun
 # with more workers, another engine or a quieter log resumes the same output.

@@ -1,8 +1,10 @@
-"""clean_image and phash invariants: limits checked from the header, draft decode sizes, pHash distances."""
+"""clean_image and phash invariants: limits checked from the header, draft decode sizes, the fast JPEG path's
+agreement with Pillow's, pHash distances."""
 
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from skimage import data as skdata
 
 from pipeline.ingest.clean import Rejected, clean_image, target_size
 from pipeline.ingest.config import CleanConfig
+from pipeline.ingest.jpeg_header import read_jpeg_header
 from pipeline.ingest.phash import _DCT, hamming, phash
 
 
@@ -71,10 +74,10 @@ def test_phash_dct_matches_scipy_reference():
     assert np.allclose(_DCT @ thumb @ _DCT.T, dctn(thumb, type=2)[:8, :8])
 
 
-def test_opencv_path_equals_pillow_path_and_keeps_the_truncated_verdict(monkeypatch):
-    """An upright colour JPEG goes through OpenCV alone; its stored bytes and pixel hash must be those of the
-    Pillow path, a cut file must still be "truncated" (OpenCV would decode it grey), and data appended after the
-    end-of-image marker must not count as damage."""
+def test_fast_jpeg_path_equals_pillow_path_and_keeps_the_truncated_verdict(monkeypatch):
+    """An upright colour JPEG skips Pillow (header walk, simplejpeg decode, OpenCV resize and encode); its stored
+    bytes and pixel hash must be those of the Pillow path, a cut file must still be "truncated" (libjpeg-turbo
+    would fill it grey), and data appended after the end-of-image marker must not count as damage."""
     from pipeline.ingest import clean
 
     data = _jpeg(Image.fromarray(skdata.astronaut()).resize((1200, 900)), quality=90)
@@ -85,9 +88,36 @@ def test_opencv_path_equals_pillow_path_and_keeps_the_truncated_verdict(monkeypa
     assert (fast.width, fast.height) == (683, 512)
     assert fast.jpeg == slow.jpeg and fast.pixel_hash == slow.pixel_hash
     for cut in (len(data) // 2, len(data) - 2):
-        assert clean._jpeg_complete(data[:cut]) is False  # checked before OpenCV, whose versions differ here
+        assert read_jpeg_header(data[:cut]).complete is False  # judged before decoding: decoders differ here
         with pytest.raises(Rejected) as info:
             clean_image(data[:cut], CleanConfig())
         assert info.value.reason == "truncated"
-    assert clean._jpeg_complete(data + b"\xff\xd8 appended picture") is True
+    assert read_jpeg_header(data + b"\xff\xd8 appended picture").complete is True
     assert clean_image(data + b"\xff\xd8 appended picture", CleanConfig(), "exact").jpeg == fast.jpeg
+
+
+def _exif(order: str, entries: list[tuple[int, int, int, int]]) -> bytes:
+    """A TIFF block with one IFD of (tag, type, count, value) entries, as it follows "Exif\\0\\0" in APP1."""
+    e = "<" if order == "little" else ">"
+    ifd = struct.pack(e + "H", len(entries)) + b"".join(struct.pack(e + "HHIHH", *entry, 0) for entry in entries)
+    return (b"II*\0" if order == "little" else b"MM\0*") + struct.pack(e + "I", 8) + ifd + b"\0\0\0\0"
+
+
+def test_jpeg_header_reads_orientation_as_pillow_does_and_defers_the_unusual():
+    """The header walk agrees with Pillow's getexif on plain EXIF blocks in both byte orders, rotated ones still get
+    rotated, and an EXIF block it does not follow (orientation stored as LONG) leaves the decision to Pillow."""
+    from pipeline.ingest.clean import _orientation
+
+    photo = Image.fromarray(skdata.chelsea())  # 451x300: stored byte for byte when upright
+    width_tag = (0x0100, 3, 1, 451)  # an unrelated tag before the orientation, as cameras write it
+    for order in ("little", "big"):
+        for value in (1, 6):
+            data = _jpeg(photo, quality=90, exif=b"Exif\0\0" + _exif(order, [width_tag, (0x0112, 3, 1, value)]))
+            assert read_jpeg_header(data).orientation == value == _orientation(Image.open(io.BytesIO(data)))
+            cleaned = clean_image(data, CleanConfig(), "exact")
+            assert (cleaned.width, cleaned.height) == ((451, 300) if value == 1 else (300, 451))
+            assert cleaned.copied == (value == 1)
+    assert read_jpeg_header(_jpeg(photo)).orientation == 1  # no EXIF at all
+    odd = _jpeg(photo, exif=b"Exif\0\0" + _exif("little", [(0x0112, 4, 1, 6)]))
+    assert read_jpeg_header(odd) is None and _orientation(Image.open(io.BytesIO(odd))) == 6
+    assert (clean_image(odd, CleanConfig(), "exact").width, clean_image(odd, CleanConfig()).height) == (300, 451)

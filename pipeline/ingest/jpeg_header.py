@@ -1,0 +1,88 @@
+"""What cleaning needs from a JPEG before decoding it, read from its segment headers alone: size, components, EXIF
+orientation, and whether the data runs to its end-of-image marker. One walk of the segments to the first start of
+scan costs ~10 us; Pillow's open + getexif ~120 us (~1% of cleaning a 2 MP photo).
+
+Anything unusual (not 8-bit, a second frame header, several EXIF blocks, an orientation tag that is not one plain
+SHORT) gives None: Pillow's reader then decides, so the two readers never disagree on what is stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Start-of-frame markers of every coding process; 0xC4 (DHT), 0xC8 (JPG) and 0xCC (DAC) share the range.
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# An IFD entry of the orientation tag (0x0112) as type SHORT (3), count 1, in each byte order.
+_ORIENTATION_ENTRY = {"little": b"\x12\x01\x03\x00\x01\x00\x00\x00", "big": b"\x01\x12\x00\x03\x00\x00\x00\x01"}
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    width: int
+    height: int
+    components: int  # 3: colour (YCbCr or RGB), 1: grey, 4: CMYK / YCCK
+    orientation: int  # EXIF orientation (1..8 upright..rotated), 1 without EXIF
+    complete: bool  # the data runs to its end-of-image marker
+
+
+def read_jpeg_header(data: bytes) -> JpegHeader | None:
+    """None unless `data` is an 8-bit JPEG whose segments walk cleanly to a start of scan after one frame header.
+
+    Completeness is judged here because decoders differ on a cut file: OpenCV 4 decodes it without complaint (the
+    missing rows grey), OpenCV 5 refuses it, Pillow raises "truncated", libjpeg-turbo with strict=False fills it
+    grey. From the start of scan on, 0xFF 0xD9 can only be the end of image (entropy-coded data stuffs every 0xFF
+    with 0x00; an EXIF thumbnail's markers lie inside a segment, skipped); anything appended after it (a second
+    picture) is ignored."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos, n, frame, orientation = 2, len(data), None, None
+    while pos + 4 <= n and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:
+            if frame is None:
+                return None
+            complete = data.rfind(b"\xff\xd9", pos) >= 0  # from the end: a whole file ends with it (find: ~0.3 ms)
+            return JpegHeader(*frame, orientation or 1, complete)
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+            continue
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in _SOF:
+            if frame is not None or end > n or end < pos + 10 or data[pos + 4] != 8:
+                return None
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
+            if not width or not height:  # height 0: defined later by a DNL segment
+                return None
+            frame = (width, height, data[pos + 9])
+        elif marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\0\0":
+            if orientation is not None:  # Pillow joins several EXIF blocks into one
+                return None
+            orientation = _exif_orientation(data[pos + 10 : end])
+            if orientation is None:
+                return None
+        pos = end
+    return None
+
+
+def _exif_orientation(tiff: bytes) -> int | None:
+    """The orientation tag of an EXIF block's first IFD (where Pillow's getexif reads it): 1 when absent; None for
+    anything this short reader does not follow (another type or count, a cut table)."""
+    order = {b"II*\0": "little", b"MM\0*": "big"}.get(tiff[:4])
+    if order is None:
+        return None
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return None
+    entry_tag = _ORIENTATION_ENTRY[order]
+    for entry in range(ifd + 2, ifd + 2 + 12 * int.from_bytes(tiff[ifd : ifd + 2], order), 12):
+        if entry + 12 > len(tiff):
+            return None
+        if tiff[entry : entry + 2] == entry_tag[:2]:
+            if tiff[entry : entry + 8] != entry_tag:
+                return None
+            return int.from_bytes(tiff[entry + 8 : entry + 10], order)
+    return 1
