@@ -4,6 +4,7 @@ against img2dataset on the same images served over loopback HTTP.
     python -m bench.ingest                              # from the repo root: 2,000 JPEGs of 1-3 MP, workers 1 and 2
     python -m bench.ingest --workers 2 --repeats 3 --dump DIR
     python -m bench.ingest --web 0                      # without the img2dataset rows
+    git worktree add /tmp/before HEAD~3 && python -m bench.ingest --baseline /tmp/before   # before/after, one run
 
 The web rows (--web W processes, default the largest --workers): the dump is served by `python -m http.server` on
 127.0.0.1, both tools get the same parquet of url + caption, and make 512 px q95 JPEGs in WebDataset tars with W
@@ -19,8 +20,10 @@ the load hits both sides.
 The floor is one process doing only what a naive converter must: full-resolution decode, resize to shorter
 side 512 with the filter shard.py uses (clean.RESAMPLE), JPEG q95 encode.
 shard.py does more (header checks, EXIF, two hashes, dedup, a staged copy, tar + index + parquet) and still wins,
-because it decodes JPEGs at a reduced DCT scale (OpenCV, no pixel copies between libraries) and so never touches
-most of the pixels the floor decodes.
+because it decodes JPEGs at a reduced DCT scale (libjpeg-turbo through simplejpeg, no pixel copies between
+libraries) and so never touches most of the pixels the floor decodes.
+--baseline DIR adds a web row for tools/shard.py of another checkout (its own `pipeline` package, through
+PYTHONPATH), so a change is measured against the code before it in the same run, under the same load.
 The quality line is the PSNR of shard.py's stored images against a full-decode Lanczos reference of the same size.
 Load average (1 min) is printed at the start and the end: compare runs only at similar load.
 """
@@ -107,8 +110,15 @@ def shard_py(file_list: Path, count: int, out: Path, workers: int) -> tuple[floa
     start, cpu = time.perf_counter(), _children_cpu()
     cmd = [sys.executable, "tools/shard.py", str(file_list), "--output", str(out), "--workers", str(workers),
            "--max-shorter-side", str(_MAX_SHORTER_SIDE), "--quality", str(_QUALITY), "--quiet"]
-    subprocess.run(cmd, cwd=_REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cmd, cwd=_REPO, env=_checkout_env(_REPO), check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
     return count / (time.perf_counter() - start), count / (_children_cpu() - cpu)
+
+
+def _checkout_env(repo: Path) -> dict[str, str]:
+    """The environment with `repo` first on PYTHONPATH: the venv's editable install points at one checkout, and a
+    worktree of another commit must run its own pipeline package."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
 
 
 def stored_psnr(out: Path, samples: int = 24) -> float:
@@ -172,12 +182,13 @@ def _timed(cmd: list[str], count: int, **kw) -> tuple[float, float]:
     return count / (time.perf_counter() - start), count / (_children_cpu() - cpu)
 
 
-def shard_py_web(urls: Path, count: int, out: Path, workers: int) -> tuple[float, float]:
+def shard_py_web(urls: Path, count: int, out: Path, workers: int, repo: Path = _REPO) -> tuple[float, float]:
+    """tools/shard.py of the checkout `repo` (its own pipeline package first on the path) on the URL parquet."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "tools/shard.py", str(urls), "--output", str(out), "--workers", str(workers),
            "--download-threads", "8", "--max-shorter-side", str(_MAX_SHORTER_SIDE), "--quality", str(_QUALITY),
            "--quiet"]
-    return _timed(cmd, count, cwd=_REPO)
+    return _timed(cmd, count, cwd=repo, env=_checkout_env(repo))
 
 
 def img2dataset(exe: Path, urls: Path, count: int, out: Path, workers: int) -> tuple[float, float]:
@@ -203,6 +214,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--web", type=int, default=None, help="processes for the web rows (0: none; default: max workers)")
     p.add_argument("--img2dataset-venv", type=Path, default=Path("/tmp/ingest_bench/img2dataset-venv"))
+    p.add_argument("--baseline", type=Path, help="another checkout whose tools/shard.py gets a web row too")
     a = p.parse_args()
     web = max(a.workers) if a.web is None else a.web
     files = generate(a.dump, a.count)
@@ -227,6 +239,9 @@ def main() -> None:
             for w in a.workers:
                 contenders.append((f"tools/shard.py --workers {w}",
                                    lambda w=w: (shard_py(file_list, len(files), a.output / f"w{w}", w), w)))
+            if web and a.baseline:
+                contenders.append((f"baseline tools/shard.py, URLs over HTTP, {web} x 8 threads", lambda: (
+                    shard_py_web(urls, len(files), a.output / "web-baseline", web, a.baseline.resolve()), web)))
             if web:
                 contenders.append((f"tools/shard.py, URLs over HTTP, {web} x 8 threads",
                                    lambda: (shard_py_web(urls, len(files), a.output / "web", web), web)))
@@ -240,13 +255,17 @@ def main() -> None:
                   + f" images/s/core (load {os.getloadavg()[0]:.2f})", flush=True)
     med = {n: [statistics.median(r[k] for r in v) for k in (0, 1)] for n, v in rows.items()}
     base = next(iter(med.values()))
-    print(f"{'':<52} {'images/s/core':>14} {'ratio':>6}   {'images/CPU-s':>12} {'ratio':>6}")
+    print(f"{'':<56} {'images/s/core':>14} {'ratio':>6}   {'images/CPU-s':>12} {'ratio':>6}")
     for name, (rate, per_cpu) in med.items():
-        print(f"{name:<52} {rate:14.2f} {rate / base[0]:6.2f}x  {per_cpu:12.2f} {per_cpu / base[1]:6.2f}x")
+        print(f"{name:<56} {rate:14.2f} {rate / base[0]:6.2f}x  {per_cpu:12.2f} {per_cpu / base[1]:6.2f}x")
     if web:
         ours, theirs = (med[n] for n in list(med)[-2:])
         print(f"tools/shard.py / img2dataset on the same URLs: {ours[0] / theirs[0]:.2f}x (wall), "
               f"{ours[1] / theirs[1]:.2f}x (CPU)")
+    if web and a.baseline:
+        before = med[list(med)[-3]]
+        print(f"baseline tools/shard.py / img2dataset: {before[1] / theirs[1]:.2f}x (CPU); this checkout / baseline: "
+              f"{ours[1] / before[1]:.3f}x (CPU), {ours[0] / before[0]:.3f}x (wall)")
     psnr = stored_psnr(a.output / f"w{a.workers[0]}")
     print(f"quality: stored vs full-decode Lanczos, mean PSNR {psnr:.1f} dB; load average {os.getloadavg()[0]:.2f}")
 
