@@ -2,7 +2,8 @@
 
 Five phases, each a set of independent tasks on the engine (executor.py: a local pool or Ray), each task's output
 saved before it reports done, each phase's summaries saved when it ends:
-  0. list     (per source folder)   listing parts in input order; units cut from them; fingerprint of what was listed
+  0. list     (per folder / key     listing parts in input order; units cut from them; fingerprint of what was
+               range, in rounds)     listed
   1. stage    (per unit)            read + clean + hash every input; staged JPEGs and one row per input
   2. dedup    (map per unit group,  a shuffle by hash (source key, pixel hash, pHash LSH bands); the lowest
                reduce per bucket)   input ordinal wins
@@ -55,8 +56,7 @@ def run_ingest(cfg: IngestConfig) -> dict:
     layout = Layout(cfg.output.rstrip("/"))
     fingerprint = cfg.fingerprint()
     # Sources are checked first: a missing one fails the run before anything is written anywhere.
-    listing = expand_sources(cfg.sources, cfg.labels_from_folders, cfg.unit_size, cfg.storage_options,
-                             layout.list_part)
+    listing = expand_sources(cfg.sources, cfg.labels_from_folders, cfg.storage_options, layout)
     engine = start_engine(cfg.engine, cfg.workers, cfg.ray_address, layout.output, cfg.sources, cfg.storage_options)
     check_output(layout, fingerprint, cfg.overwrite, cfg.storage_options)
     fs, _ = url_to_fs(layout.output, cfg.storage_options)
@@ -82,7 +82,7 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
     cfg, layout, fs = run.cfg, run.layout, run.fs
     policy = RetryPolicy(cfg.retries, cfg.retry_base_s)
 
-    plan = build_plan(run, listing, policy)
+    plan = build_plan(run, listing, policy, cfg.unit_size)
     quarantined: list[tuple[int, Failed]] = []
     inputs = run.phase("stage", run_stage, _stage_tasks(plan, cfg, layout, policy), len(plan.unit_kind),
                        ("inputs", "seconds"), progress="inputs", quarantine=quarantined)["inputs"]
@@ -148,8 +148,8 @@ def _stage_tasks(plan: Plan, cfg: IngestConfig, layout: Layout, policy: RetryPol
                        cfg.download_threads)
     for u in range(len(plan.unit_kind)):
         lo, hi = (int(x) for x in plan.unit_rows[u])
-        yield u, StageTask(u, UNIT_KINDS[plan.unit_kind[u]], plan.parts[plan.unit_part[u]], int(plan.unit_start[u]),
-                           int(plan.unit_end[u]), (lo, hi), plan.classes, layout, cfg.clean, cfg.dedup, read)
+        yield u, StageTask(u, UNIT_KINDS[plan.unit_kind[u]], plan.slices(u), (lo, hi), plan.classes, layout,
+                           cfg.clean, cfg.dedup, read)
 
 
 def _groups(inputs: np.ndarray, group_inputs: int) -> np.ndarray:

@@ -6,7 +6,7 @@
     OUTPUT/rejects.parquet/part-000000.parquet ...    one row per rejected input, a part per dedup group
     OUTPUT/report.json, classes.json                  report.json last: the run's completion mark
     OUTPUT/_ingest/config.json                        argument fingerprint: refuses a mismatched rerun
-    OUTPUT/_ingest/plan/                              listing parts, plan.json (units, listing fingerprint)
+    OUTPUT/_ingest/plan/                              listing parts (list-TASK-SUB[_RANGE...]), plan.json, units.npz
     OUTPUT/_ingest/stage/unit-00000000.{tar,parquet}  phase 1: cleaned bytes and one row per input, per unit
     OUTPUT/_ingest/dedup/                             phase 2: hash records per group, losers per bucket
     OUTPUT/_ingest/resolved/                          phase 3: kept rows per group, in input order
@@ -66,9 +66,13 @@ class Layout:
     def config(self) -> str:
         return f"{self.work}/config.json"
 
-    def list_part(self, task: int, sub: int = 0) -> str:
-        """Listing part of initial listing task `task`; sub >= 1: its sub-folder `sub` (their order is input order)."""
-        return f"{self.work}/plan/list-{task:06d}-{sub:08d}.parquet"
+    def list_part(self, task: int, sub: int = 0, branch: tuple[int, ...] = ()) -> str:
+        """Listing part of initial listing task `task`; sub >= 1: its sub-folder `sub`. `branch` places a part of a
+        big listing cut into key ranges: the range's path in the tree of splits (its parent's part, then its
+        children, 1, 2, ...). Sorting the names gives input order: "_" sorts after ".", so a part comes before
+        its children, and the children in turn."""
+        ranges = "".join(f"_{i:04d}" for i in branch)
+        return f"{self.work}/plan/list-{task:06d}-{sub:08d}{ranges}.parquet"
 
     @property
     def plan(self) -> str:

@@ -1,9 +1,13 @@
 """Phase 0's result: the plan. Every source listed in parallel, units cut, fingerprinted by what was listed.
 
-Directories are listed by tasks (sources.py): the top levels first, then one task per sub-folder. The plan is the
-ordered listing parts and, per unit, where its inputs lie (arrays: a few tens of bytes per unit). It is saved
-(plan.json, units.npz); if an interrupted run listed something else (another fingerprint), its staged work is
-stale and is discarded rather than reused.
+Listing runs in rounds of tasks on the engine (sources.py): the top levels of the sources, with their key ranges
+(S3: each task at most LIST_CAP keys, handing back the rest of its range cut into sub-ranges for the next round);
+then the sub-folders found, in the same way. The driver holds per part a few numbers and per unit a few more, and
+range bounds between rounds, never a key. The plan is the ordered listing parts and, per unit, where its inputs lie
+(arrays: a few tens of bytes per unit). Units are cut over a segment's parts as if they were one listing (a unit
+may span parts), and the fingerprint adds up each segment's row digests, so where the ranges were cut changes
+neither. It is saved (plan.json, units.npz); if an interrupted run listed something else (another fingerprint), its
+staged work is stale and is discarded rather than reused.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import io
 import json
 import logging
 from dataclasses import dataclass
+from itertools import groupby
 
 import numpy as np
 
@@ -20,7 +25,7 @@ from pipeline.ingest.atomic import put_bytes, url_to_fs
 from pipeline.ingest.executor import Engine, Failed
 from pipeline.ingest.phase import RESOURCES, QuarantineError, Run, maybe_kill
 from pipeline.ingest.retry import RetryPolicy
-from pipeline.ingest.sources import ListTask, run_listing, subfolder_tasks
+from pipeline.ingest.sources import ListedPart, ListTask, rest_tasks, run_listing, subfolder_tasks
 
 log = logging.getLogger(__name__)
 
@@ -29,46 +34,88 @@ UNIT_KINDS = ("files", "archive", "parquet")
 
 @dataclass(frozen=True)
 class Plan:
-    """Phase 0's result: listing parts and the units cut from them, as arrays (a few tens of bytes per unit)."""
+    """Phase 0's result: listing parts and the units cut from them, as arrays (a few tens of bytes per unit).
+    Unit u's inputs are rows [unit_start, ...) of part unit_part through rows [..., unit_end) of part unit_last,
+    with every part between them whole."""
 
     parts: tuple[str, ...]
-    unit_kind: np.ndarray  # [U] index into _UNIT_KINDS
-    unit_part: np.ndarray  # [U] index into parts
-    unit_start: np.ndarray  # [U] first row in the part
-    unit_end: np.ndarray  # [U] end row
+    part_rows: np.ndarray  # [P] rows of each part
+    unit_kind: np.ndarray  # [U] index into UNIT_KINDS
+    unit_part: np.ndarray  # [U] index into parts of the unit's first row
+    unit_start: np.ndarray  # [U] that row
+    unit_last: np.ndarray  # [U] index into parts of the unit's last row
+    unit_end: np.ndarray  # [U] end row in that part
     unit_rows: np.ndarray  # [U, 2] a parquet unit's rows of its file, [lo, hi); -1 -1: all; 0 0: not parquet
     classes: tuple[str, ...]
-    fingerprint: str  # of everything listed (paths, sizes, ETags or mtimes)
+    fingerprint: str  # of everything listed (paths, sizes, ETags or mtimes), however it was cut into parts
+
+    def slices(self, u: int) -> tuple[tuple[str, int, int], ...]:
+        """Unit u's rows as (part URL, first row, end row), in order, leaving out parts with none of them."""
+        first, last = int(self.unit_part[u]), int(self.unit_last[u])
+        spans = ((p, int(self.unit_start[u]) if p == first else 0,
+                  int(self.unit_end[u]) if p == last else int(self.part_rows[p])) for p in range(first, last + 1))
+        return tuple((self.parts[p], a, b) for p, a, b in spans if b > a)
 
 
-def build_plan(run: Run, first: list[ListTask], policy: RetryPolicy) -> Plan:
+def build_plan(run: Run, first: list[ListTask], policy: RetryPolicy, unit_size: int) -> Plan:
     """Phase 0: list every source in parallel (top levels, then their sub-folders), cut units, and compare with the
     plan of an interrupted run."""
-    layout = run.layout
-    results: dict[str, object] = {}
-    listing = _ListFn(policy)
-    _list_into(run.engine, listing, first, results)
-    subs: list[ListTask] = []
-    for i, top in enumerate(first):
-        subs += subfolder_tasks(top, results[top.part_url], lambda j, i=i: layout.list_part(i, j))
-    _list_into(run.engine, listing, subs, results)
-    ordered = sorted(results)  # part names sort in input order: list-TASK-SUB
-    kinds, part, starts, ends, rows, classes, digest = [], [], [], [], [], set(), hashlib.sha256()
-    for p, url in enumerate(ordered):
-        r = results[url]
-        digest.update(f"{url.rsplit('/', 1)[-1]}\t{r.rows}\t{r.digest}\n".encode())
-        classes.update(r.classes)
-        for kind, a, b, lo, hi in r.units:
-            kinds.append(UNIT_KINDS.index(kind))
-            part.append(p)
-            starts.append(a)
-            ends.append(b)
-            rows.append((lo, hi))
-    plan = Plan(tuple(ordered), np.asarray(kinds, np.int8), np.asarray(part, np.int32),
-                np.asarray(starts, np.int64), np.asarray(ends, np.int64), np.asarray(rows, np.int64).reshape(-1, 2),
-                tuple(sorted(classes)), digest.hexdigest()[:16])
+    listing = _Listing(run.engine, policy)
+    listing.run(first)
+    listing.run([t for i, top in enumerate(first) for t in subfolder_tasks(top, sorted(listing.subfolders.get(i, ())))])
+    parts = listing.parts
+    ordered = sorted(parts)  # part names sort in input order: list-TASK-SUB_RANGE...
+    units = [np.zeros((0, 7), np.int64)]  # per segment: (kind, first part, first row, last part, end row, lo, hi)
+    digest = hashlib.sha256()
+    for segment, members in groupby(range(len(ordered)), key=lambda p: parts[ordered[p]][0]):
+        indexed = [(p, parts[ordered[p]][1]) for p in members]
+        rows, total = sum(part.rows for _, part in indexed), sum(part.digest for _, part in indexed) % 2**256
+        digest.update(f"{segment[0]}\t{segment[1]}\t{rows}\t{total:064x}\n".encode())
+        units.append(np.asarray(cut_units(indexed, unit_size), np.int64).reshape(-1, 7))
+    u = np.concatenate(units)
+    plan = Plan(tuple(ordered), np.asarray([parts[p][1].rows for p in ordered], np.int64), u[:, 0].astype(np.int8),
+                u[:, 1].astype(np.int32), u[:, 2], u[:, 3].astype(np.int32), u[:, 4], u[:, 5:7],
+                tuple(sorted(listing.classes)), digest.hexdigest()[:16])
     _check_plan(run, plan)
     return plan
+
+
+def cut_units(parts: list[tuple[int, ListedPart]], unit_size: int) -> list[tuple[int, int, int, int, int, int, int]]:
+    """A segment's units, over its parts (index, part) in order, as (kind, first part, first row, last part, end
+    row, parquet lo, parquet hi): runs of up to unit_size loose files (across part boundaries); each archive a
+    unit of its own; each parquet file runs of unit_size of its rows. Units depend on the listing alone, never on
+    the worker count or where the ranges were cut: that is what makes output independent of --workers."""
+    units = []
+    run_start, run_files, run_end = None, 0, None  # the open run of loose files: first (part, row), count, end
+
+    def close_run() -> None:
+        nonlocal run_start, run_files
+        if run_start is not None:
+            units.append((0, *run_start, *run_end, 0, 0))
+            run_start, run_files = None, 0
+
+    for p, part in parts:
+        row = 0
+        for kind, n, file_rows in part.runs:
+            if kind == "file":
+                while n:
+                    if run_start is None:
+                        run_start = (p, row)
+                    take = min(n, unit_size - run_files)
+                    run_files, row, n = run_files + take, row + take, n - take
+                    run_end = (p, row)
+                    if run_files == unit_size:
+                        close_run()
+                continue
+            close_run()
+            if kind == "parquet" and file_rows > 0:
+                units += [(UNIT_KINDS.index(kind), p, row, p, row + 1, lo, min(file_rows, lo + unit_size))
+                          for lo in range(0, file_rows, unit_size)]
+            else:
+                units.append((UNIT_KINDS.index(kind), p, row, p, row + 1, -1, -1))
+            row += 1
+    close_run()
+    return units
 
 
 class _ListFn:
@@ -81,16 +128,36 @@ class _ListFn:
         return run_listing(task, self.policy)
 
 
-def _list_into(engine: Engine, fn, tasks: list[ListTask], results: dict) -> None:
-    failures = []
-    for i, result in engine.run(fn, enumerate(tasks), RESOURCES["list"]):
-        if isinstance(result, Failed):
-            failures.append((i, result))
-            continue
-        results[tasks[i].part_url] = result
-        maybe_kill("list", len(results))
-    if failures:
-        raise QuarantineError("list", failures)
+class _Listing:
+    """What the listing rounds gathered so far: the parts, classes and sub-folders (a few numbers per part)."""
+
+    def __init__(self, engine: Engine, policy: RetryPolicy):
+        self.engine, self.fn = engine, _ListFn(policy)
+        self.parts: dict[str, tuple[tuple[int, int], ListedPart]] = {}  # part URL -> (segment, part)
+        self.classes: set[str] = set()
+        self.subfolders: dict[int, set[str]] = {}  # "top" task -> the sub-folders its ranges found
+        self.tasks_done = 0
+
+    def run(self, tasks: list[ListTask]) -> None:
+        """Run listing tasks in rounds: the range tasks of a round that reached LIST_CAP hand the rest of their
+        range, cut into sub-ranges, to the next round."""
+        while tasks:
+            failures, later = [], []
+            for i, result in self.engine.run(self.fn, enumerate(tasks), RESOURCES["list"]):
+                if isinstance(result, Failed):
+                    failures.append((i, result))
+                    continue
+                task = tasks[i]
+                self.parts.update((part.url, (task.segment, part)) for part in result.parts)
+                self.classes.update(result.classes)
+                if task.mode == "top":
+                    self.subfolders.setdefault(task.segment[0], set()).update(result.subfolders)
+                later += rest_tasks(task, result)
+                self.tasks_done += 1
+                maybe_kill("list", self.tasks_done)
+            if failures:
+                raise QuarantineError("list", failures)
+            tasks = later
 
 
 def _check_plan(run: Run, plan: Plan) -> None:
@@ -108,8 +175,8 @@ def _check_plan(run: Run, plan: Plan) -> None:
             if fs.exists(p):
                 fs.rm(p, recursive=True)
     buf = io.BytesIO()
-    np.savez(buf, kind=plan.unit_kind, part=plan.unit_part, start=plan.unit_start, end=plan.unit_end,
-             rows=plan.unit_rows)
+    np.savez(buf, part_rows=plan.part_rows, kind=plan.unit_kind, part=plan.unit_part, start=plan.unit_start,
+             last=plan.unit_last, end=plan.unit_end, rows=plan.unit_rows)
     put_bytes(f"{layout.work}/plan/units.npz", buf.getvalue(), so)
     body = {"fingerprint": plan.fingerprint, "parts": list(plan.parts), "units": len(plan.unit_kind),
             "classes": list(plan.classes)}

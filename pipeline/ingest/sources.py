@@ -4,12 +4,18 @@ A SOURCE is a directory (walked recursively), a glob, a .tar/.tar.gz/.tgz/.zip a
 list (.txt/.lst/.list/.urls) of image paths or URLs. Inside a directory or glob, archives and parquet files are
 entries of their own kind and every other file is a loose image candidate (a non-image ends up in rejects).
 
-Directories are listed by tasks: one lists the top level (its loose files become one part, its sub-folders are
-returned), then one task per sub-folder walks it recursively, so a tree of 300M keys is listed by as many tasks as
-it has top-level folders, never by the driver. Each part is sorted; parts are ordered by (SOURCE, top-level files
-first, then sub-folders by name): that order is the input order "first occurrence wins" refers to. Each task also
-returns a digest of what it listed (path, size, ETag or mtime): the plan's fingerprint is made from these, so a
-source that changed since an interrupted run is noticed before any stale staged work is reused.
+Directories are listed by tasks: "top" lists a directory's own files and returns its sub-folders, then one "tree"
+task per sub-folder lists it recursively. On S3 a task lists a key range and holds at most LIST_CAP keys: a big
+prefix (300M loose keys in one flat folder) comes back as a part plus cut points for the rest, which the driver
+lists in the next round (key_ranges.py), so no task and not the driver ever holds the prefix's keys. Elsewhere
+(local folders, other stores) a folder is listed whole by one task, and written in parts of LIST_CAP rows.
+
+Each part is sorted; part names sort in input order: (SOURCE, top-level files first, then sub-folders by name, then
+each folder's key ranges in key order): that order is the input order "first occurrence wins" refers to. A run of
+parts of one folder (a "segment") reads as one listing: plan.py cuts units across its parts, so units, output and
+fingerprint do not depend on where the ranges were cut. Each part returns a digest of its rows (path, size, ETag or
+mtime) that adds up over the parts of a segment; the plan's fingerprint is made from these, so a source that
+changed since an interrupted run is noticed before any stale staged work is reused.
 
 The driver only checks that each SOURCE exists (failing early, IngestError, naming it) and expands globs.
 """
@@ -17,13 +23,17 @@ The driver only checks that each SOURCE exists (failing early, IngestError, nami
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from operator import itemgetter
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.ingest.atomic import put_bytes, url_to_fs
+from pipeline.ingest import key_ranges
+from pipeline.ingest.key_ranges import lister, list_range, range_listable
+from pipeline.ingest.layout import Layout
 from pipeline.ingest.retry import RetryPolicy, TransientFailure, retry
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
@@ -41,28 +51,41 @@ class IngestError(Exception):
 
 @dataclass(frozen=True)
 class ListTask:
-    """List one piece of the sources into `part_url`. mode: "top" (a directory's own files; returns sub-folders),
-    "tree" (a sub-folder, recursively), "list" (a text file of paths / URLs), "entries" (given entries)."""
+    """List one piece of the sources into parts. mode: "top" (a directory's own files; returns sub-folders), "tree"
+    (a sub-folder, recursively), "list" (a text file of paths / URLs), "entries" (given entries)."""
 
-    part_url: str
+    layout: Layout
+    segment: tuple[int, int]  # (initial task, sub-folder: 0 = the task's own listing, j >= 1 its j-th sub-folder)
     mode: str
-    unit_size: int  # loose files per unit
     path: str  # URL of the directory / sub-folder / list file
     label_root: str | None  # with --labels-from-folders: the SOURCE directory (class = first folder below it)
     storage_options: dict
     entries: tuple[tuple[str, str, int, str], ...] = ()  # "entries": (kind, url, size, version)
+    after: str | None = None  # S3: the key range (after, upto] this task lists; None: open on that side
+    upto: str | None = None
+    branch: tuple[int, ...] = ()  # the range's place in the tree of splits (Layout.list_part)
+
+    def part_url(self, extra: int = 0) -> str:
+        """This task's part; extra >= 1: the extra parts of a listing longer than LIST_CAP (not range-listed)."""
+        return self.layout.list_part(*self.segment, self.branch + ((extra,) if extra else ()))
+
+
+@dataclass(frozen=True)
+class ListedPart:
+    url: str
+    rows: int
+    digest: int  # sum of the rows' hashes mod 2**256: a segment's sum is the same however it was cut into parts
+    # The rows as runs: ("file", n, 0) for n consecutive loose files, ("archive", 1, 0), ("parquet", 1, rows of the
+    # file from its footer, -1 if unreadable). plan.py cuts units from them.
+    runs: tuple[tuple[str, int, int], ...]
 
 
 @dataclass(frozen=True)
 class ListResult:
-    part_url: str
-    rows: int
-    digest: str
-    # Work units cut from this part: (kind, first row, end row, first parquet row, end parquet row); a parquet file
-    # is cut into runs of unit_size of its own rows (a LAION metadata file holds ~1M URLs), -1 -1 = all of it.
-    units: tuple[tuple[str, int, int, int, int], ...]
+    parts: tuple[ListedPart, ...]  # in order
     classes: tuple[str, ...]
     subfolders: tuple[str, ...]  # "top" only: sub-folder URLs, sorted
+    rest: tuple[str, ...]  # S3: what is left of the range, (rest[0], rest[1]], ..., (rest[-1], upto]; see rest_tasks
 
 
 def kind_of(path: str) -> str:
@@ -74,13 +97,13 @@ def kind_of(path: str) -> str:
     return "file"
 
 
-def expand_sources(sources: tuple[str, ...], labels_from_folders: bool, unit_size: int, storage_options: dict,
-                   part_url) -> list[ListTask]:
-    """Driver side: one or more ListTasks per SOURCE, in SOURCE order; `part_url(i)` names part i."""
+def expand_sources(sources: tuple[str, ...], labels_from_folders: bool, storage_options: dict, layout: Layout
+                   ) -> list[ListTask]:
+    """Driver side: one or more ListTasks per SOURCE, in SOURCE order."""
     tasks: list[ListTask] = []
 
     def add(mode: str, url: str, label_root: str | None = None, entries: tuple = ()) -> None:
-        tasks.append(ListTask(part_url(len(tasks)), mode, unit_size, url, label_root, storage_options, entries))
+        tasks.append(ListTask(layout, (len(tasks), 0), mode, url, label_root, storage_options, entries))
 
     for source in sources:
         try:
@@ -119,68 +142,72 @@ def expand_sources(sources: tuple[str, ...], labels_from_folders: bool, unit_siz
     return tasks
 
 
-def subfolder_tasks(top: ListTask, result: ListResult, part_url) -> list[ListTask]:
-    """The walks of a "top" task's sub-folders; `part_url(j)` names the j-th (from 1: the top's own part is 0)."""
-    return [ListTask(part_url(j), "tree", top.unit_size, url, top.label_root, top.storage_options)
-            for j, url in enumerate(result.subfolders, 1)]
+def subfolder_tasks(top: ListTask, subfolders: list[str]) -> list[ListTask]:
+    """The walks of a "top" task's sub-folders (sorted URLs), numbered from 1 (the top's own files are 0)."""
+    return [ListTask(top.layout, (top.segment[0], j), "tree", url, top.label_root, top.storage_options)
+            for j, url in enumerate(subfolders, 1)]
+
+
+def rest_tasks(task: ListTask, result: ListResult) -> list[ListTask]:
+    """The sub-ranges left by a range task that reached LIST_CAP: its children in the tree of splits."""
+    bounds = (*result.rest, task.upto)
+    return [replace(task, after=a, upto=b, branch=task.branch + (i,))
+            for i, (a, b) in enumerate(zip(bounds, bounds[1:]), 1)]
 
 
 def run_listing(task: ListTask, policy: RetryPolicy) -> ListResult:
     fs, path = url_to_fs(task.path, task.storage_options)
     subfolders: tuple[str, ...] = ()
+    rest: tuple[str, ...] = ()
+    # A listing made whole (a local folder, another store, a text list) is written in parts of LIST_CAP rows; a
+    # range task holds at most LIST_CAP keys and writes them as one part. (Read at call time: a test may lower it.)
+    part_rows = key_ranges.LIST_CAP
     if task.mode == "entries":
         rows = [(k, u, None, s, v) for k, u, s, v in task.entries]
     elif task.mode == "list":
         rows = [("file", u, None, 0, "") for u in _read_list(fs, path, task.storage_options, policy)]
     else:
-        if task.mode == "top":
-            listed = retry(lambda: fs.ls(path, detail=True), policy, f"list {task.path}")
-            infos = {i["name"]: i for i in listed if i.get("type") != "directory"}
-            subfolders = tuple(sorted(fs.unstrip_protocol(i["name"]) for i in listed if i.get("type") == "directory"))
+        if range_listable(fs):
+            bucket, key, _ = fs.split_path(path)
+            listed = list_range(lister(fs), bucket, f"{key.strip('/')}/" if key else "", task.mode == "top",
+                                task.after, task.upto, policy)
+            infos = [(f"{bucket}/{o['Key']}", o) for o in listed.objects]
+            subfolders = tuple(fs.unstrip_protocol(f"{bucket}/{p.rstrip('/')}") for p in listed.subfolders)
+            rest, part_rows = listed.rest, max(len(infos), 1)
+        elif task.mode == "top":
+            entries = retry(lambda: fs.ls(path, detail=True), policy, f"list {task.path}")
+            infos = [(i["name"], i) for i in entries if i.get("type") != "directory"]
+            subfolders = tuple(fs.unstrip_protocol(i["name"]) for i in entries if i.get("type") == "directory")
         else:
-            infos = retry(lambda: fs.find(path, detail=True), policy, f"list {task.path}")
+            infos = list(retry(lambda: fs.find(path, detail=True), policy, f"list {task.path}").items())
         root = url_to_fs(task.label_root, task.storage_options)[1].rstrip("/") if task.label_root else None
         rows = [(kind_of(p), fs.unstrip_protocol(p), _class(p, root, kind_of(p)), int(info.get("size") or 0),
-                 _version(info)) for p, info in sorted(infos.items())]
-    digest = hashlib.sha256()
-    for kind, url, cls, size, version in rows:
-        digest.update(f"{kind}\t{url}\t{cls}\t{size}\t{version}\n".encode("utf-8", "surrogatepass"))
+                 _version(info)) for p, info in sorted(infos, key=itemgetter(0))]
+    parts = tuple(_write_part(task, extra, rows[lo:lo + part_rows], lo if task.mode == "list" else None, policy)
+                  for extra, lo in enumerate(range(0, max(len(rows), 1), part_rows)))
+    classes = tuple(sorted({c for _, _, c, _, _ in rows if c is not None}))
+    return ListResult(parts, classes, tuple(sorted(subfolders)), rest)
+
+
+def _write_part(task: ListTask, extra: int, rows: list[tuple], line: int | None, policy: RetryPolicy) -> ListedPart:
+    """One part: its parquet file, the sum of its rows' hashes (a text list's rows hash their line number too:
+    its order is the file's, not implied by the names) and its runs of kinds."""
+    digest = 0
+    for i, (kind, url, cls, size, version) in enumerate(rows):
+        text = f"{kind}\t{url}\t{cls}\t{size}\t{version}" + ("" if line is None else f"\t{line + i}")
+        digest += int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=32).digest(), "big")
     columns = list(zip(*rows)) if rows else [[] for _ in ENTRY_SCHEMA]
     table = pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, ENTRY_SCHEMA)], schema=ENTRY_SCHEMA)
-    put_bytes(task.part_url, _parquet_bytes(table), task.storage_options)
-    classes = tuple(sorted({c for _, _, c, _, _ in rows if c is not None}))
-    parquet_rows = {i: _parquet_rows(r[1], task.storage_options, policy) for i, r in enumerate(rows)
-                    if r[0] == "parquet"}
-    units = cut_units([r[0] for r in rows], task.unit_size, parquet_rows)
-    return ListResult(task.part_url, len(rows), digest.hexdigest(), units, classes, subfolders)
-
-
-def cut_units(kinds: list[str], unit_size: int, parquet_rows: dict[int, int]
-              ) -> tuple[tuple[str, int, int, int, int], ...]:
-    """Runs of up to unit_size loose files; each archive a unit of its own; each parquet file runs of unit_size of
-    its rows. Units depend on the listing alone, never on the worker count: that is what makes output independent
-    of --workers."""
-    units: list[tuple[str, int, int, int, int]] = []
-    start = None
-    for i, kind in enumerate(kinds):
-        if kind == "file":
-            if start is None:
-                start = i
-            if i + 1 - start == unit_size:
-                units.append(("files", start, i + 1, 0, 0))
-                start = None
-            continue
-        if start is not None:
-            units.append(("files", start, i, 0, 0))
-            start = None
-        n = parquet_rows.get(i, -1)
-        if kind == "parquet" and n > 0:
-            units += [(kind, i, i + 1, lo, min(n, lo + unit_size)) for lo in range(0, n, unit_size)]
+    url = task.part_url(extra)
+    put_bytes(url, _parquet_bytes(table), task.storage_options)
+    runs: list[tuple[str, int, int]] = []
+    for kind, entry_url, *_ in rows:
+        if kind == "file" and runs and runs[-1][0] == "file":
+            runs[-1] = ("file", runs[-1][1] + 1, 0)
         else:
-            units.append((kind, i, i + 1, -1, -1))
-    if start is not None:
-        units.append(("files", start, len(kinds), 0, 0))
-    return tuple(units)
+            file_rows = _parquet_rows(entry_url, task.storage_options, policy) if kind == "parquet" else 0
+            runs.append((kind, 1, file_rows))
+    return ListedPart(url, len(rows), digest % 2**256, tuple(runs))
 
 
 def _parquet_rows(url: str, storage_options: dict, policy: RetryPolicy) -> int:

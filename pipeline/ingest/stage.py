@@ -41,9 +41,7 @@ def key_for(source: str) -> str:
 class StageTask:
     unit: int
     kind: str  # "files" | "archive" | "parquet"
-    part_url: str  # listing part holding the unit's rows
-    start: int  # rows [start, end) of the part
-    end: int
+    rows: tuple[tuple[str, int, int], ...]  # the unit's inputs: (listing part, first row, end row), in order
     file_rows: tuple[int, int]  # a parquet unit's rows of its file, [lo, hi); (-1, -1): all of them
     classes: tuple[str, ...]  # folder class names; a file's label is its class's index
     layout: Layout
@@ -101,7 +99,7 @@ def _stage_unit(task: StageTask) -> list[dict]:
 
 
 def _items(task: StageTask):
-    entries = read_part_rows(task.part_url, task.start, task.end, task.read.storage_options)
+    entries = [e for part, a, b in task.rows for e in read_part_rows(part, a, b, task.read.storage_options)]
     if task.kind == "files":
         index = {c: i for i, c in enumerate(task.classes)}
         return read_files([e["url"] for e in entries], [index.get(e["cls"], -1) for e in entries], task.read)

@@ -1,0 +1,135 @@
+"""List one key range of an S3 prefix, at most LIST_CAP keys, and cut what is left of the range for more tasks.
+
+A flat prefix of 300M keys listed by one task is 300k sequential ListObjectsV2 pages of 1,000 keys (hours at
+30-80 ms a page) and every key's info held in one process. Here a task lists the keys of a range (after, upto] of
+the prefix (StartAfter = after; pages followed by ContinuationToken; a key past `upto` ends it) until it holds
+LIST_CAP of them. If the range goes on, the task returns cut points that split the rest into sub-ranges, and the
+driver submits those as the next round of tasks: it holds bounds, never keys.
+
+Cut points follow the keys' trie. With F and L the first and last keys listed and d the first position where they
+differ, the rest of the range is (L, L[:d] + c] for the next character c of the key alphabet at position d, then
+the siblings of L[d], L[d-1], ... L[0] in turn: L[:p] + c for every character c above L[p]. Those subtrees grow
+geometrically (for decimal-numbered keys each level holds 10x the one below), so a range of n keys is split into
+ranges of at most ~n/|alphabet| in one round and the number of rounds grows with the log of the prefix's size: at
+300M numbered keys, 4-5 rounds. A cut that falls where there are no keys costs one request that returns nothing.
+The alphabet is the characters seen at the positions that vary among the keys listed; a key with a character
+never seen is still listed, by the range that holds it (the ranges partition the whole key space: the last one
+reaches `upto`), only later in the rounds.
+
+Ranges are (after, upto] with `after` exclusive (S3's StartAfter) and `upto` inclusive, so consecutive bounds
+partition the key space exactly: a key equal to a cut point belongs to the range below it.
+
+With Delimiter="/" (a directory's top level) each page also returns CommonPrefixes (sub-folders). Every sub-folder
+is found by the range that contains its name (its keys all sort after it); a range that starts inside a
+sub-folder's keys may report it again (S3 rolls those keys up), so callers dedup sub-folder names.
+
+Why S3 only: the range needs the store's list call with a start key (ListObjectsV2's StartAfter, called through
+s3fs's `call_s3`, which signs the request and maps errors as every other s3fs call). Other object stores have one
+(GCS startOffset, Azure marker) but no code here calls them: their folders are listed whole by one task, as are
+local folders (the OS lists one directory in one go; sources.py still cuts a big listing into parts of LIST_CAP).
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import os
+from dataclasses import dataclass
+from operator import itemgetter
+
+import s3fs
+from aiobotocore.session import AioSession
+
+from pipeline.ingest.retry import RetryPolicy, retry
+
+# Keys one listing task holds at most: ~400 B each in Python (name, ETag, size, the row tuple) is ~80 MB, with the
+# part's Arrow table ~200 MB at the peak, well inside the listing task's 1 GB memory request; 200 pages of 1,000
+# keys is 6-16 s of S3 requests, long against a task's overhead (~10 ms on Ray, one part written), short enough
+# that a round of tasks does not wait long for its slowest.
+LIST_CAP = 200_000
+# Sub-ranges one task hands back at most (evenly thinned beyond): a round's task count stays bounded.
+MAX_SPLIT = 128
+PAGE_KEYS = 1000  # S3's largest page
+
+
+@dataclass(frozen=True)
+class RangeListing:
+    """What one range task listed: object entries in key order (ListObjectsV2 Contents: Key, Size, ETag, ...),
+    sub-folder keys with their trailing "/" (delimited listings only), and the rest of the range still to list
+    as bounds: (rest[0], rest[1]], ..., (rest[-1], upto]; empty when the range is done."""
+
+    objects: list[dict]
+    subfolders: list[str]
+    rest: tuple[str, ...]
+
+
+def range_listable(fs) -> bool:
+    """S3 (not version-aware: that listing is ListObjectVersions, whose paging differs)."""
+    return isinstance(fs, s3fs.S3FileSystem) and not fs.version_aware
+
+
+@functools.lru_cache(maxsize=4)
+def lister(fs: s3fs.S3FileSystem) -> s3fs.S3FileSystem:
+    """A client of its own for listing, the same options as `fs`, whose responses keep LastModified as the string
+    S3 sent: botocore's default parses every key's timestamp with dateutil, ~60% of a listing's CPU (profiled on
+    the moto server), and only Key, Size and ETag are used. Its own session (s3fs's `session` argument), so the
+    other clients of the process parse as usual. One per process and set of options."""
+    session = AioSession(**fs.kwargs)
+    session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
+    return s3fs.S3FileSystem(**fs.storage_options, session=session, skip_instance_cache=True)
+
+
+def list_range(fs: s3fs.S3FileSystem, bucket: str, prefix: str, delimited: bool, after: str | None,
+               upto: str | None, policy: RetryPolicy, cap: int | None = None) -> RangeListing:
+    """Keys of `prefix` in (after, upto] (None: open), at most `cap` (default LIST_CAP) of them, and the cut
+    points of what is left. Each page is retried on transient faults."""
+    cap = LIST_CAP if cap is None else cap
+    request = {"Bucket": bucket, "Prefix": prefix, **({"Delimiter": "/"} if delimited else {}),
+               **({"StartAfter": after} if after is not None else {})}
+    objects: list[dict] = []
+    subfolders: list[str] = []
+    names: list[str] = []  # every item's key, in order: for the cut points
+    more = True
+    while more and len(names) < cap:
+        page = retry(lambda: fs.call_s3("list_objects_v2", MaxKeys=min(PAGE_KEYS, cap - len(names)), **request),
+                     policy, f"list s3://{bucket}/{prefix} after {after!r}")
+        items = sorted([(o["Key"], o) for o in page.get("Contents", [])] +
+                       [(p["Prefix"], None) for p in page.get("CommonPrefixes", [])], key=itemgetter(0))
+        more = bool(page.get("IsTruncated"))
+        for key, obj in items:
+            if upto is not None and key > upto:
+                more = False
+                break
+            names.append(key)
+            (subfolders if obj is None else objects).append(key if obj is None else obj)
+        request["ContinuationToken"] = page.get("NextContinuationToken")
+    rest = ()
+    if more:
+        rel = [n[len(prefix):] for n in (names[0], names[-1])]
+        cuts = cut_points(rel[0], rel[1], None if upto is None else upto[len(prefix):], _alphabet(names, prefix))
+        rest = (names[-1], *(prefix + c for c in cuts))
+    return RangeListing(objects, subfolders, rest)
+
+
+def cut_points(first: str, last: str, upto: str | None, alphabet: str) -> list[str]:
+    """Ascending cut points in (last, upto) that split the rest of a range after `last` along the keys' trie (the
+    module docstring); first < last are the first and last keys listed, `alphabet` sorted characters."""
+    d = len(os.path.commonprefix([first, last]))
+    cuts = [last[:p] + c for p in range(d, -1, -1) for c in alphabet if c > last[p]]  # ascending
+    if upto is not None:
+        cuts = cuts[:bisect.bisect_left(cuts, upto)]
+    if len(cuts) > MAX_SPLIT:
+        cuts = [cuts[i * len(cuts) // MAX_SPLIT] for i in range(MAX_SPLIT)]
+    return cuts
+
+
+def _alphabet(names: list[str], prefix: str) -> str:
+    """The characters seen at the positions that vary among the keys listed (from a sample of ~1,000 of them):
+    digits for numbered keys (not the letters of a constant ".jpg"), 0-9a-f for hashes. A cut at a character
+    no key has is an empty range, one wasted request."""
+    sample = [n[len(prefix):] for n in names[:: max(1, len(names) // 1000)] + names[-1:]]
+    seen: dict[int, set[str]] = {}
+    for name in sample:
+        for p, c in enumerate(name):
+            seen.setdefault(p, set()).add(c)
+    return "".join(sorted(set().union(*(chars for chars in seen.values() if len(chars) > 1))))

@@ -1,0 +1,116 @@
+"""Listing a big prefix by key ranges: with the per-task cap lowered to 7 keys, the same sources come back in many
+parts over several rounds, and the plan (listing order, units, fingerprint) and the whole output equal those of
+the unsplit listing. On the loopback S3 server (real s3fs, botocore and ListObjectsV2), in-process with 1 worker
+(the lowered cap is a module constant, so it holds in this process only).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import s3fs
+from PIL import Image
+
+from pipeline.ingest import key_ranges
+from pipeline.ingest.config import IngestConfig
+from pipeline.ingest.engine import run_ingest
+from pipeline.ingest.retry import RetryPolicy
+from tests.ingest.faults import FaultServer
+from tests.ingest.helpers import shard_contents, verdicts
+
+CAP = 7
+
+
+def _image(i: int) -> bytes:
+    rng = np.random.default_rng(1000 + i)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((64, 64)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _keys() -> dict[str, list[str]]:
+    """Key names that make the cut points work: dense and sparse numbers, letters after the digits, a non-ASCII
+    character, a loose file named like a sub-folder ("sub1.jpg" sorts before "sub1/"), nested sub-folders."""
+    flat = [f"{i * i:06d}.jpg" for i in range(200)] + [f"z{j}_{chr(0xE9)}.jpg" for j in range(25)] + ["zz.png"]
+    tree = ([f"{i:03d}.jpg" for i in range(0, 60, 3)] + ["sub1.jpg", "x.jpg"] +
+            [f"sub1/{i:04d}.jpg" for i in range(40)] + [f"sub2/deeper/{c}.jpg" for c in "abcdefghijklmno"] +
+            [f"sub10/{i}.jpg" for i in range(9)])
+    return {"flat": flat, "tree": tree}
+
+
+def _upload(bucket: str, tmp_path: Path) -> list[str]:
+    """The S3 prefixes and a local folder; one image is stored twice (far apart), so dedup's winner is ordered."""
+    paths = [f"{bucket}/{prefix}/{key}" for prefix, keys in _keys().items() for key in keys]
+    fsspec.filesystem("s3").pipe({p: _image(3 if p.endswith("zz.png") else n) for n, p in enumerate(paths)})
+    n = len(paths)
+    local = tmp_path / "local"
+    local.mkdir()
+    for i in range(20):
+        (local / f"{i:02d}.jpg").write_bytes(_image(n + i))
+    return [f"s3://{bucket}/flat", f"s3://{bucket}/tree", str(local)]
+
+
+def _run(sources: list[str], out: Path) -> dict:
+    return run_ingest(IngestConfig(sources=tuple(sources), output=str(out), workers=1, unit_size=10,
+                                   samples_per_shard=50, keep_staging=True, quiet=True))
+
+
+def _plan(out: Path) -> tuple[dict, list[list[str]], dict[str, int]]:
+    """plan.json, each unit's input URLs in order (read back through the saved parts), and each part's rows."""
+    plan = json.loads((out / "_ingest/plan/plan.json").read_text())
+    units = np.load(out / "_ingest/plan/units.npz")
+    rows = {p: pq.read_table(p.removeprefix("file://"), columns=["url"]).column("url").to_pylist()
+            for p in plan["parts"]}
+    parts = plan["parts"]
+    inputs = []
+    for first, start, last, end in zip(units["part"], units["start"], units["last"], units["end"]):
+        urls = [u for p in range(first, last + 1)
+                for u in rows[parts[p]][start if p == first else 0:end if p == last else None]]
+        inputs.append(urls)
+    return plan, inputs, {Path(p).name: len(r) for p, r in rows.items()}
+
+
+def test_split_listing_equals_unsplit(s3_bucket, tmp_path, monkeypatch):
+    sources = _upload(s3_bucket.removeprefix("s3://"), tmp_path)
+    whole_report = _run(sources, tmp_path / "whole")
+    monkeypatch.setattr(key_ranges, "LIST_CAP", CAP)
+    split_report = _run(sources, tmp_path / "split")
+
+    whole, whole_units, whole_rows = _plan(tmp_path / "whole")
+    split, split_units, split_rows = _plan(tmp_path / "split")
+    assert len(whole["parts"]) == 6  # flat; tree's top, sub1, sub10, sub2; the local folder
+    assert max(split_rows.values()) <= CAP and len(split["parts"]) > 60
+    depth = max(name.count("_") for name in split_rows)  # list-TASK-SUB_R1_R2...: a range of round k has k-1 "_"
+    assert depth >= 3, "listed in fewer than four rounds"
+    assert split["fingerprint"] == whole["fingerprint"] == split_report["listing_fingerprint"]
+    assert split_units == whole_units and len(whole_units) == split["units"]
+    units = np.load(tmp_path / "split/_ingest/plan/units.npz")
+    assert (units["last"] > units["part"]).any()  # units of 10 files run across parts of 7
+    assert sum(split_rows.values()) == sum(whole_rows.values()) == sum(len(k) for k in _keys().values()) + 20
+    assert split_report["kept"] == whole_report["kept"] == whole_report["inputs"] - 1
+    assert verdicts(tmp_path / "split") == verdicts(tmp_path / "whole")
+    assert shard_contents(tmp_path / "split") == shard_contents(tmp_path / "whole")
+
+
+def test_range_listing_retries_transient_faults(s3_server, s3_bucket, monkeypatch):
+    """Each page is retried on a 503 or a reset connection; the listing comes back whole and in order."""
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # our retries, not the client's
+    bucket = s3_bucket.removeprefix("s3://")
+    keys = [f"p/{i:03d}.jpg" for i in range(30)]
+    for key in keys:
+        fsspec.filesystem("s3").pipe(f"{bucket}/{key}", b"x")
+    with FaultServer(upstream=s3_server.endpoint_url) as proxy:
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": proxy.url},
+                               config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"}})
+        proxy.fail(f"/{bucket}", ["503", "reset", "503"])
+        listed = key_ranges.list_range(fs, bucket, "p/", False, "p/004.jpg", "p/020.jpg",
+                                       RetryPolicy(4, 0.01), cap=CAP)
+        assert proxy.requests[f"/{bucket}"] == 3 + 1  # three faults, then one page of CAP keys
+    assert [o["Key"] for o in listed.objects] == keys[5:5 + CAP]
+    assert listed.rest[0] == "p/011.jpg" and all(a < b for a, b in zip(listed.rest, listed.rest[1:]))
+    assert listed.rest[-1] < "p/020.jpg"
