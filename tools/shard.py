@@ -6,7 +6,9 @@
 SOURCE and URL are local paths or fsspec URLs; credentials and endpoints come from the standard AWS environment,
 plus --storage-options JSON. Library: pipeline.ingest.engine.run_ingest.
 Exit status: 0 done; 2 refused before any work (the message names the culprit); 3 some units or tasks were
-quarantined after their retries (listed; the output holds everything else; rerun the same command to retry them).
+quarantined after their retries (listed; the output holds everything else; rerun the same command to retry them);
+4 done with --give-up-quarantined while units were still quarantined: the output is final without them, their
+inputs are in rejects.parquet with reason "quarantined" (a rerun is a no-op; --overwrite starts over).
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
                    help="concurrent fetches of loose files and URLs per task")
     p.add_argument("--retries", type=int, default=IngestConfig.retries,
                    help="attempts per read on a transient fault (then the unit is quarantined until a rerun)")
+    p.add_argument("--give-up-quarantined", action="store_true",
+                   help="finalize the output even if units are still quarantined after their retries (an object "
+                        "that keeps failing: 5xx, resets): their inputs go to rejects.parquet with reason "
+                        "'quarantined' and the unit's last error, staging is removed, exit status 4")
     a = p.parse_args(argv)
     clean = CleanConfig(a.min_side, a.max_aspect, a.max_pixels, a.max_bytes, a.max_shorter_side, a.quality, a.reencode)
     return IngestConfig(
@@ -61,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
         labels_from_folders=a.labels_from_folders, image_column=a.image_column, label_column=a.label_column,
         workers=a.workers, engine=a.engine, ray_address=a.ray_address, storage_options=a.storage_options,
         overwrite=a.overwrite, keep_staging=a.keep_staging, quiet=a.quiet, download_threads=a.download_threads,
-        retries=a.retries,
+        retries=a.retries, give_up_quarantined=a.give_up_quarantined,
     )
 
 
@@ -77,13 +83,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shard.py: error: {e}", file=sys.stderr)
         return 2
     print(format_table(report))
-    if report["quarantined"]:  # the run went on without them; rerunning the same command retries them
+    if not report["quarantined"]:
+        return 0
+    if report["gave_up_quarantined"]:
+        print(f"shard.py: {len(report['quarantined'])} unit(s) still quarantined after their retries were given up: "
+              f"the output is final without them; their {report['rejected_by_reason']['quarantined']} input(s) are "
+              "in rejects.parquet with reason 'quarantined':", file=sys.stderr)
+    else:  # the run went on without them; rerunning the same command retries them
         print(f"shard.py: {len(report['quarantined'])} unit(s) quarantined after their retries, left out of this "
-              "output; rerun the same command to retry them:", file=sys.stderr)
-        for q in report["quarantined"][:20]:
-            print(f"  unit {q['unit']}: {q['reason']}", file=sys.stderr)
-        return 3
-    return 0
+              "output; rerun the same command to retry them (or add --give-up-quarantined to finalize without "
+              "them):", file=sys.stderr)
+    for q in report["quarantined"][:20]:
+        print(f"  unit {q['unit']}: {q['reason']}", file=sys.stderr)
+    return 4 if report["gave_up_quarantined"] else 3
 
 
 if __name__ == "__main__":

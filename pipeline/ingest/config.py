@@ -15,7 +15,8 @@ WORK_FORMAT = 3
 # Fields that change how the run executes but not which bytes it produces: left out of the fingerprint, so a rerun
 # with more workers, another engine or a quieter log resumes the same output.
 _EXECUTION_ONLY = ("workers", "engine", "ray_address", "quiet", "overwrite", "storage_options", "keep_staging",
-                   "download_threads", "retries", "retry_base_s", "group_inputs", "bucket_records")
+                   "download_threads", "retries", "retry_base_s", "give_up_quarantined", "group_inputs",
+                   "bucket_records")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class IngestConfig:
     download_threads: int = 16  # concurrent fetches of loose files / URLs per task (img2dataset uses 16-64)
     retries: int = 5  # attempts per read on a transient fault, the first included; then the unit is quarantined
     retry_base_s: float = 0.5  # first backoff; doubles per attempt (full jitter, capped at 30 s)
+    # Finalize even if units are still quarantined after their retries: their inputs become "quarantined" rejects,
+    # staging is removed, and reruns are no-ops (an object that fails forever no longer blocks the dataset).
+    give_up_quarantined: bool = False
     # How dedup splits its work (library only; the output does not depend on them): inputs per map / resolve task
     # (about 4M shuffle records per task with --dedup near) and shuffle records per reduce task (~200 MB).
     group_inputs: int = 250_000

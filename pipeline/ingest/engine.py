@@ -15,8 +15,10 @@ The driver holds arrays that grow with the number of units, groups and shards (t
 image. Every artefact is a pure function of (what was listed, fingerprinted arguments), so after kill -9 at any
 moment a rerun redoes only the tasks that were in flight and yields exactly what a clean run yields, with any
 --workers or --engine. A unit whose transient faults outlast the retries is quarantined: the run goes on without
-it, report.json lists it, and the next run stages it and redoes dedup, resolve and shards. A failing task of any
-other phase stops the run once the rest of its phase is done (phase.py: QuarantineError); the next run retries it.
+it, report.json lists it, and the next run stages it and redoes dedup, resolve and shards; or, with
+give_up_quarantined, the run finalizes without it: its inputs become "quarantined" rejects and the output is final.
+A failing task of any other phase stops the run once the rest of its phase is done (phase.py: QuarantineError);
+the next run retries it.
 Phase bookkeeping (saved summaries, checkpoints, progress) is phase.py; listing and the plan, plan.py.
 """
 
@@ -43,10 +45,10 @@ from pipeline.ingest.plan import UNIT_KINDS, Plan, build_plan
 from pipeline.ingest.preflight import check_output, write_config
 from pipeline.ingest.readers import ReadOptions
 from pipeline.ingest.report import build_report
-from pipeline.ingest.resolve import ResolveTask, run_resolve
+from pipeline.ingest.resolve import REJECTS_SCHEMA, ResolveTask, run_resolve
 from pipeline.ingest.retry import RetryPolicy
-from pipeline.ingest.sources import ListTask, expand_sources
-from pipeline.ingest.stage import StageTask, run_stage
+from pipeline.ingest.sources import ListTask, expand_sources, read_part_rows
+from pipeline.ingest.stage import StageTask, key_for, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,8 @@ def run_ingest(cfg: IngestConfig) -> dict:
     check_output(layout, fingerprint, cfg.overwrite, cfg.storage_options)
     fs, _ = url_to_fs(layout.output, cfg.storage_options)
     done = _finished_report(fs, layout)
-    if done is not None and done.get("fingerprint") == fingerprint and not done.get("quarantined"):
+    if done is not None and done.get("fingerprint") == fingerprint and (
+            not done.get("quarantined") or done.get("gave_up_quarantined")):
         log.info("output %s is already complete", layout.output)
         engine.close()
         return done
@@ -70,7 +73,8 @@ def run_ingest(cfg: IngestConfig) -> dict:
         report = _run_phases(Run(cfg, layout, engine, fs), listing, fingerprint, start)
     finally:
         engine.close()
-    if not cfg.keep_staging and not report["quarantined"]:  # staged work stays for the rerun that retries them
+    final = not report["quarantined"] or report["gave_up_quarantined"]
+    if not cfg.keep_staging and final:  # else staged work stays for the rerun that retries the quarantined units
         # config.json stays: it ties the output to its arguments for later reruns
         for p in fs.ls(url_to_fs(layout.work, cfg.storage_options)[1], detail=False):
             if not p.endswith("/config.json"):
@@ -111,15 +115,19 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
     verdicts: Counter = Counter()
     for v in resolved["verdicts"]:
         verdicts.update(json.loads(v))
+    give_up = bool(quarantined) and cfg.give_up_quarantined
+    if give_up:
+        verdicts["quarantined"] = _reject_given_up(plan, quarantined, layout, so)
     names = [layout.shard_file(i) for i in range(num_shards)]
     put_table(layout.shard_index, pa.table({"shard": names, "samples": shards["samples"], "bytes": shards["bytes"]}),
               so)
-    _remove_stale_outputs(fs, layout, num_shards, len(groups))
+    _remove_stale_outputs(fs, layout, num_shards, len(groups), give_up)
     put_bytes(layout.classes, json.dumps(list(plan.classes)).encode(), so)
     report = build_report(cfg.public_dict(), fingerprint, verdicts, num_shards, int(shards["bytes"].sum()),
                           time.perf_counter() - start, plan.classes)
     report["listing_fingerprint"] = plan.fingerprint
     report["quarantined"] = [{"unit": i, "reason": f.reason, "where": f.where} for i, f in quarantined]
+    report["gave_up_quarantined"] = give_up  # then the output is final without them (their inputs in rejects)
     report["nodes"] = len(run.engine.nodes)  # that ran this run's tasks (1 for the local engine)
     put_bytes(layout.report, json.dumps(report, indent=1).encode(), so)
     return report
@@ -181,9 +189,29 @@ def _shard_tasks(kept: np.ndarray, per_shard: int, layout: Layout, so: dict):
         yield i, ShardTask(i, tuple(slices), layout, so)
 
 
-def _remove_stale_outputs(fs, layout: Layout, num_shards: int, num_groups: int) -> None:
-    """Shards, manifest and rejects parts numbered past this run's: left by a run over sources that changed."""
+def _reject_given_up(plan: Plan, quarantined: list[tuple[int, Failed]], layout: Layout, so: dict) -> int:
+    """The inputs of the units given up, as rejects (reason "quarantined", detail the unit's last failure), so a
+    finalized output says what it lacks. From the listing (the units could not be read): a loose file or an
+    archive is one row; a run of a parquet file's rows is one row, FILE#rows=LO-HI. Returns the row count."""
+    rows = []
+    for u, failed in quarantined:
+        lo, hi = (int(x) for x in plan.unit_rows[u])
+        for part, a, b in plan.slices(u):
+            for entry in read_part_rows(part, a, b, so):
+                source = entry["url"] + (f"#rows={lo}-{hi}" if lo < hi else "")
+                rows.append({"source": source, "reason": "quarantined", "detail": failed.reason,
+                             "key": key_for(source)})
+    put_table(layout.rejects_given_up, pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA), so)
+    return len(rows)
+
+
+def _remove_stale_outputs(fs, layout: Layout, num_shards: int, num_groups: int, give_up: bool) -> None:
+    """Shards, manifest and rejects parts numbered past this run's: left by a run over sources that changed; and
+    the given-up units' rejects of an interrupted run whose units this run could read after all."""
     root = url_to_fs(layout.output)[1]
+    given_up = url_to_fs(layout.rejects_given_up)[1]
+    if not give_up and fs.exists(given_up):
+        fs.rm_file(given_up)
     for pattern, limit in (("shard-*.tar", num_shards), ("shard-*.idx", num_shards),
                            ("manifest.parquet/part-*.parquet", num_shards),
                            ("rejects.parquet/part-*.parquet", num_groups)):

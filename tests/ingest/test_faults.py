@@ -1,5 +1,6 @@
 """Transient faults are retried and lose nothing; a unit that keeps failing is quarantined (the run goes on without
-it, and a rerun retries it); only deterministic content faults become rejects. Also the web-dump sources: url + caption parquet (downloaded by
+it, and a rerun retries it, or --give-up-quarantined finalizes without it, its inputs in rejects); only
+deterministic content faults become rejects. Also the web-dump sources: url + caption parquet (downloaded by
 threads) and WebDataset tars (txt / json / cls carried into the output sample).
 
 The faults come from a loopback server (faults.py) in front of real clients: urllib for web URLs, s3fs and
@@ -23,6 +24,7 @@ from pipeline.ingest import fetch
 from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.engine import run_ingest
 from tests.ingest.faults import FaultServer
+from tools import shard
 from tests.ingest.helpers import check_readable, shard_contents, verdicts
 
 
@@ -81,6 +83,8 @@ def _wds_tar(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
 
 
 def test_s3_faults_retried_quarantined_then_rerun_loses_nothing(s3_server, s3_bucket, tmp_path, monkeypatch):
+    """Also: the same outage with --give-up-quarantined (the CLI, in-process) gives a final output without the unit,
+    its inputs in rejects, exit status 4, and a rerun that changes nothing."""
     # Our retries, not the client's: s3fs and botocore retry a failed request once at most here.
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
     raw = fsspec.filesystem("s3")
@@ -107,6 +111,7 @@ def test_s3_faults_retried_quarantined_then_rerun_loses_nothing(s3_server, s3_bu
         assert partial["kept"] == 12 - 4 + 3 + 1 and not any("img09" in s for s in verdicts(tmp_path / "out"))
         staged = {p.name for p in (tmp_path / "out/_ingest/stage").glob("*.parquet")}  # kept for the rerun
         assert staged == {f"unit-{u:08d}.parquet" for u in (0, 1, 3, 4)}
+        _give_up_while_unit_2_fails(sources, so, tmp_path / "final", verdicts(tmp_path / "out"))
         proxy.clear()
         report = run_ingest(cfg)  # the rerun stages unit 2 and redoes dedup, resolve and shards with it
         assert report["quarantined"] == [] and [p.name for p in (tmp_path / "out/_ingest").iterdir()] == [
@@ -124,6 +129,24 @@ def test_s3_faults_retried_quarantined_then_rerun_loses_nothing(s3_server, s3_bu
     assert json.loads(samples[f"{s3_bucket}/web/part-0.tar::00000/000000003.png"]["json"])["source_meta"] == {
         "unparsed": "not json"}
     check_readable(tmp_path / "out")
+
+
+def _give_up_while_unit_2_fails(sources: list[str], so: dict, out, partial: dict[str, str]) -> None:
+    argv = [*sources, "--output", str(out), "--unit-size", "4", "--workers", "1", "--retries", "3", "--quiet",
+            "--storage-options", json.dumps(so), "--give-up-quarantined"]
+    assert shard.main(argv) == 4
+    report = json.loads((out / "report.json").read_text())
+    assert report["gave_up_quarantined"] and [q["unit"] for q in report["quarantined"]] == [2]
+    given_up = {s: v for s, v in verdicts(out).items() if v == "quarantined"}
+    assert sorted(s.rsplit("/", 1)[1] for s in given_up) == [f"img{i:02d}.jpg" for i in range(8, 12)]
+    rejects = pq.read_table(out / "rejects.parquet/quarantined.parquet").to_pylist()
+    assert all("img09" in r["detail"] for r in rejects)  # the unit's last failure, per input
+    assert {s: v for s, v in verdicts(out).items() if v != "quarantined"} == partial
+    assert report["kept"] + report["rejected"] + report["duplicates"] == report["inputs"] == len(partial) + 4
+    assert (out / "shards.parquet").exists() and [p.name for p in (out / "_ingest").iterdir()] == ["config.json"]
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    assert shard.main(argv) == 4  # final: the rerun is a no-op
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
 
 
 def _encode_png(i: int) -> bytes:
