@@ -31,6 +31,7 @@ from jobs.finetune_config import FinetuneConfig, check_finetune_config, dump_fin
 from jobs.launch import Dist, init_distributed
 from jobs.loop import train
 from jobs.run import build_data, parse_job_args, prepare_run_dir, resume, setup_logging
+from jobs.startup import agree
 from jobs.validate import check_shards
 from model.flops import block_flops
 
@@ -62,17 +63,22 @@ def check_input_shape(model: Classifier, cfg: FinetuneConfig) -> None:
                           f"but the encoder was trained at {pe.img_size} px with patch {pe.patch_size}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_job_args(argv, __doc__, "encoder=runs/x")
-    cfg = load_finetune_config(args.config, args.set)
-    world = init_distributed(cfg.deepspeed.dist_backend)
-    setup_logging(world.rank)
+def check_finetune_start(cfg: FinetuneConfig) -> None:
+    """The config, and that both data sources exist and can be read."""
     check_finetune_config(cfg)
     for section, data in (("train_data", cfg.train_data), ("val_data", cfg.val_data)):
         try:
             check_shards(data.sources, data.storage_options, data.mode)
         except ConfigError as e:
             raise ConfigError(f"{section}.{str(e).removeprefix('data.')}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_job_args(argv, __doc__, "encoder=runs/x")
+    cfg = load_finetune_config(args.config, args.set)
+    world = init_distributed(cfg.deepspeed.dist_backend)
+    setup_logging(world.rank)
+    agree(lambda: check_finetune_start(cfg), "start-up checks")  # every rank fails alike (jobs/startup.py)
     derived = derived_values(cfg, world.world_size)
     model = build_network(cfg)
     check_input_shape(model, cfg)
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 def report(engine, cfg: FinetuneConfig, step: int, world: Dist, out_dir: Path) -> None:
     """Validation top-1 / top-5 of the final weights: terminal (rank 0's log) and OUTPUT_DIR/finetune.json."""
     val = build_data(cfg.val_data, world, None)
-    scores = evaluate(engine, val, world.device)
+    scores = evaluate(engine, val, world.device, cfg.val_data.img_size)
     val.close()
     if world.is_main:
         result = scores | {"step": step, "encoder": cfg.encoder, "num_classes": cfg.head.num_classes}

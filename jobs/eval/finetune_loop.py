@@ -42,17 +42,33 @@ def finetune_hooks(schedule: EpochSchedule) -> LoopHooks:
 
 
 @torch.no_grad()
-def evaluate(engine, loader, device: torch.device) -> dict[str, float]:
+def evaluate(engine, loader, device: torch.device, img_size: int) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) over one eval pass, every labelled sample counted once across ranks.
 
-    Ranks hold different numbers of batches in eval mode, so the only collective is one all-reduce of the counts after
-    the pass. The forward goes through engine.module so ZeRO-3's hooks gather each layer's weights as usual.
+    Ranks hold different numbers of batches in eval mode (a rank may hold none: fewer validation shards than
+    readers). Under ZeRO 0-2 the only collective is one all-reduce of the counts after the pass. Under ZeRO-3 every
+    forward is itself a collective (each layer's weights are gathered from all ranks), so the ranks go in lockstep:
+    before each batch they agree whether any rank still has one, and a rank whose share has ended runs a forward of
+    one blank img_size image (not counted) until every rank's has.
     """
     model = engine.module
     was_training = model.training
     model.eval()  # no drop path
+    lockstep = engine.zero_optimization_stage() == 3 and dist.is_initialized() and dist.get_world_size() > 1
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, labelled samples
-    for batch in loader:
+    batches = iter(loader)
+    while True:
+        batch = next(batches, None)
+        if lockstep:
+            left = torch.tensor([float(batch is not None)], device=device)
+            dist.all_reduce(left, op=dist.ReduceOp.MAX)
+            if left.item() == 0.0:
+                break
+            if batch is None:
+                model.logits(torch.zeros(1, 3, img_size, img_size, device=device))
+                continue
+        elif batch is None:
+            break
         labels = batch["labels"].to(device)
         logits = model.logits(batch["view1"]).float()
         seen = labels >= 0
