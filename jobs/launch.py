@@ -9,13 +9,19 @@ process group even for a single process.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, MutableMapping
 
 import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 # Where each launcher says which device of its node a process owns: torchrun and the deepspeed launcher export
 # LOCAL_RANK (jobs/slurm_pretrain.sh sets it from SLURM_LOCALID); a bare `srun python ...` leaves only SLURM_LOCALID;
@@ -46,13 +52,83 @@ def init_distributed(backend: str = "auto") -> Dist:
         torch.cuda.set_device(device)  # before any CUDA work, so NCCL (and DALI) bind each rank to its own GPU
     if backend == "auto":
         backend = "nccl" if on_cuda else "gloo"
+    choose_gloo_interface(os.environ)
     # On CPU DeepSpeed also JIT-builds a shared-memory all-reduce op the first time (about a minute, cached under
     # ~/.cache/torch_extensions), then uses it for same-host reductions.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start_cpu_group()
     if not on_cuda:
         release_shm_allreduce_name(rank)
     return Dist(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def choose_gloo_interface(env: MutableMapping[str, str]) -> None:
+    """Set GLOO_SOCKET_IFNAME, unless the user did, to the interface that routes to MASTER_ADDR.
+
+    Gloo (the CPU group, and the default group of CPU runs) otherwise advertises the address the hostname resolves
+    to, which is 127.0.1.1 on a Debian/Ubuntu node's /etc/hosts and in some host-network containers: every peer
+    then connects to its own loopback and the group never forms. The route to MASTER_ADDR is the one the
+    rendezvous (TCPStore) itself uses, so it reaches the other nodes. A loopback route (a one-node run) changes
+    nothing."""
+    if env.get("GLOO_SOCKET_IFNAME") or not env.get("MASTER_ADDR"):
+        return
+    name = interface_towards(env["MASTER_ADDR"])
+    if name is not None:
+        env["GLOO_SOCKET_IFNAME"] = name
+        log.info("GLOO_SOCKET_IFNAME=%s (the interface that routes to MASTER_ADDR %s)", name, env["MASTER_ADDR"])
+
+
+def interface_towards(host: str) -> str | None:
+    """The name of the network interface that holds the source address of this host's route to `host` (a name or
+    an IPv4 address), or None when that address is loopback or unknown. On the node that is `host` itself, the
+    interface holding `host`'s address (not lo)."""
+    import psutil
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))  # UDP: nothing is sent; the kernel picks the route and the source address
+            source = s.getsockname()[0]
+    except OSError:  # unresolvable, or no route: leave gloo's default
+        return None
+    if ipaddress.ip_address(source).is_loopback:
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == source for a in addrs):
+            return name
+    return None
+
+
+# Gloo's connect retries a refused connection until the group's timeout; a group that cannot form is a network
+# setting to fix, so it should fail in a minute, not after the 10-30 minutes collectives are given.
+GLOO_CONNECT_TIMEOUT = timedelta(seconds=60)
+
+_CPU_GROUP: list = []
+
+
+def start_cpu_group() -> None:
+    """Make the gloo group over every rank that host-side collectives use (the preemption vote, the start-up checks'
+    all_gather_object): at start, so a cluster where gloo cannot connect across nodes fails here, in a minute,
+    rather than after a full start-up, a compile and the first step. A CPU run's default group is gloo already."""
+    _CPU_GROUP.clear()
+    if dist.get_backend() == "gloo":
+        _CPU_GROUP.append(None)
+        return
+    try:
+        group = dist.new_group(backend="gloo", timeout=GLOO_CONNECT_TIMEOUT)  # gloo connects the full mesh here
+    except RuntimeError as e:
+        raise RuntimeError(f"the gloo group (CPU collectives) could not connect across ranks "
+                           f"(GLOO_SOCKET_IFNAME={os.environ.get('GLOO_SOCKET_IFNAME', '<unset>')}): set "
+                           "GLOO_SOCKET_IFNAME to the network interface the nodes reach each other on") from e
+    dist.distributed_c10d._set_pg_timeout(dist.default_pg_timeout, group)  # later collectives may wait on a slow rank
+    _CPU_GROUP.append(group)
+
+
+def cpu_group():
+    """The gloo group start_cpu_group made (None: the default group, when that runs on gloo)."""
+    if not _CPU_GROUP:
+        raise RuntimeError("no CPU process group: start the process group with jobs.launch.init_distributed")
+    return _CPU_GROUP[0]
 
 
 # (rank, world size, local rank) variables of the launchers that do not export RANK: an srun task (SLURM_STEP_NUM_TASKS
@@ -125,7 +201,7 @@ def release_shm_allreduce_name(rank: int) -> None:
     after it has mapped every peer's buffer, so after a barrier the names are no longer needed: the mappings outlive
     the name, and the kernel frees the memory when the last rank exits, however it exits (SIGKILL included).
     """
-    torch.distributed.barrier()
+    dist.barrier()
     # Absent where DeepSpeed chose not to use shared memory (ranks on several hosts, or no LOCAL_SIZE, as for a
     # plain `python jobs/pretrain.py`): nothing to release then.
     shm_allreduce_buffer(rank).unlink(missing_ok=True)

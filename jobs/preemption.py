@@ -4,8 +4,9 @@ arrived in, and exits 0.
 The handler only sets a flag: saving inside it would interrupt whatever collective the rank is in. Ranks agree on
 the decision by an all-reduce, because schedulers do not signal every rank at the same instant (and a save is a
 collective: one rank saving alone would hang). The vote never makes the host wait: each step boundary starts one
-(asynchronously, on a CPU group) and reads the previous one, which every rank joined a whole step earlier. That costs
-one step of delay (well inside SLURM's 180 s warning) and keeps the host free to queue the next step's GPU work.
+(asynchronously, on the gloo group jobs.launch made at start) and reads the previous one, which every rank joined a
+whole step earlier. That costs one step of delay (well inside SLURM's 180 s warning) and keeps the host free to queue
+the next step's GPU work.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import signal
 
 import torch
 import torch.distributed as dist
+
+from jobs.launch import cpu_group
 
 log = logging.getLogger(__name__)
 
@@ -47,24 +50,10 @@ class PreemptionFlag:
             return local
         previous = self._pending
         flag = torch.tensor([1.0 if local else 0.0])
-        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_cpu_group(), async_op=True), flag)
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=cpu_group(), async_op=True), flag)
         if previous is None:
             return False
         work, voted = previous
         work.wait()  # every rank started it a step ago: done
         return bool(voted.item())
 
-
-_CPU_GROUP: list = []
-
-
-def _cpu_group():
-    """The default group when it already runs on gloo (CPU runs), else a gloo group over the same ranks, made once.
-
-    Every rank reaches the first call at the same step boundary, which new_group (a collective) requires.
-    """
-    if dist.get_backend() == "gloo":
-        return None
-    if not _CPU_GROUP:
-        _CPU_GROUP.append(dist.new_group(backend="gloo"))
-    return _CPU_GROUP[0]
