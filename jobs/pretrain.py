@@ -26,6 +26,7 @@ from jobs.eval.monitor import KNNMonitor
 from jobs.launch import Dist, init_distributed
 from jobs.loop import LoopHooks, Progress, train
 from jobs.run import build_data, parse_job_args, prepare_run_dir, resume, setup_logging
+from jobs.startup import agree
 from jobs.plots import plot_run
 from jobs.step import train_step
 from jobs.validate import check_config
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.set)
     dist = init_distributed(cfg.deepspeed.dist_backend)
     setup_logging(dist.rank)
-    check_config(cfg)
+    agree(lambda: check_config(cfg), "start-up checks")  # every rank fails alike, though a node's environment differs
     derived = derived_values(cfg, dist.world_size)
     network = build_network(cfg.model, cfg.seed, dist.device)
     runtime = resolve_runtime(cfg.deepspeed, cfg.optim.name, network, dist.device.type == "cuda")
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = build_engine(network, cfg.optim, cfg.deepspeed, derived, runtime)
     progress, loader_state = resume(engine, out_dir / "checkpoints", dist, cfg.checkpoint.resume)
     loader = build_data(cfg.data, dist, loader_state)
-    monitor = build_monitor(cfg.monitor, cfg.data, cfg.deepspeed.zero_stage, dist)
+    monitor = agree(lambda: build_monitor(cfg.monitor, cfg.data, cfg.deepspeed.zero_stage, dist), "the kNN monitor")
     outcome = train(engine, loader, cfg, derived, dist, progress, out_dir, train_flops_per_image(cfg.model),
                     step_fn=train_step, hooks=pretrain_hooks(engine, loader, cfg, derived, monitor))
     loader.close()

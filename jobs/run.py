@@ -8,13 +8,14 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from jobs import checkpoint, rng_state
 from jobs.derived import Derived
 from jobs.engine import Runtime
+from jobs.errors import ConfigError
 from jobs.launch import Dist
 from jobs.loop import Progress
+from jobs.startup import agree, check_shared_dir
 from pipeline.config import DataConfig
 from pipeline.loader import Loader, build_loader
 
@@ -41,23 +42,38 @@ def setup_logging(rank: int) -> None:
 def prepare_run_dir(output_dir: str, derived: Derived, runtime: Runtime, dump: Callable[[dict], str],
                     dist: Dist) -> Path:
     """output_dir/resolved.yaml: the config as run (`dump(extra)`), with the derived values and the runtime
-    (precision, compile), beside the checkpoints."""
+    (precision, compile), beside the checkpoints. Refuses a URL, and a directory that is not the same on every rank
+    (jobs.startup.check_shared_dir), on every rank before any training."""
+    if "://" in output_dir:
+        # DeepSpeed and torch.save write checkpoints through the local filesystem, and the crash-safe save relies on
+        # os.replace: object storage has neither.
+        raise ConfigError(f"output_dir: {output_dir} is a URL; checkpoints need a directory on a filesystem every "
+                          "node mounts (NFS, Lustre, FSx, GPFS); copy the run to object storage afterwards")
     out = Path(output_dir)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        extra = {f.name: getattr(derived, f.name) for f in fields(derived)}
-        extra.update(asdict(runtime))
-        (out / "resolved.yaml").write_text(dump(extra))
-        log.info("derived: %s", extra)
-    torch.distributed.barrier()
+    check_shared_dir(out, dist.rank)
+
+    def write_resolved() -> None:
+        if dist.is_main:
+            extra = {f.name: getattr(derived, f.name) for f in fields(derived)}
+            extra.update(asdict(runtime))
+            (out / "resolved.yaml").write_text(dump(extra))
+            log.info("derived: %s", extra)
+
+    agree(write_resolved, f"writing {out / 'resolved.yaml'}")
     return out
 
 
 def build_data(cfg: DataConfig, dist: Dist, state: dict | None) -> Loader:
-    loader = build_loader(cfg, dist.rank, dist.world_size, dist.device)
-    if state is not None:
-        loader.load_state_dict(state)
-    return loader
+    """This rank's loader, once every rank's has started (/dev/shm and the worker processes can fail on one node
+    only: jobs.startup.agree)."""
+
+    def start() -> Loader:
+        loader = build_loader(cfg, dist.rank, dist.world_size, dist.device)
+        if state is not None:
+            loader.load_state_dict(state)
+        return loader
+
+    return agree(start, "starting the data loader", undo=lambda loader: loader.close())
 
 
 def resume(engine, ckpt_dir: Path, dist: Dist, enabled: bool) -> tuple[Progress, dict | None]:

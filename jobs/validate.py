@@ -1,7 +1,8 @@
 """Start-up checks: a config that cannot work fails before any compute is spent, naming the field.
 
-Reached from pretrain.main() on every rank (cheap: a few metadata requests), so each rank fails with the same message
-instead of some ranks hanging in a collective while others have died.
+Reached from pretrain.main() on every rank (cheap: a few metadata requests) through jobs.startup.agree, so a check
+that fails on some ranks only (a node whose environment lacks the AWS_* settings) fails every rank, naming the failing
+ranks and hosts, instead of some ranks hanging in a collective while others have died.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def check_shards(sources, storage_options: dict, mode: str, name: str = "data.sh
             urls, _ = resolve(src, storage_options)
         except FileNotFoundError:
             raise ConfigError(f"{field}: {src.url} not found") from None
-        except (OSError, ValueError) as e:
+        except Exception as e:  # botocore's EndpointConnectionError (a dead endpoint) is no OSError
             raise ConfigError(f"{field}: {src.url} cannot be listed or read ({type(e).__name__}: {e})") from None
         if not urls:
             raise ConfigError(f"{field}: {src.url} holds no .tar shards")
@@ -114,7 +115,7 @@ def check_shards(sources, storage_options: dict, mode: str, name: str = "data.sh
                 head = f.read(512)
         except FileNotFoundError:
             raise ConfigError(f"{field}: {first} not found") from None
-        except (OSError, ValueError) as e:
+        except Exception as e:
             raise ConfigError(f"{field}: {first} cannot be read ({type(e).__name__}: {e})") from None
         if len(head) < 512:
             raise ConfigError(f"{field}: {first} is not a tar file ({len(head)} bytes)")
