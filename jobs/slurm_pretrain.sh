@@ -24,6 +24,8 @@ export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT=${MASTER_PORT:-29500}
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK}
 # AWS_* (endpoint, credentials) come from the submitting environment; srun exports it to every task.
+# Gloo (the preemption vote, the start-up agreement) binds the interface each rank's route to MASTER_ADDR leaves
+# by (jobs/launch.py), unless GLOO_SOCKET_IFNAME is exported here: do so when the nodes reach each other on another.
 
 # The rank variables torch.distributed reads, from SLURM's per-task ones (evaluated inside each task).
 srun --kill-on-bad-exit=1 bash -c '
