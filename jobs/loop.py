@@ -103,7 +103,8 @@ def train(engine, loader, cfg: TrainConfig | FinetuneConfig, derived: Derived, d
             if bar is not None:
                 bar.update(1)
             if step % cfg.logging.every_steps == 0 or step == last:
-                record = window.reduce(batches.wait_s, derived.micro_batch * derived.grad_accum, flops_per_image, peak)
+                record = window.reduce(batches.wait_s, derived.micro_batch * derived.grad_accum, flops_per_image, peak,
+                                       loader.counters())
                 record.update(step=step, samples_seen=progress.samples_seen, lr=lr, grad_norm=_grad_norm(engine),
                               skipped_steps=progress.skipped_total)
                 record.update(hooks.extra_record(progress, step == last))

@@ -40,6 +40,11 @@ def mfu(images_per_s: float, flops_per_image: float, peak: float | None) -> floa
     return images_per_s * flops_per_image / peak if peak else None
 
 
+# The loader's cumulative fault counters (pipeline/counters.py) logged as their largest value over the ranks: a rank
+# whose reads keep retrying stalls every rank, and rank 0's own counters would not show it.
+STRAGGLER_COUNTERS = ("read_retries", "shards_failed", "skipped")
+
+
 class TimedIterator:
     """Wraps the batch iterator and adds up the time spent blocked in next(): the data-wait share."""
 
@@ -73,21 +78,36 @@ class Window:
         self.steps += 1
 
     def reduce(self, wait_s: float, images_per_step_per_device: int, flops_per_image: float,
-               peak: float | None) -> dict:
-        """Mean of every loss term over the window and all ranks (one all-reduce), and the throughput figures."""
+               peak: float | None, counters: dict[str, float] | None = None) -> dict:
+        """Mean of every loss term over the window and all ranks, the throughput figures, and the largest data-wait
+        share and loader fault counters (STRAGGLER_COUNTERS of `counters`, this rank's loader's) over the ranks, with
+        the rank that has it: one all-gather of this rank's figures, the window's one host sync.
+
+        Every rank waits for the slowest at the next collective, so a node that waits for data shows on all ranks as
+        slow steps; rank 0's own wait share would read as a compute-bound job."""
         names = sorted(self.sums)
-        stacked = torch.stack([self.sums[n] for n in names]) / max(1, self.steps)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(stacked)
-            stacked /= dist.get_world_size()
-        values = stacked.tolist()  # the window's one host sync
+        host = [wait_s - self.wait_start, *((counters or {}).get(k, 0.0) for k in STRAGGLER_COUNTERS)]
+        mine = torch.cat([torch.stack([self.sums[n] for n in names]).float() / max(1, self.steps),
+                          torch.tensor(host, dtype=torch.float32, device=self.device)])
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        every = mine.new_empty(world * mine.numel())
+        if world > 1:
+            dist.all_gather_single(every, mine)
+        else:
+            every.copy_(mine)
+        table = every.view(world, -1).tolist()  # [rank][loss terms..., wait seconds, counters...]
         elapsed = time.perf_counter() - self.t_start
         ips = self.steps * images_per_step_per_device / elapsed if elapsed > 0 else float("nan")
-        out = {n: v for n, v in zip(names, values)}
+        out = {n: sum(row[i] for row in table) / world for i, n in enumerate(names)}
+        rank = dist.get_rank() if dist.is_initialized() else 0
         out.update(images_per_s_per_device=ips,
                    mfu=mfu(ips, flops_per_image, peak),
-                   data_wait_share=(wait_s - self.wait_start) / elapsed if elapsed > 0 else None,
+                   data_wait_share=table[rank][len(names)] / elapsed if elapsed > 0 else None,
                    step_time_s=elapsed / max(1, self.steps))
+        for i, key in enumerate(("wait_share", *STRAGGLER_COUNTERS), start=len(names)):
+            column = [row[i] / (elapsed if key == "wait_share" else 1.0) for row in table]
+            worst = max(range(world), key=column.__getitem__)
+            out[f"data_{key}_max"], out[f"data_{key}_max_rank"] = column[worst], worst
         out.update(memory_stats(self.device))
         return out
 

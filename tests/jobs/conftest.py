@@ -142,6 +142,35 @@ def slurm_env(stub_dir: Path, ranks: int, port: str) -> dict:
             "MASTER_PORT": port, "SCONTROL_LOG": str(stub_dir / "scontrol.log")}
 
 
+HAND_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME")
+
+
+def start_ranks(cmd: list[str], per_rank: list[dict], cwd: list[Path], logs: Path,
+                env: dict | None = None) -> list[subprocess.Popen]:
+    """Start len(per_rank) processes of `cmd` as the ranks of one world (what a launcher exports, by hand), rank r
+    in cwd[r] with per_rank[r] added to its environment; each one's output goes to logs/rank-R.log."""
+    base = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in HAND_LAUNCH_VARS}
+    base.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                WORLD_SIZE=str(len(per_rank)))
+    logs.mkdir(parents=True, exist_ok=True)
+    return [subprocess.Popen(cmd, cwd=cwd[r], env={**base, **extra, "RANK": str(r), "LOCAL_RANK": str(r)},
+                             stdout=open(logs / f"rank-{r}.log", "w"), stderr=subprocess.STDOUT)
+            for r, extra in enumerate(per_rank)]
+
+
+def wait_all(procs: list[subprocess.Popen], logs: Path, timeout: float) -> tuple[list[int], list[str]]:
+    """The exit codes and logs of start_ranks' processes; kills them and fails with their logs after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    try:
+        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        raise AssertionError("ranks still running after %.0f s:\n%s" % (
+            timeout, "\n".join((logs / f"rank-{r}.log").read_text()[-2000:] for r in range(len(procs)))))
+    return codes, [(logs / f"rank-{r}.log").read_text() for r in range(len(procs))]
+
+
 def rank_process(launcher_pid: int, local_rank: int):
     """The training process of `local_rank` under a launcher (deepspeed or torchrun: both export LOCAL_RANK), or None
     while it has not started."""

@@ -6,12 +6,8 @@ Bare gloo processes (no DeepSpeed engine, no training), so the whole module cost
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -20,34 +16,7 @@ from jobs.errors import ConfigError
 from jobs.launch import choose_gloo_interface
 from tools.local_s3 import free_port
 
-from .conftest import CONFIG, REPO
-
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME")
-
-
-def start_ranks(cmd: list[str], per_rank: list[dict], cwd: list[Path], logs: Path,
-                env: dict | None = None) -> list[subprocess.Popen]:
-    """Start len(per_rank) processes of `cmd` as the ranks of one world (what a launcher exports, by hand), rank r
-    in cwd[r] with per_rank[r] added to its environment; each one's output goes to logs/rank-R.log."""
-    base = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in LAUNCH_VARS}
-    base.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-                WORLD_SIZE=str(len(per_rank)))
-    logs.mkdir(parents=True, exist_ok=True)
-    return [subprocess.Popen(cmd, cwd=cwd[r], env={**base, **extra, "RANK": str(r), "LOCAL_RANK": str(r)},
-                             stdout=open(logs / f"rank-{r}.log", "w"), stderr=subprocess.STDOUT)
-            for r, extra in enumerate(per_rank)]
-
-
-def wait_all(procs: list[subprocess.Popen], logs: Path, timeout: float) -> tuple[list[int], list[str]]:
-    deadline = time.monotonic() + timeout
-    try:
-        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        raise AssertionError("ranks still running after %.0f s:\n%s" % (
-            timeout, "\n".join((logs / f"rank-{r}.log").read_text()[-2000:] for r in range(len(procs)))))
-    return codes, [(logs / f"rank-{r}.log").read_text() for r in range(len(procs))]
+from .conftest import CONFIG, REPO, start_ranks, wait_all
 
 
 def test_a_data_source_one_rank_cannot_reach_fails_every_rank_at_once(trainer, tmp_path):
