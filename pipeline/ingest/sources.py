@@ -171,7 +171,7 @@ def run_listing(task: ListTask, policy: RetryPolicy) -> ListResult:
             bucket, key, _ = fs.split_path(path)
             listed = list_range(lister(fs), bucket, f"{key.strip('/')}/" if key else "", task.mode == "top",
                                 task.after, task.upto, policy)
-            infos = [(f"{bucket}/{o['Key']}", o) for o in listed.objects]
+            infos = [(f"{bucket}/{k}", {"size": size, "ETag": etag}) for k, size, etag in listed.objects]
             subfolders = tuple(fs.unstrip_protocol(f"{bucket}/{p.rstrip('/')}") for p in listed.subfolders)
             rest, part_rows = listed.rest, max(len(infos), 1)
         elif task.mode == "top":
