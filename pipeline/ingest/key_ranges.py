@@ -42,10 +42,11 @@ from aiobotocore.session import AioSession
 
 from pipeline.ingest.retry import RetryPolicy, retry
 
-# Keys one listing task holds at most: ~0.5 KB each in Python (the key, ETag and size, then the part's row) is
-# ~100 MB, with the part's Arrow table ~150 MB at the peak, well inside the listing task's 1 GB memory request;
-# 200 pages of 1,000 keys are 6-16 s of S3 requests (plus ~9 s of the client's CPU), long against a task's overhead
-# (~10 ms on Ray, one part written), short enough that a round of tasks does not wait long for its slowest.
+# Keys one listing task holds at most. A task of 200k keys peaks at 370 MB RSS, 217 MB above its imports (measured
+# on moto, bench/listing.py: ~1.1 KB a key, pages, rows and the part's Arrow table), inside the listing task's 1 GB
+# memory request; its 200 pages are 6-16 s of S3 requests plus ~11 s of the client's CPU (54 us a key), long
+# against a task's overhead (~10 ms on Ray, one part written), short enough that a round does not wait long for
+# its slowest task.
 LIST_CAP = 200_000
 # Sub-ranges one task hands back at most (evenly thinned beyond): a round's task count stays bounded.
 MAX_SPLIT = 128
