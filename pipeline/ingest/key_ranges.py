@@ -36,11 +36,12 @@ import functools
 import os
 from dataclasses import dataclass
 from operator import itemgetter
-
-import s3fs
-from aiobotocore.session import AioSession
+from typing import TYPE_CHECKING
 
 from pipeline.ingest.retry import RetryPolicy, retry
+
+if TYPE_CHECKING:  # imported where used: s3fs costs every ingest process ~0.5 s to import, S3 or not
+    import s3fs
 
 # Keys one listing task holds at most. A task of 200k keys peaks at 370 MB RSS, 217 MB above its imports (measured
 # on moto, bench/listing.py: ~1.1 KB a key, pages, rows and the part's Arrow table), inside the listing task's 1 GB
@@ -67,8 +68,10 @@ class RangeListing:
 
 
 def range_listable(fs) -> bool:
-    """S3 (not version-aware: that listing is ListObjectVersions, whose paging differs)."""
-    return isinstance(fs, s3fs.S3FileSystem) and not fs.version_aware
+    """S3: fsspec's "s3" protocol, which is s3fs (not version-aware: that listing is ListObjectVersions, whose
+    paging differs)."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "s3" in protocols and not getattr(fs, "version_aware", False)
 
 
 @functools.lru_cache(maxsize=4)
@@ -77,6 +80,9 @@ def lister(fs: s3fs.S3FileSystem) -> s3fs.S3FileSystem:
     S3 sent: botocore's default parses every key's timestamp with dateutil, ~60% of a listing's CPU (profiled on
     the moto server), and only Key, Size and ETag are used. Its own session (s3fs's `session` argument), so the
     other clients of the process parse as usual. One per process and set of options."""
+    import s3fs
+    from aiobotocore.session import AioSession
+
     session = AioSession(**fs.kwargs)
     session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
     return s3fs.S3FileSystem(**{**fs.storage_options, "session": session, "skip_instance_cache": True})
