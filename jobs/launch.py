@@ -69,14 +69,29 @@ def choose_gloo_interface(env: MutableMapping[str, str]) -> None:
     Gloo (the CPU group, and the default group of CPU runs) otherwise advertises the address the hostname resolves
     to, which is 127.0.1.1 on a Debian/Ubuntu node's /etc/hosts and in some host-network containers: every peer
     then connects to its own loopback and the group never forms. The route to MASTER_ADDR is the one the
-    rendezvous (TCPStore) itself uses, so it reaches the other nodes. A loopback route (a one-node run) changes
-    nothing."""
+    rendezvous (TCPStore) itself uses, so it reaches the other nodes. On the master node itself, when MASTER_ADDR
+    is this host's own name and that resolves to loopback here (jobs/slurm_pretrain.sh exports the first node's
+    name; Debian maps it to 127.0.1.1), the other nodes reach it on another interface: the default route's is
+    taken. A loopback MASTER_ADDR (127.x, localhost: a one-node run) changes nothing."""
     if env.get("GLOO_SOCKET_IFNAME") or not env.get("MASTER_ADDR"):
         return
-    name = interface_towards(env["MASTER_ADDR"])
+    master = env["MASTER_ADDR"]
+    name, why = interface_towards(master), "the interface that routes to MASTER_ADDR"
+    if name is None and _names_this_host(master):
+        name, why = interface_towards(_OFF_HOST), "the default route's: MASTER_ADDR names this host, loopback here"
     if name is not None:
         env["GLOO_SOCKET_IFNAME"] = name
-        log.info("GLOO_SOCKET_IFNAME=%s (the interface that routes to MASTER_ADDR %s)", name, env["MASTER_ADDR"])
+        log.info("GLOO_SOCKET_IFNAME=%s (%s %s)", name, why, master)
+
+
+_OFF_HOST = "192.0.2.1"  # TEST-NET-1 (RFC 5737): never a local address, so the kernel routes it by the default route
+
+
+def _names_this_host(host: str) -> bool:
+    """Whether `host` is this machine's own host name (short or fully qualified), not localhost or an address."""
+    names = {socket.gethostname().lower(), socket.getfqdn().lower()}
+    names |= {n.split(".")[0] for n in names}
+    return host.lower() in names and host.lower() != "localhost"
 
 
 def interface_towards(host: str) -> str | None:

@@ -71,6 +71,7 @@ def build_data(cfg: DataConfig, dist: Dist, state: dict | None) -> Loader:
         loader = build_loader(cfg, dist.rank, dist.world_size, dist.device)
         if state is not None:
             loader.load_state_dict(state)
+        loader.start()  # the workers, their /dev/shm slots and DALI's pipeline: here, not in step 1
         return loader
 
     return agree(start, "starting the data loader", undo=lambda loader: loader.close())

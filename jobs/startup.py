@@ -25,8 +25,9 @@ from jobs.launch import cpu_group
 T = TypeVar("T")
 
 # How long a rank looks for rank 0's marker in output_dir: a network filesystem may show a file created on another
-# node a moment later (attribute caches); a directory that is not shared never shows it.
-SHARED_DIR_WAIT_S = 10.0
+# node a while later (NFS caches a directory's attributes and negative lookups for up to acdirmax, 60 s by
+# default); a directory that is not shared never shows it. Only a failing check waits this long.
+SHARED_DIR_WAIT_S = 70.0
 MAX_ERRORS_SHOWN = 4  # distinct error messages in the raised one (64 ranks failing alike make one entry)
 
 

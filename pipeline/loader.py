@@ -130,6 +130,15 @@ class Loader:
         return self._counters.snapshot(workers)
 
     # ----- iteration ---------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker processes (their shared-memory slots) and build DALI's pipeline now, rather than at the
+        first batch, raising what fails: a node short of /dev/shm, a worker that cannot start or a decoder that
+        cannot be built shows here, where a trainer can agree on it with the other ranks (jobs.startup.agree)
+        instead of failing alone inside its first step while every other rank waits in a collective."""
+        if self._active is None:
+            self._active = _Producer(self)
+        self._active.wait_built()
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._active is None:
             self._active = _Producer(self)
@@ -176,6 +185,8 @@ class _Producer(threading.Thread):
         self.out: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch))
         self._stop_event = threading.Event()
         self.pipe = None
+        self._built = threading.Event()  # set once the thread has built the pipeline (or failed to)
+        self._build_error: Exception | None = None
         self.inflight: collections.deque[tuple[Batch, dict]] = collections.deque()  # fed to DALI, outputs not taken
         self.cpu_s = 0.0
         self._blind_drops = 0  # batches dropped in a row for a DALI failure no Pillow decode explains
@@ -204,8 +215,21 @@ class _Producer(threading.Thread):
                 continue
         return False
 
+    def wait_built(self) -> None:
+        """Block until the thread has built DALI's pipeline; raise if that failed."""
+        self._built.wait()
+        if self._build_error is not None:
+            raise RuntimeError(f"the data pipeline could not be built: {self._build_error}") from self._build_error
+
     def run(self) -> None:
         try:
+            try:
+                self.pipe = self._build_pipe()
+            except Exception as e:
+                self._build_error = e
+                raise
+            finally:
+                self._built.set()
             self._run()
         except PoolClosed:
             return
@@ -218,7 +242,6 @@ class _Producer(threading.Thread):
         """Keep cfg.prefetch batches in DALI; take the oldest one's outputs; repeat. DALI's first schedule_run runs
         cfg.prefetch iterations, so that many are fed first (an eval pass shorter than that pads with repeats of its
         last batch, whose outputs are dropped)."""
-        self.pipe = self._build_pipe()
         started = ended = False
         while not self._stop_event.is_set():
             t0 = time.thread_time()
@@ -272,8 +295,9 @@ class _Producer(threading.Thread):
         In evaluation only the culprits go. When Pillow decodes every image (the GPU decoder can refuse what Pillow
         takes), the oldest batch, whose outputs failed, is dropped whole, its keys logged; a failure that does not go
         away with the batches (not the data's fault: a device error) is raised after `prefetch + 1` such drops in a
-        row. Either way the drop is deterministic, so an exact resume that replays the batch drops it again rather
-        than crash-looping on it."""
+        row. Either way the drop is deterministic for data faults, so an exact resume that replays the batch drops
+        it again rather than crash-looping on it (after a one-off device failure, which cost a batch, a resume from
+        before it delivers that batch: that rank's stream then runs one batch apart from the interrupted run's)."""
         stream = torch.cuda.current_stream(self.loader.device) if self.loader.device.type == "cuda" else None
         try:
             outputs = self.pipe.share_outputs(stream)

@@ -82,6 +82,40 @@ def test_an_output_dir_that_is_not_shared_is_refused_on_every_rank(tmp_path):
     assert list((nodes[0] / "runs" / "x").iterdir()) == []
 
 
+LOADER_START = """
+import os, resource, sys, torch.distributed as dist
+from jobs import launch
+from jobs.config import load_config
+from jobs.run import build_data
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+launch.start_cpu_group()
+if rank == 1:  # a node whose /dev/shm cannot hold the worker's slots: the first slot's fallocate fails
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))
+cfg = load_config(sys.argv[1], [f"data.shards={sys.argv[2]}"]).data
+world = launch.Dist(rank=rank, world_size=2, local_rank=rank, device=launch.rank_device(rank, False))
+try:
+    build_data(cfg, world, None).close()
+except Exception as e:
+    print("start-up failed:", e)
+    sys.exit(2)
+"""
+
+
+def test_a_loader_that_cannot_start_on_one_rank_fails_every_rank_at_start(trainer, tmp_path):
+    """The loader's workers, their /dev/shm slots and DALI's pipeline start inside the agreed start-up step, not in
+    step 1: rank 1 cannot write its slots (a file-size limit stands in for a node short of /dev/shm), and both
+    ranks fail at start naming rank 1, rather than rank 1 failing alone in its first step while rank 0 waits in
+    the first collective."""
+    cmd = [sys.executable, "-c", LOADER_START, str(CONFIG), trainer.shards]
+    codes, logs = wait_all(start_ranks(cmd, [{}, {}], [REPO, REPO], tmp_path / "logs", env=trainer.env),
+                           tmp_path / "logs", timeout=90)
+    assert codes == [2, 2], logs
+    for log in logs:
+        assert "could not reserve" in log and "(starting the data loader)" in log, log
+        assert f"[rank 1 of 2, host {socket.gethostname()}]" in log, log
+
+
 def test_an_output_dir_url_is_refused_naming_the_field():
     from jobs.derived import derive
     from jobs.engine import Runtime
@@ -108,7 +142,13 @@ def test_gloo_binds_the_interface_that_routes_to_the_master():
         env = {"MASTER_ADDR": address}
         choose_gloo_interface(env)
         assert env["GLOO_SOCKET_IFNAME"] == name
-    for env in ({"MASTER_ADDR": "127.0.0.1"}, {"MASTER_ADDR": own[0][1], "GLOO_SOCKET_IFNAME": "ib0"}):
+    # The master node, whose own name resolves to loopback here (this VM maps its name to 127.0.0.1, Debian to
+    # 127.0.1.1): the default route's interface, which other nodes reach it on.
+    env = {"MASTER_ADDR": socket.gethostname()}
+    choose_gloo_interface(env)
+    assert env.get("GLOO_SOCKET_IFNAME") in {name for name, _ in own}, env
+    for env in ({"MASTER_ADDR": "127.0.0.1"}, {"MASTER_ADDR": "localhost"},
+                {"MASTER_ADDR": own[0][1], "GLOO_SOCKET_IFNAME": "ib0"}):
         before = dict(env)
         choose_gloo_interface(env)
         assert env == before
