@@ -123,15 +123,19 @@ def expand_sources(sources: tuple[str, ...], labels_from_folders: bool, storage_
                 if entries:
                     add("entries", source, entries=tuple(entries))
                 continue
-            if not fs.exists(path):
-                raise IngestError(f"SOURCE {source!r} does not exist")
+            # info, never isdir: s3fs's isdir lists the whole prefix (every page, kept in its cache), which for a
+            # prefix of 300M keys is ~300k sequential requests and hundreds of GB in the driver. info is one HEAD
+            # and, for a folder, one list of at most one key.
+            try:
+                info = fs.info(path)
+            except FileNotFoundError:
+                raise IngestError(f"SOURCE {source!r} does not exist") from None
             url = fs.unstrip_protocol(path)
-            if fs.isdir(path):
+            if info.get("type") == "directory":
                 add("top", url, url if labels_from_folders else None)
             elif path.lower().endswith(LIST_SUFFIXES):
                 add("list", url)
             else:
-                info = fs.info(path)
                 with fs.open(path, "rb") as f:  # a permission problem shows up now, not as a rejected input later
                     f.read(1)
                 add("entries", source, entries=((kind_of(path), url, int(info.get("size") or 0), _version(info)),))
