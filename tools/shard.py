@@ -7,8 +7,10 @@ SOURCE and URL are local paths or fsspec URLs; credentials and endpoints come fr
 plus --storage-options JSON. Library: pipeline.ingest.engine.run_ingest.
 Exit status: 0 done; 2 refused before any work (the message names the culprit); 3 some units or tasks were
 quarantined after their retries (listed; the output holds everything else; rerun the same command to retry them);
-4 done with --give-up-quarantined while units were still quarantined: the output is final without them, their
-inputs are in rejects.parquet with reason "quarantined" (a rerun is a no-op; --overwrite starts over).
+4 done with --give-up-quarantined while units were still quarantined, every one of them already quarantined by an
+earlier run (a unit quarantined for the first time is retried by the next run, never given up at once: the fault
+may pass): the output is final without them, their inputs are in rejects.parquet with reason "quarantined" (a
+rerun is a no-op; --overwrite starts over).
 """
 
 from __future__ import annotations
@@ -56,9 +58,11 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
     p.add_argument("--retries", type=int, default=IngestConfig.retries,
                    help="attempts per read on a transient fault (then the unit is quarantined until a rerun)")
     p.add_argument("--give-up-quarantined", action="store_true",
-                   help="finalize the output even if units are still quarantined after their retries (an object "
-                        "that keeps failing: 5xx, resets): their inputs go to rejects.parquet with reason "
-                        "'quarantined' and the unit's last error, staging is removed, exit status 4")
+                   help="finalize the output even if units are still quarantined after their retries, when each "
+                        "of them was quarantined by an earlier run too (an object that keeps failing: 5xx, resets): "
+                        "their inputs go to rejects.parquet with reason 'quarantined' and the unit's last error, "
+                        "staging is removed, exit status 4. A unit quarantined for the first time is left for the "
+                        "next run (exit 3)")
     a = p.parse_args(argv)
     clean = CleanConfig(a.min_side, a.max_aspect, a.max_pixels, a.max_bytes, a.max_shorter_side, a.quality, a.reencode)
     return IngestConfig(

@@ -16,7 +16,8 @@ image. Every artefact is a pure function of (what was listed, fingerprinted argu
 moment a rerun redoes only the tasks that were in flight and yields exactly what a clean run yields, with any
 --workers or --engine. A unit whose transient faults outlast the retries is quarantined: the run goes on without
 it, report.json lists it, and the next run stages it and redoes dedup, resolve and shards; or, with
-give_up_quarantined, the run finalizes without it: its inputs become "quarantined" rejects and the output is final.
+give_up_quarantined, a unit that fails its retries again in a later run is given up: the run finalizes without it,
+its inputs become "quarantined" rejects and the output is final.
 A failing task of any other phase stops the run once the rest of its phase is done (phase.py: QuarantineError);
 the next run retries it.
 Phase bookkeeping (saved summaries, checkpoints, progress) is phase.py; listing and the plan, plan.py.
@@ -91,7 +92,7 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
     inputs = run.phase("stage", run_stage, _stage_tasks(plan, cfg, layout, policy), len(plan.unit_kind),
                        ("inputs", "seconds"), progress="inputs", quarantine=quarantined)["inputs"]
     skip = {i for i, _ in quarantined}  # units that could not be staged: the run goes on without them
-    _forget_dedup_if_staging_changed(run, sorted(skip))
+    before = _forget_dedup_if_staging_changed(run, sorted(skip))
     group_starts = _groups(inputs, cfg.group_inputs)
     per_band = blocks_per_band(cfg.near_threshold, int(inputs.sum()))
     per_input = 1 + (cfg.dedup != "none") + (len(bands(cfg.near_threshold, per_band)) if cfg.dedup == "near" else 0)
@@ -115,7 +116,13 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
     verdicts: Counter = Counter()
     for v in resolved["verdicts"]:
         verdicts.update(json.loads(v))
-    give_up = bool(quarantined) and cfg.give_up_quarantined
+    # Given up only when every unit still quarantined had failed its retries in an earlier run too: a fault that
+    # lasts minutes (an S3 slowdown under 1,280 readers, a full disk) quarantines units in one run and is gone by
+    # the next, and giving them up at once would make a passing fault lost data (and final: reruns are no-ops).
+    give_up = bool(quarantined) and cfg.give_up_quarantined and skip <= set(before or ())
+    if quarantined and cfg.give_up_quarantined and not give_up:
+        log.warning("--give-up-quarantined: %d unit(s) quarantined for the first time are not given up; a rerun "
+                    "retries them and gives up those that fail again", len(skip - set(before or ())))
     if give_up:
         verdicts["quarantined"] = _reject_given_up(plan, quarantined, layout, so)
     names = [layout.shard_file(i) for i in range(num_shards)]
@@ -137,10 +144,11 @@ def _within(units: set[int], first: int, end: int) -> tuple[int, ...]:
     return tuple(sorted(u for u in units if first <= u < end))
 
 
-def _forget_dedup_if_staging_changed(run: Run, skipped: list[int]) -> None:
+def _forget_dedup_if_staging_changed(run: Run, skipped: list[int]) -> list[int] | None:
     """Dedup, resolve and shard results hold for one set of staged units. If a rerun staged units an earlier run
     had quarantined, those results are stale: their done marks and summaries go, so the phases run again (and
-    rewrite every shard). Removed first, recorded second: a kill in between removes them again."""
+    rewrite every shard). Removed first, recorded second: a kill in between removes them again. Returns the units
+    the earlier run had quarantined (None: no earlier run got this far)."""
     fs, path = url_to_fs(run.layout.quarantined, run.cfg.storage_options)
     before = json.loads(fs.cat_file(path)) if fs.exists(path) else None
     done = url_to_fs(f"{run.layout.work}/done", run.cfg.storage_options)[1]
@@ -149,6 +157,7 @@ def _forget_dedup_if_staging_changed(run: Run, skipped: list[int]) -> None:
             if any(p.rsplit("/", 1)[-1].startswith(phase) for phase in ("map", "reduce", "resolve", "shard")):
                 fs.rm(p, recursive=True)
     put_bytes(run.layout.quarantined, json.dumps(skipped).encode(), run.cfg.storage_options)
+    return before
 
 
 def _stage_tasks(plan: Plan, cfg: IngestConfig, layout: Layout, policy: RetryPolicy):

@@ -83,8 +83,9 @@ def _wds_tar(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
 
 
 def test_s3_faults_retried_quarantined_then_rerun_loses_nothing(s3_server, s3_bucket, tmp_path, monkeypatch):
-    """Also: the same outage with --give-up-quarantined (the CLI, in-process) gives a final output without the unit,
-    its inputs in rejects, exit status 4, and a rerun that changes nothing."""
+    """Also: the same outage with --give-up-quarantined (the CLI, in-process): the first run does not give the unit up
+    (exit 3: the fault may pass); a second run in which it fails again gives a final output without the unit, its
+    inputs in rejects, exit status 4, and a rerun that changes nothing."""
     # Our retries, not the client's: s3fs and botocore retry a failed request once at most here.
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
     raw = fsspec.filesystem("s3")
@@ -134,7 +135,9 @@ def test_s3_faults_retried_quarantined_then_rerun_loses_nothing(s3_server, s3_bu
 def _give_up_while_unit_2_fails(sources: list[str], so: dict, out, partial: dict[str, str]) -> None:
     argv = [*sources, "--output", str(out), "--unit-size", "4", "--workers", "1", "--retries", "3", "--quiet",
             "--storage-options", json.dumps(so), "--give-up-quarantined"]
-    assert shard.main(argv) == 4
+    assert shard.main(argv) == 3  # quarantined for the first time: not given up (the fault may pass), not final
+    assert not (out / "rejects.parquet/quarantined.parquet").exists()
+    assert shard.main(argv) == 4  # failed again in a later run: given up, final
     report = json.loads((out / "report.json").read_text())
     assert report["gave_up_quarantined"] and [q["unit"] for q in report["quarantined"]] == [2]
     given_up = {s: v for s, v in verdicts(out).items() if v == "quarantined"}
