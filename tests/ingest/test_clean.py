@@ -17,10 +17,14 @@ from pipeline.ingest.jpeg_header import read_jpeg_header
 from pipeline.ingest.phash import _DCT, hamming, phash
 
 
-def _jpeg(img: Image.Image, **kw) -> bytes:
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, "JPEG", **kw)
+    img.save(buf, fmt, **kw)
     return buf.getvalue()
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    return _save(img, "JPEG", **kw)
 
 
 def test_target_size_never_upscales():
@@ -74,17 +78,22 @@ def test_phash_dct_matches_scipy_reference():
     assert np.allclose(_DCT @ thumb @ _DCT.T, dctn(thumb, type=2)[:8, :8])
 
 
+def _fast_and_pillow(data: bytes, cfg: CleanConfig, monkeypatch) -> tuple:
+    """clean_image of `data` as it runs, and with the fast JPEG path switched off (Pillow's path decides)."""
+    from pipeline.ingest import clean
+
+    fast = clean_image(data, cfg, "exact")
+    with monkeypatch.context() as patch:
+        patch.setattr(clean, "_clean_plain_jpeg", lambda *args: None)
+        return fast, clean_image(data, cfg, "exact")
+
+
 def test_fast_jpeg_path_equals_pillow_path_and_keeps_the_truncated_verdict(monkeypatch):
     """An upright colour JPEG skips Pillow (header walk, simplejpeg decode, OpenCV resize and encode); its stored
     bytes and pixel hash must be those of the Pillow path, a cut file must still be "truncated" (libjpeg-turbo
     would fill it grey), and data appended after the end-of-image marker must not count as damage."""
-    from pipeline.ingest import clean
-
     data = _jpeg(Image.fromarray(skdata.astronaut()).resize((1200, 900)), quality=90)
-    fast = clean_image(data, CleanConfig(), "exact")
-    monkeypatch.setattr(clean, "_clean_plain_jpeg", lambda *args: None)
-    slow = clean_image(data, CleanConfig(), "exact")
-    monkeypatch.undo()
+    fast, slow = _fast_and_pillow(data, CleanConfig(), monkeypatch)
     assert (fast.width, fast.height) == (683, 512)
     assert fast.jpeg == slow.jpeg and fast.pixel_hash == slow.pixel_hash
     for cut in (len(data) // 2, len(data) - 2):
@@ -121,3 +130,37 @@ def test_jpeg_header_reads_orientation_as_pillow_does_and_defers_the_unusual():
     odd = _jpeg(photo, exif=b"Exif\0\0" + _exif("little", [(0x0112, 4, 1, 6)]))
     assert read_jpeg_header(odd) is None and _orientation(Image.open(io.BytesIO(odd))) == 6
     assert (clean_image(odd, CleanConfig(), "exact").width, clean_image(odd, CleanConfig()).height) == (300, 451)
+
+
+def _xmp(attribute: bytes) -> bytes:
+    """An XMP packet whose one rdf:Description carries `attribute`, as editors write it."""
+    return (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+            b'xmlns:hdrgm="http://ns.adobe.com/hdr-gain-map/1.0/" ' + attribute + b"/></rdf:RDF></x:xmpmeta>")
+
+
+def test_jpeg_header_defers_xmp_orientation_and_extra_frames_to_pillow(monkeypatch):
+    """What Pillow reads beyond EXIF, the fast path must store alike: XMP's tiff:Orientation counts when EXIF has no
+    orientation tag (files from editors that strip EXIF but keep XMP), and a JPEG with an MPF index of several frames
+    is an MPO to Pillow, re-encoded so its extra frames are not stored, unless its XMP says Ultra HDR (hdrgm), which
+    Pillow opens as a JPEG and stores byte for byte."""
+    photo = Image.fromarray(skdata.chelsea())  # 451x300: stored byte for byte when upright
+    frames = {"save_all": True, "append_images": [photo.transpose(Image.Transpose.FLIP_TOP_BOTTOM)]}
+    rotated = _xmp(b'tiff:Orientation="6"')
+    no_tag, upright = (b"Exif\0\0" + _exif("little", [entry]) for entry in [(0x0100, 3, 1, 451), (0x0112, 3, 1, 1)])
+    cases = {  # name: (bytes, stored size at max_shorter_side 512, stored byte for byte)
+        "xmp 6": (_jpeg(photo, xmp=rotated), (300, 451), False),
+        "exif without orientation, xmp 6": (_jpeg(photo, exif=no_tag, xmp=rotated), (300, 451), False),
+        "exif 1, xmp 6": (_jpeg(photo, exif=upright, xmp=rotated), (451, 300), True),  # EXIF's tag wins
+        "mpo": (_save(photo, "MPO", **frames), (451, 300), False),
+        "ultra hdr": (_save(photo, "MPO", xmp=_xmp(b'hdrgm:Version="1.0"'), **frames), (451, 300), True),
+    }
+    for name, (data, size, copied) in cases.items():
+        for cfg in (CleanConfig(), CleanConfig(max_shorter_side=256)):
+            fast, slow = _fast_and_pillow(data, cfg, monkeypatch)
+            assert (fast.jpeg, fast.pixel_hash) == (slow.jpeg, slow.pixel_hash), (name, cfg.max_shorter_side)
+        assert ((fast.width, fast.height), fast.copied) == (target_size(*size, 256), False)
+        cleaned = clean_image(data, CleanConfig(), "none")
+        assert ((cleaned.width, cleaned.height), cleaned.copied) == (size, copied), name
+    # Only what Pillow would read differently leaves the fast path: an Ultra HDR file and an upright EXIF tag stay.
+    assert read_jpeg_header(cases["ultra hdr"][0]) is not None and read_jpeg_header(cases["exif 1, xmp 6"][0])
