@@ -12,9 +12,22 @@ the siblings of L[d], L[d-1], ... L[0] in turn: L[:p] + c for every character c 
 geometrically (for decimal-numbered keys each level holds 10x the one below), so a range of n keys is split into
 ranges of at most ~n/|alphabet| in one round and the number of rounds grows with the log of the prefix's size: at
 300M numbered keys, 4-5 rounds. A cut that falls where there are no keys costs one request that returns nothing.
-The alphabet is the characters seen at the positions that vary among the keys listed; a key with a character
-never seen is still listed, by the range that holds it (the ranges partition the whole key space: the last one
+The alphabet is the characters seen at the positions that vary among the keys listed (digits for numbered keys).
+Above d the listed keys show nothing, so probes look: one request of one key after the subtree of L[:p] (p = d
+first) finds the next key K; K branches off L at a position q < p, the positions between q and p have no keys
+after L (no cuts there), and the next probe starts after the subtree of L[:q]. At q the cuts are K[q] and the
+characters above it: the sampled alphabet's if it holds K[q], else a broad one (S3's safe characters), since then
+the sampled one evidently does not describe that level: sibling folders named by words under one walked prefix
+("train/apple/..., train/banana/...", each bigger than the cap) are otherwise peeled off one per round (200
+folders: 201 rounds; with the probes 5). A few probes a task (one per level where keys branch, at most MAX_PROBES,
+then the sampled alphabet at every lower position), against its 200 pages. A key with a character in neither
+alphabet is still listed, by the range that holds it (the ranges partition the whole key space: the last one
 reaches `upto`), only later in the rounds.
+
+The ranges rely on the store listing in ascending key order from StartAfter. Keys at or below StartAfter are
+skipped (a store that ignores it costs time, not duplicates). A store that lists out of order (S3 Express One Zone
+directory buckets do) gives a folder that one task lists whole (sorted afterwards) or a clear error once the
+folder needs ranges.
 
 Ranges are (after, upto] with `after` exclusive (S3's StartAfter) and `upto` inclusive, so consecutive bounds
 partition the key space exactly: a key equal to a cut point belongs to the range below it.
@@ -34,6 +47,7 @@ from __future__ import annotations
 import bisect
 import functools
 import os
+import string
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import TYPE_CHECKING
@@ -52,6 +66,11 @@ LIST_CAP = 200_000
 # Sub-ranges one task hands back at most (evenly thinned beyond): a round's task count stays bounded.
 MAX_SPLIT = 128
 PAGE_KEYS = 1000  # S3's largest page
+# Probes one task makes at most for the levels above the varying part of its keys (one per level where keys branch).
+MAX_PROBES = 16
+# The cut characters at a probed level the sampled alphabet does not describe: S3's "safe characters" for key names.
+BROAD = "".join(sorted(string.digits + string.ascii_letters + "!-_.*'()"))
+LAST_CHAR = "\U0010ffff"  # the largest code point: L[:p] + LAST_CHAR is past the keys under L[:p] (bar ones under it)
 
 
 @dataclass(frozen=True)
@@ -93,38 +112,87 @@ def list_range(fs: s3fs.S3FileSystem, bucket: str, prefix: str, delimited: bool,
     """Keys of `prefix` in (after, upto] (None: open), at most `cap` (default LIST_CAP) of them, and the cut
     points of what is left. Each page is retried on transient faults."""
     cap = LIST_CAP if cap is None else cap
-    request = {"Bucket": bucket, "Prefix": prefix, **({"Delimiter": "/"} if delimited else {}),
-               **({"StartAfter": after} if after is not None else {})}
+    base = {"Bucket": bucket, "Prefix": prefix, **({"Delimiter": "/"} if delimited else {})}
+    request = {**base, **({"StartAfter": after} if after is not None else {})}
     objects: list[tuple[str, int, str]] = []
     subfolders: list[str] = []
     names: list[str] = []  # every item's key, in order: for the cut points
-    more = True
+    more, unordered, previous = True, False, None
     while more and len(names) < cap:
         page = retry(lambda: fs.call_s3("list_objects_v2", MaxKeys=min(PAGE_KEYS, cap - len(names)), **request),
                      policy, f"list s3://{bucket}/{prefix} after {after!r}")
-        items = sorted([(o["Key"], (o["Key"], int(o["Size"]), o["ETag"])) for o in page.get("Contents", [])] +
-                       [(p["Prefix"], None) for p in page.get("CommonPrefixes", [])], key=itemgetter(0))
+        contents = [(o["Key"], (o["Key"], int(o["Size"]), o["ETag"])) for o in page.get("Contents", [])]
+        prefixes = [(p["Prefix"], None) for p in page.get("CommonPrefixes", [])]
+        items = sorted(contents + prefixes, key=itemgetter(0))
+        # each list ascending, and each page after the one before (ContinuationToken resumes in key order)
+        unordered |= not (_ascending(contents) and _ascending(prefixes) and
+                          (previous is None or not items or items[0][0] > previous))
+        previous = items[-1][0] if items else previous
         more = bool(page.get("IsTruncated"))
         for key, obj in items:
+            if after is not None and key <= after:  # StartAfter ignored, or a sub-folder re-announced (S3 does)
+                continue
             if upto is not None and key > upto:
                 more = False
                 break
             names.append(key)
             (subfolders if obj is None else objects).append(key if obj is None else obj)
         request["ContinuationToken"] = page.get("NextContinuationToken")
+    if unordered and (more or after is not None or upto is not None):
+        from pipeline.ingest.sources import IngestError  # imported here: sources.py imports this module
+
+        raise IngestError(f"s3://{bucket}/{prefix} is not listed in ascending key order (S3 Express One Zone "
+                          f"directory buckets list out of order) and holds more than {cap:,} keys, more than one "
+                          f"listing task takes, so it cannot be listed by key ranges: list such a folder by another "
+                          f"means (a text file of its URLs as the SOURCE, or several smaller folders)")
     rest = ()
     if more:
-        rel = [n[len(prefix):] for n in (names[0], names[-1])]
-        cuts = cut_points(rel[0], rel[1], None if upto is None else upto[len(prefix):], _alphabet(names, prefix))
+        first, last = (n[len(prefix):] for n in (names[0], names[-1]))
+        rel_upto = None if upto is None else upto[len(prefix):]
+
+        def next_key(start: str) -> str | None:
+            """The first key or sub-folder name after prefix + start (relative), None if none up to `upto`."""
+            page = retry(lambda: fs.call_s3("list_objects_v2", MaxKeys=1, StartAfter=prefix + start, **base),
+                         policy, f"list s3://{bucket}/{prefix} after {prefix + start!r}")
+            found = [k[len(prefix):] for k in [o["Key"] for o in page.get("Contents", [])] +
+                     [p["Prefix"] for p in page.get("CommonPrefixes", [])] if k > prefix + start]
+            key = min(found, default=None)
+            return None if key is None or (rel_upto is not None and key > rel_upto) else key
+
+        cuts = cut_points(last, rel_upto, _levels(first, last, _alphabet(names, prefix), next_key))
         rest = (names[-1], *(prefix + c for c in cuts))
     return RangeListing(objects, subfolders, rest)
 
 
-def cut_points(first: str, last: str, upto: str | None, alphabet: str) -> list[str]:
-    """Ascending cut points in (last, upto) that split the rest of a range after `last` along the keys' trie (the
-    module docstring); first < last are the first and last keys listed, `alphabet` sorted characters."""
+def _ascending(items: list[tuple]) -> bool:
+    return all(a[0] < b[0] for a, b in zip(items, items[1:]))
+
+
+def _levels(first: str, last: str, alphabet: str, next_key) -> list[tuple[int, str]]:
+    """The positions of `last` to cut at, descending, each with its sorted cut characters (the module docstring):
+    d = the first position where `first` and `last` differ with the sampled `alphabet`, then the positions where
+    `next_key(start)` (the first key after `start`, None if none in the range) finds keys branching off `last`."""
     d = len(os.path.commonprefix([first, last]))
-    cuts = [last[:p] + c for p in range(d, -1, -1) for c in alphabet if c > last[p]]  # ascending
+    levels = [(d, alphabet)]
+    p = d
+    for _ in range(MAX_PROBES):
+        key = next_key(last[:p] + LAST_CHAR) if p > 0 else None
+        if key is None:
+            return levels  # no key after the subtree of last[:p]: no cut below p
+        q = len(os.path.commonprefix([key, last]))
+        if q >= p:
+            break  # a key under last[:p] past LAST_CHAR: the probes cannot tell; as unprobed below
+        chars = alphabet if key[q] in alphabet else BROAD + alphabet
+        levels.append((q, "".join(sorted({key[q], *(c for c in chars if c > key[q])}))))
+        p = q
+    return levels + [(position, alphabet) for position in range(p - 1, -1, -1)]
+
+
+def cut_points(last: str, upto: str | None, levels: list[tuple[int, str]]) -> list[str]:
+    """Ascending cut points in (last, upto) that split the rest of a range after `last` along the keys' trie (the
+    module docstring): last[:p] + c for each (position p, sorted characters) of `levels`, p descending, and each c
+    above last[p]."""
+    cuts = [last[:p] + c for p, chars in levels for c in chars if c > last[p]]  # ascending
     if upto is not None:
         cuts = cuts[:bisect.bisect_left(cuts, upto)]
     if len(cuts) > MAX_SPLIT:

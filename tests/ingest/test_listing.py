@@ -13,6 +13,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import s3fs
 from PIL import Image
 
@@ -20,6 +21,7 @@ from pipeline.ingest import key_ranges
 from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.engine import run_ingest
 from pipeline.ingest.retry import RetryPolicy
+from pipeline.ingest.sources import IngestError
 from tests.ingest.faults import FaultServer
 from tests.ingest.helpers import shard_contents, verdicts
 
@@ -110,7 +112,75 @@ def test_range_listing_retries_transient_faults(s3_server, s3_bucket, monkeypatc
         proxy.fail(f"/{bucket}", ["503", "reset", "503"])
         listed = key_ranges.list_range(fs, bucket, "p/", False, "p/004.jpg", "p/020.jpg",
                                        RetryPolicy(4, 0.01), cap=CAP)
-        assert proxy.requests[f"/{bucket}"] == 3 + 1  # three faults, then one page of CAP keys
+        # three faults, then one page of CAP keys and one probe (none after "p/0": no cut below "p/0")
+        assert proxy.requests[f"/{bucket}"] == 3 + 1 + 1
     assert [key for key, _, _ in listed.objects] == keys[5:5 + CAP]
     assert listed.rest[0] == "p/011.jpg" and all(a < b for a, b in zip(listed.rest, listed.rest[1:]))
     assert listed.rest[-1] < "p/020.jpg"
+
+
+class _Store:
+    """ListObjectsV2 over in-memory keys (no Delimiter): pages of MaxKeys from StartAfter or the ContinuationToken
+    (the last key sent). Faults of a store: `ignores_start_after` lists from the start; `shuffled` sends each page
+    in another order (S3 Express One Zone directory buckets list out of key order)."""
+
+    def __init__(self, keys: list[str], ignores_start_after: bool = False, shuffled: bool = False):
+        self.keys, self.ignores_start_after, self.shuffled, self.requests = sorted(keys), ignores_start_after, \
+            shuffled, 0
+
+    def call_s3(self, method: str, Bucket: str, Prefix: str, MaxKeys: int, StartAfter: str = "",  # noqa: N803
+                ContinuationToken: str | None = None) -> dict:
+        self.requests += 1
+        after = ContinuationToken or ("" if self.ignores_start_after else StartAfter)
+        keys = [k for k in self.keys if k > after and k.startswith(Prefix)]
+        page = keys[:MaxKeys]
+        sent = page[::-1] if self.shuffled else page
+        return {"Contents": [{"Key": k, "Size": 1, "ETag": "e"} for k in sent], "IsTruncated": len(keys) > MaxKeys,
+                "NextContinuationToken": page[-1] if page else None}
+
+
+def _list_by_rounds(store: _Store, prefix: str, cap: int) -> tuple[int, list[str]]:
+    """What the driver does (sources.rest_tasks): each round lists its ranges, their rests are the next round's.
+    The rounds, and every listed key in the order of the parts (the tree of splits)."""
+    tasks, parts, rounds = [((), None, None)], [], 0
+    while tasks:
+        rounds, later = rounds + 1, []
+        for branch, after, upto in tasks:
+            got = key_ranges.list_range(store, "b", prefix, False, after, upto, RetryPolicy(1, 0), cap=cap)
+            parts.append((branch, [key for key, _, _ in got.objects]))
+            bounds = (*got.rest, upto)
+            later += [(branch + (i,), a, b) for i, (a, b) in enumerate(zip(bounds, bounds[1:]), 1)]
+        tasks = later
+    return rounds, [key for _, keys in sorted(parts) for key in keys]
+
+
+def test_word_named_folders_split_in_few_rounds():
+    """Sibling folders named by words, each bigger than the cap, under one walked prefix: the first task's keys
+    vary only in digits, so cuts from its keys alone peel one folder off per round (50 folders: 51 rounds); the
+    probes find the letters' level. Numbered keys keep their rounds and requests (no broad alphabet there)."""
+    rng = np.random.default_rng(7)
+    words = sorted({"".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(4, 10))) for _ in range(50)})
+    keys = [f"train/{w}/{w}_{i:05d}.JPEG" for w in words for i in range(21)] + ["train/zz.txt", "trainz"]
+    store = _Store(keys)
+    rounds, listed = _list_by_rounds(store, "train/", 20)
+    assert listed == sorted(keys)[:-1]  # every key once, in order ("trainz" is not under the prefix)
+    # before the probes: 51 rounds, 2,301 requests; now 4 and 713 (each folder's task still cuts at the 8 digits
+    # above its last counter digit, mostly empty ranges at this cap)
+    assert rounds <= 5 and store.requests < 750, (rounds, store.requests)
+    numbered = _Store([f"{i:05d}.jpg" for i in range(3000)])
+    assert _list_by_rounds(numbered, "", 20) == (4, numbered.keys)
+    assert numbered.requests <= 345, numbered.requests  # before: 316 (the probes add 25)
+
+
+def test_range_listing_skips_keys_before_start_and_refuses_unordered_stores():
+    """A store that ignores StartAfter costs pages, not duplicates. One that lists out of key order is sorted when
+    one task lists the folder whole, and named with the cause once the folder needs ranges."""
+    keys = [f"p/{i:03d}.jpg" for i in range(30)]
+    listed = key_ranges.list_range(_Store(keys, ignores_start_after=True), "b", "p/", False, "p/004.jpg",
+                                   "p/020.jpg", RetryPolicy(1, 0), cap=CAP)
+    assert [key for key, _, _ in listed.objects] == keys[5:5 + CAP]
+    whole = key_ranges.list_range(_Store(keys, shuffled=True), "b", "p/", False, None, None, RetryPolicy(1, 0), cap=30)
+    assert not whole.rest and sorted(key for key, _, _ in whole.objects) == keys
+    with pytest.raises(IngestError, match=r"s3://b/p/ is not listed in ascending key order \(S3 Express One Zone"
+                                          r" directory buckets.*by another means"):
+        key_ranges.list_range(_Store(keys, shuffled=True), "b", "p/", False, None, None, RetryPolicy(1, 0), cap=CAP)
