@@ -54,6 +54,8 @@ time.sleep(0.2)
 wait_s, retries = (0.01, 2.0) if rank == 0 else (0.15, 40.0)
 record = window.reduce(wait_s, 4, 1.0, None, {"read_retries": retries, "shards_failed": 0.0, "skipped": 3.0 - rank})
 print("record", json.dumps({k: v for k, v in record.items() if k.startswith("data_") or k == "loss"}))
+dist.barrier()  # an orderly exit: a gloo rank whose peer has gone can abort at interpreter exit
+dist.destroy_process_group()
 """
 
 
