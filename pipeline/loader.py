@@ -137,7 +137,11 @@ class Loader:
         instead of failing alone inside its first step while every other rank waits in a collective."""
         if self._active is None:
             self._active = _Producer(self)
-        self._active.wait_built()
+        try:
+            self._active.wait_built()
+        except Exception:
+            self._close()  # the worker processes and their slots go now, not when this process exits
+            raise
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._active is None:
