@@ -271,6 +271,8 @@ class _Producer(threading.Thread):
                 continue
             self.pool.release(batch)
             result = self._to_batch(batch, outputs)
+            if result is not None:
+                self._blind_drops = 0
             self.cpu_s = time.thread_time() - t0
             self.loader._counters.add("input_cpu_s", self.cpu_s)
             if result is not None and not self._put((result, state)):
@@ -298,15 +300,13 @@ class _Producer(threading.Thread):
         all-gather needs the same batch size, and a rank with 63 of 64 would break the collective for all ranks.
         In evaluation only the culprits go. When Pillow decodes every image (the GPU decoder can refuse what Pillow
         takes), the oldest batch, whose outputs failed, is dropped whole, its keys logged; a failure that does not go
-        away with the batches (not the data's fault: a device error) is raised after `prefetch + 1` such drops in a
-        row. Either way the drop is deterministic for data faults, so an exact resume that replays the batch drops
+        away with the batches (not the data's fault: a device error) is raised after _MAX_BLIND_DROPS such drops with
+        no batch delivered between them (the stand-ins fed in their place may well succeed: they do not count). Either way the drop is deterministic for data faults, so an exact resume that replays the batch drops
         it again rather than crash-looping on it (after a one-off device failure, which cost a batch, a resume from
         before it delivers that batch: that rank's stream then runs one batch apart from the interrupted run's)."""
         stream = torch.cuda.current_stream(self.loader.device) if self.loader.device.type == "cuda" else None
         try:
-            outputs = self.pipe.share_outputs(stream)
-            self._blind_drops = 0
-            return outputs
+            return self.pipe.share_outputs(stream)
         except RuntimeError as e:
             error = e
         fed = list(self.inflight)
@@ -317,9 +317,9 @@ class _Producer(threading.Thread):
         blind = not any(bad)
         if blind:
             self._blind_drops += 1
-            if self._blind_drops > self.cfg.prefetch + 1:
+            if self._blind_drops > _MAX_BLIND_DROPS:
                 raise RuntimeError(f"DALI failed {self._blind_drops} batches in a row whose images all decode with "
-                                   "Pillow: not a data fault") from error
+                                   "Pillow, and delivered none between them: not a data fault") from error
             bad[0] = list(range(len(images[0])))
             log.warning("DALI rejected a batch whose images all decode with Pillow (%s): batch dropped, keys %s",
                         str(error).splitlines()[0], fed[0][0].keys)
@@ -377,6 +377,11 @@ class _Producer(threading.Thread):
         self.inflight.clear()
         self.pipe = None
         self.pool.close()
+
+
+# Batches DALI may fail in a row, every image decoding with Pillow and none delivered between them, before the loader
+# calls it a device fault: a rank that would otherwise deliver nothing, for ever, while the others wait for it.
+_MAX_BLIND_DROPS = 16
 
 
 @functools.cache
