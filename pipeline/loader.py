@@ -327,7 +327,8 @@ class _Producer(threading.Thread):
             if not culprits:
                 self._feed(batch, state)
                 continue
-            keep = [i for i in range(len(imgs)) if i not in set(culprits)]
+            bad_set = set(culprits)
+            keep = [i for i in range(len(imgs)) if i not in bad_set]
             counters = self.loader._counters if state is not None else Counters()  # padding repeats count nothing
             if not blind:
                 log.warning("DALI rejected a batch (%s): undecodable %s", str(error).splitlines()[0],
