@@ -64,7 +64,7 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class DeepSpeedConfig:
     """The engine. Production choice for ViT-L on 64 GPUs (README "Engine settings" has the arithmetic): ZeRO 2, bf16
-    weights, fp32 gradient accumulation, 50M-element buckets reduced in bf16 during the backward pass, compiled blocks."""
+    weights, fp32 gradient accumulation, 50M-element buckets reduced in fp32 during the backward pass, compiled blocks."""
 
     # 2 shards optimizer state and gradients and reduce-scatters gradient buckets while the backward pass runs; 1
     # reduces them after it. 0 = plain data parallel, LARS runs only (AdamW needs ZeRO's non-finite skip).
@@ -79,6 +79,12 @@ class DeepSpeedConfig:
     # reduced while most of the backward pass is still to run; larger buckets start later, smaller ones cost latency.
     reduce_bucket_size: int = 50_000_000
     overlap_comm: bool = True  # overlap gradient reduction with backward (ZeRO 2/3)
+    # The dtype gradients are summed in across ranks when precision is bf16 (DeepSpeed's own default is bf16). A ring
+    # over 64 ranks rounds the running sum to bf16's 8 bits at each of 63 hops, so small ranks' contributions are
+    # lost; Megatron refuses bf16 without fp32 gradient reduction for this reason. fp32 doubles the bytes (~26 ms
+    # instead of ~13 per step for a ViT-L on NDR InfiniBand, README "Engine settings"), still inside the ~37 ms
+    # backward pass it overlaps with. bf16 = DeepSpeed's default, for a network too slow for that.
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     # torch.compile of each transformer block: auto = on CUDA with ZeRO 0-2 (ZeRO-3's parameter hooks run inside the
     # blocks), off on CPU (a cold compile costs about a minute there and gains nothing).
     compile: Literal["auto", "blocks", "off"] = "auto"

@@ -8,7 +8,7 @@ set. LARS (SimCLR / BYOL / MSCN) runs with ZeRO stage 0, where DeepSpeed all-red
 model's own parameters (jobs/lars.py says why).
 
 Precision: "bf16" = bf16 weights; DeepSpeed keeps fp32 master weights in its optimizer wrapper, accumulates gradients
-in fp32 (data_types.grad_accum_dtype) and reduces them in bf16 buckets. "amp_bf16" = fp32 weights under
+in fp32 (data_types.grad_accum_dtype) and sums them across ranks in fp32 buckets (deepspeed.reduce_dtype). "amp_bf16" = fp32 weights under
 torch.autocast(bf16). "fp32". A non-finite gradient skips the update on every rank: ZeRO stages 1-3 check the
 all-reduced gradient norm in every precision; stage 0 has no such check, so only LARS (which checks itself) may use it.
 """
@@ -135,6 +135,8 @@ def deepspeed_config(ds: DeepSpeedConfig, derived: Derived, grad_clip: float, pr
         # Micro-batch gradients summed in fp32: with 8 accumulation steps (one 8-GPU node at batch 4096), bf16 sums
         # would round away the small contributions. Stage 1 then runs DeepSpeed's BF16_Optimizer.
         config["data_types"] = {"grad_accum_dtype": "fp32"}
+        # Cross-rank gradient sums in fp32 unless the config asks for DeepSpeed's bf16 (jobs/config.py says why).
+        config["communication_data_type"] = ds.reduce_dtype
     return config
 
 
