@@ -61,6 +61,9 @@ from pipeline.worker_pool import PoolClosed, WorkerPool
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 3  # 3: one stream per worker process (state per worker), batch order of worker_pool.py
+# Not bumped when evaluation readers became worker-major (shards.reader_id): training states, the only ones any job
+# saves, did not change, and a bump would refuse every training checkpoint written before it. An eval-mode state
+# saved before that change, on more than one rank, is refused by the sampler's layout check instead.
 
 
 def dali_device_id(mode: str, device: torch.device) -> int | None:
