@@ -16,8 +16,10 @@ image. Every artefact is a pure function of (what was listed, fingerprinted argu
 moment a rerun redoes only the tasks that were in flight and yields exactly what a clean run yields, with any
 --workers or --engine. A unit whose transient faults outlast the retries is quarantined: the run goes on without
 it, report.json lists it, and the next run stages it and redoes dedup, resolve and shards; or, with
-give_up_quarantined, a unit that fails its retries again in a later run is given up: the run finalizes without it,
-its inputs become "quarantined" rejects and the output is final.
+give_up_quarantined, a later run gives up what still fails: a unit an earlier run had quarantined is staged with
+each loose file that still outlasts its retries as a "quarantined" reject (its other inputs kept), and a unit that
+still fails as a whole (an archive, a parquet file, a listing part) is left out, its inputs "quarantined"
+rejects; either way the output is final.
 A failing task of any other phase stops the run once the rest of its phase is done (phase.py: QuarantineError);
 the next run retries it.
 Phase bookkeeping (saved summaries, checkpoints, progress) is phase.py; listing and the plan, plan.py.
@@ -29,6 +31,7 @@ import json
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -88,11 +91,14 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
     policy = RetryPolicy(cfg.retries, cfg.retry_base_s)
 
     plan = build_plan(run, listing, policy, cfg.unit_size)
+    before = _earlier_quarantine(run)
+    # Units an earlier run quarantined are staged giving up only the objects that still fail (readers.ReadOptions).
+    salvage = set(before or ()) if cfg.give_up_quarantined else set()
     quarantined: list[tuple[int, Failed]] = []
-    inputs = run.phase("stage", run_stage, _stage_tasks(plan, cfg, layout, policy), len(plan.unit_kind),
+    inputs = run.phase("stage", run_stage, _stage_tasks(plan, cfg, layout, policy, salvage), len(plan.unit_kind),
                        ("inputs", "seconds"), progress="inputs", quarantine=quarantined)["inputs"]
     skip = {i for i, _ in quarantined}  # units that could not be staged: the run goes on without them
-    before = _forget_dedup_if_staging_changed(run, sorted(skip))
+    _forget_dedup_if_staging_changed(run, before, sorted(skip))
     group_starts = _groups(inputs, cfg.group_inputs)
     per_band = blocks_per_band(cfg.near_threshold, int(inputs.sum()))
     per_input = 1 + (cfg.dedup != "none") + (len(bands(cfg.near_threshold, per_band)) if cfg.dedup == "near" else 0)
@@ -124,7 +130,7 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
         log.warning("--give-up-quarantined: %d unit(s) quarantined for the first time are not given up; a rerun "
                     "retries them and gives up those that fail again", len(skip - set(before or ())))
     if give_up:
-        verdicts["quarantined"] = _reject_given_up(plan, quarantined, layout, so)
+        verdicts["quarantined"] += _reject_given_up(plan, quarantined, layout, so)
     names = [layout.shard_file(i) for i in range(num_shards)]
     put_table(layout.shard_index, pa.table({"shard": names, "samples": shards["samples"], "bytes": shards["bytes"]}),
               so)
@@ -144,29 +150,33 @@ def _within(units: set[int], first: int, end: int) -> tuple[int, ...]:
     return tuple(sorted(u for u in units if first <= u < end))
 
 
-def _forget_dedup_if_staging_changed(run: Run, skipped: list[int]) -> list[int] | None:
+def _earlier_quarantine(run: Run) -> list[int] | None:
+    """The units the earlier run had quarantined (None: no earlier run got past staging)."""
+    fs, path = url_to_fs(run.layout.quarantined, run.cfg.storage_options)
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+
+
+def _forget_dedup_if_staging_changed(run: Run, before: list[int] | None, skipped: list[int]) -> None:
     """Dedup, resolve and shard results hold for one set of staged units. If a rerun staged units an earlier run
     had quarantined, those results are stale: their done marks and summaries go, so the phases run again (and
-    rewrite every shard). Removed first, recorded second: a kill in between removes them again. Returns the units
-    the earlier run had quarantined (None: no earlier run got this far)."""
-    fs, path = url_to_fs(run.layout.quarantined, run.cfg.storage_options)
-    before = json.loads(fs.cat_file(path)) if fs.exists(path) else None
+    rewrite every shard). Removed first, recorded second: a kill in between removes them again."""
+    fs = run.fs
     done = url_to_fs(f"{run.layout.work}/done", run.cfg.storage_options)[1]
     if before is not None and before != skipped and fs.exists(done):
         for p in fs.ls(done, detail=False):
             if any(p.rsplit("/", 1)[-1].startswith(phase) for phase in ("map", "reduce", "resolve", "shard")):
                 fs.rm(p, recursive=True)
     put_bytes(run.layout.quarantined, json.dumps(skipped).encode(), run.cfg.storage_options)
-    return before
 
 
-def _stage_tasks(plan: Plan, cfg: IngestConfig, layout: Layout, policy: RetryPolicy):
+def _stage_tasks(plan: Plan, cfg: IngestConfig, layout: Layout, policy: RetryPolicy, salvage: set[int]):
     read = ReadOptions(cfg.clean.max_bytes, cfg.image_column, cfg.label_column, cfg.storage_options, policy,
                        cfg.download_threads)
+    salvaging = replace(read, give_up=True)
     for u in range(len(plan.unit_kind)):
         lo, hi = (int(x) for x in plan.unit_rows[u])
         yield u, StageTask(u, UNIT_KINDS[plan.unit_kind[u]], plan.slices(u), (lo, hi), plan.classes, layout,
-                           cfg.clean, cfg.dedup, read)
+                           cfg.clean, cfg.dedup, salvaging if u in salvage else read)
 
 
 def _groups(inputs: np.ndarray, group_inputs: int) -> np.ndarray:

@@ -8,7 +8,9 @@ first.
 Outcome of one fetch: bytes, or a reject (reason, detail) for a deterministic fault: a missing file, an HTTP 4xx,
 a file over max_bytes. A transient fault (reset, timeout, 5xx, 429, SlowDown) is retried with backoff; if it
 persists, object stores and local files raise TransientFailure (the unit is quarantined and a rerun retries it),
-while a web URL gets the reject "download_failed": a dead web server is the web's normal state, not ours.
+while a web URL gets the reject "download_failed": a dead web server is the web's normal state, not ours. With
+`give_up` (a unit an earlier run quarantined, rerun under --give-up-quarantined) an object that still fails gets
+the reject "quarantined" instead, so only that object is given up, not the unit's other inputs.
 """
 
 from __future__ import annotations
@@ -40,28 +42,32 @@ def is_web(url: str) -> bool:
 
 
 def fetch_all(urls: Iterable[str], max_bytes: int, storage_options: dict, policy: RetryPolicy,
-              threads: int) -> Iterator[Fetched]:
-    """Fetched for every URL, in order; raises TransientFailure for a non-web URL that kept failing."""
+              threads: int, give_up: bool = False) -> Iterator[Fetched]:
+    """Fetched for every URL, in order; raises TransientFailure for a non-web URL that kept failing (unless
+    give_up: then it is the reject "quarantined")."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
         window: deque = deque()
         for url in urls:
-            window.append(pool.submit(fetch_one, url, max_bytes, storage_options, policy))
+            window.append(pool.submit(fetch_one, url, max_bytes, storage_options, policy, give_up))
             if len(window) >= 2 * threads:
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
 
 
-def fetch_one(url: str, max_bytes: int, storage_options: dict, policy: RetryPolicy) -> Fetched:
+def fetch_one(url: str, max_bytes: int, storage_options: dict, policy: RetryPolicy, give_up: bool = False
+              ) -> Fetched:
     try:
         if is_web(url):
             data = retry(lambda: _http_get(url, max_bytes), policy, f"GET {url}")
         else:
             data = retry(lambda: _fs_get(url, max_bytes, storage_options), policy, f"read {url}")
     except TransientFailure as e:
-        if not is_web(url):
-            raise
-        return Fetched(url, None, ("download_failed", e.reason), transient=True)
+        if is_web(url):
+            return Fetched(url, None, ("download_failed", e.reason), transient=True)
+        if give_up:
+            return Fetched(url, None, ("quarantined", e.reason), transient=True)
+        raise
     except _TooLarge as e:
         return Fetched(url, None, ("too_large_file", str(e)))
     except Exception as e:  # noqa: BLE001 - permanent by classification: missing, forbidden, 404, bad URL

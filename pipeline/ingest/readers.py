@@ -60,11 +60,14 @@ class ReadOptions:
     storage_options: dict
     policy: RetryPolicy
     threads: int  # concurrent fetches of loose files / URLs per task
+    # A loose file that outlasts its retries is the reject "quarantined" instead of failing the unit: set for a unit
+    # an earlier run quarantined, rerun under --give-up-quarantined (engine.py), so only what keeps failing is lost.
+    give_up: bool = False
 
 
 def read_files(urls: list[str], labels: list[int], opts: ReadOptions) -> Iterator[RawItem]:
     """Loose files or URLs (a listed folder or a text list), fetched ahead by threads."""
-    fetched = fetch_all(urls, opts.max_bytes, opts.storage_options, opts.policy, opts.threads)
+    fetched = fetch_all(urls, opts.max_bytes, opts.storage_options, opts.policy, opts.threads, opts.give_up)
     yield from _guard_web_outage((RawItem(f.url, f.data, label, reject=f.reject), f.transient)
                                  for f, label in zip(fetched, labels))
 
@@ -246,7 +249,7 @@ def _download_rows(records, link: str, caption: str | None, label: str | None, o
     """url + caption rows: the images are fetched by threads, in row order; each URL's outcome is kept or a reject."""
     rows = list(records)  # one parquet file's metadata: ~100 bytes a row, a few MB
     urls = [str(rec[link] or "") for _, rec in rows]
-    fetched = fetch_all(urls, opts.max_bytes, opts.storage_options, opts.policy, opts.threads)
+    fetched = fetch_all(urls, opts.max_bytes, opts.storage_options, opts.policy, opts.threads, opts.give_up)
     items = ((RawItem(source, f.data, _int_or(rec.get(label), -1), _text(rec, caption), f.reject,
                       {"url": f.url}), f.transient) for (source, rec), f in zip(rows, fetched))
     yield from _guard_web_outage(items)

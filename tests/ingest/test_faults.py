@@ -83,9 +83,10 @@ def _wds_tar(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
 
 
 def test_s3_faults_retried_quarantined_then_rerun_loses_nothing(s3_server, s3_bucket, tmp_path, monkeypatch):
-    """Also: the same outage with --give-up-quarantined (the CLI, in-process): the first run does not give the unit up
-    (exit 3: the fault may pass); a second run in which it fails again gives a final output without the unit, its
-    inputs in rejects, exit status 4, and a rerun that changes nothing."""
+    """Also: the same outage with --give-up-quarantined (the CLI, in-process), plus an archive that keeps failing:
+    the first run gives nothing up (exit 3: the fault may pass); a second run in which they fail again gives a final
+    output, exit status 4, without the one loose file that still fails (its unit's other files kept) and without
+    the archive (one object, its unit given up whole), both in rejects; a rerun changes nothing."""
     # Our retries, not the client's: s3fs and botocore retry a failed request once at most here.
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
     raw = fsspec.filesystem("s3")
@@ -112,6 +113,7 @@ def test_s3_faults_retried_quarantined_then_rerun_loses_nothing(s3_server, s3_bu
         assert partial["kept"] == 12 - 4 + 3 + 1 and not any("img09" in s for s in verdicts(tmp_path / "out"))
         staged = {p.name for p in (tmp_path / "out/_ingest/stage").glob("*.parquet")}  # kept for the rerun
         assert staged == {f"unit-{u:08d}.parquet" for u in (0, 1, 3, 4)}
+        proxy.fail(f"/{bucket}/web/part-1.tar", ["reset"] * 1000)  # unit 4, one archive, can no longer be read
         _give_up_while_unit_2_fails(sources, so, tmp_path / "final", verdicts(tmp_path / "out"))
         proxy.clear()
         report = run_ingest(cfg)  # the rerun stages unit 2 and redoes dedup, resolve and shards with it
@@ -139,13 +141,20 @@ def _give_up_while_unit_2_fails(sources: list[str], so: dict, out, partial: dict
     assert not (out / "rejects.parquet/quarantined.parquet").exists()
     assert shard.main(argv) == 4  # failed again in a later run: given up, final
     report = json.loads((out / "report.json").read_text())
-    assert report["gave_up_quarantined"] and [q["unit"] for q in report["quarantined"]] == [2]
-    given_up = {s: v for s, v in verdicts(out).items() if v == "quarantined"}
-    assert sorted(s.rsplit("/", 1)[1] for s in given_up) == [f"img{i:02d}.jpg" for i in range(8, 12)]
-    rejects = pq.read_table(out / "rejects.parquet/quarantined.parquet").to_pylist()
-    assert all("img09" in r["detail"] for r in rejects)  # the unit's last failure, per input
-    assert {s: v for s, v in verdicts(out).items() if v != "quarantined"} == partial
-    assert report["kept"] + report["rejected"] + report["duplicates"] == report["inputs"] == len(partial) + 4
+    # Unit 2 staged without img09 alone; unit 4 (the archive) given up whole.
+    assert report["gave_up_quarantined"] and [q["unit"] for q in report["quarantined"]] == [4]
+    got = verdicts(out)
+    given_up = sorted(s.rsplit("/", 1)[1] for s, v in got.items() if v == "quarantined")
+    assert given_up == ["img09.jpg", "part-1.tar"] and report["rejected_by_reason"]["quarantined"] == 2
+    salvaged = [s for s in got if s.endswith(("img08.jpg", "img10.jpg", "img11.jpg"))]
+    assert len(salvaged) == 3 and all(got[s] == "keep" for s in salvaged)
+    whole = pq.read_table(out / "rejects.parquet/quarantined.parquet").to_pylist()  # the units given up whole
+    assert [r["source"].rsplit("/", 1)[1] for r in whole] == ["part-1.tar"] and "part-1.tar" in whole[0]["detail"]
+    img09 = [r for r in pq.read_table(out / "rejects.parquet").to_pylist() if r["source"].endswith("img09.jpg")]
+    assert "SlowDown" in img09[0]["detail"]  # the object's own last error (the proxy's 503 SlowDown)
+    others = {s: v for s, v in partial.items() if "part-1.tar" not in s}  # as the run that left unit 2 out
+    assert {s: v for s, v in got.items() if v != "quarantined" and s not in salvaged} == others
+    assert report["kept"] + report["rejected"] + report["duplicates"] == report["inputs"] == len(others) + 4 + 1
     assert (out / "shards.parquet").exists() and [p.name for p in (out / "_ingest").iterdir()] == ["config.json"]
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
     assert shard.main(argv) == 4  # final: the rerun is a no-op
