@@ -93,7 +93,9 @@ def read_parquet(url: str, opts: ReadOptions, lo: int = -1, hi: int = -1) -> Ite
 
 def _guard_web_outage(items: Iterable[tuple[RawItem, bool]]) -> Iterator[RawItem]:
     """Pass items through; if most of a unit's web fetches failed transiently, the fault is ours (network,
-    DNS, proxy), not the servers': raise so the unit is quarantined and retried, instead of rejecting it all."""
+    DNS, proxy), not the servers': raise so the unit is quarantined and retried, instead of rejecting it all. The
+    same for the loose files of a unit being given up (ReadOptions.give_up): most of them failing is the store's
+    outage, not a few bad objects, and the unit is given up whole only if it lasts into the next run as well."""
     seen = failed = 0
     buffered: list[RawItem] = []
     for item, transient in items:
@@ -109,7 +111,7 @@ def _guard_web_outage(items: Iterable[tuple[RawItem, bool]]) -> Iterator[RawItem
 
 def _check_outage(seen: int, failed: int) -> None:
     if seen >= 8 and failed * 2 > seen:
-        raise TransientFailure("web fetches", failed, ConnectionError(f"{failed} of {seen} URLs failed transiently"))
+        raise TransientFailure("fetches", failed, ConnectionError(f"{failed} of {seen} fetches failed transiently"))
 
 
 def _tar_members(url: str, opts: ReadOptions) -> Iterator[tuple[str, bytes | None, tuple[str, str] | None]]:
