@@ -95,7 +95,7 @@ def _guard_web_outage(items: Iterable[tuple[RawItem, bool]]) -> Iterator[RawItem
     """Pass items through; if most of a unit's web fetches failed transiently, the fault is ours (network,
     DNS, proxy), not the servers': raise so the unit is quarantined and retried, instead of rejecting it all. The
     same for the loose files of a unit being given up (ReadOptions.give_up): most of them failing is the store's
-    outage, not a few bad objects, and the unit is given up whole only if it lasts into the next run as well."""
+    outage, not a few bad objects: the unit fails whole, and is given up whole as it was quarantined before."""
     seen = failed = 0
     buffered: list[RawItem] = []
     for item, transient in items:
