@@ -64,7 +64,7 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class DeepSpeedConfig:
     """The engine. Production choice for ViT-L on 64 GPUs (README "Engine settings" has the arithmetic): ZeRO 2, bf16
-    weights, fp32 gradient accumulation, 50M-element buckets reduced in fp32 during the backward pass, compiled blocks."""
+    weights, fp32 gradient accumulation, 50M-element buckets reduced in bf16 during the backward pass, compiled blocks."""
 
     # 2 shards optimizer state and gradients and reduce-scatters gradient buckets while the backward pass runs; 1
     # reduces them after it. 0 = plain data parallel, LARS runs only (AdamW needs ZeRO's non-finite skip).
@@ -79,12 +79,15 @@ class DeepSpeedConfig:
     # reduced while most of the backward pass is still to run; larger buckets start later, smaller ones cost latency.
     reduce_bucket_size: int = 50_000_000
     overlap_comm: bool = True  # overlap gradient reduction with backward (ZeRO 2/3)
-    # The dtype gradients are summed in across ranks when precision is bf16 (DeepSpeed's own default is bf16). A ring
-    # over 64 ranks rounds the running sum to bf16's 8 bits at each of 63 hops, so small ranks' contributions are
-    # lost; Megatron refuses bf16 without fp32 gradient reduction for this reason. fp32 doubles the bytes (~26 ms
-    # instead of ~13 per step for a ViT-L on NDR InfiniBand, README "Engine settings"), still inside the ~37 ms
-    # backward pass it overlaps with. bf16 = DeepSpeed's default, for a network too slow for that.
-    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    # The dtype gradients are summed in across ranks (precision bf16 and amp_bf16). bf16, DeepSpeed's default: ZeRO 2
+    # in DeepSpeed 0.19.8 all-reduces each bucket (use_multi_rank_bucket_allreduce), 2 x 0.66 GB per GPU per step
+    # for a ViT-L, ~26 ms at 50 GB/s of NDR InfiniBand, inside the ~37 ms backward pass it overlaps at 1,150
+    # images/s; fp32 doubles it to ~53 ms, ~16 ms of it exposed per step (README "Engine settings"). fp32 keeps
+    # what bf16 rounds away: a ring over 64 ranks rounds the running sum to 8 bits at each of 63 hops, and a rank's
+    # gradient below bf16's resolution next to the sum is lost (tests/jobs/test_reduce_dtype.py); Megatron-LM reduces
+    # bf16 gradients in fp32 unless told otherwise. Choose fp32 where the backward hides it (a larger micro-batch,
+    # fewer ranks) or where a run's loss misbehaves.
+    reduce_dtype: Literal["fp32", "bf16"] = "bf16"
     # torch.compile of each transformer block: auto = on CUDA with ZeRO 0-2 (ZeRO-3's parameter hooks run inside the
     # blocks), off on CPU (a cold compile costs about a minute there and gains nothing).
     compile: Literal["auto", "blocks", "off"] = "auto"

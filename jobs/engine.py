@@ -8,8 +8,8 @@ set. LARS (SimCLR / BYOL / MSCN) runs with ZeRO stage 0, where DeepSpeed all-red
 model's own parameters (jobs/lars.py says why).
 
 Precision: "bf16" = bf16 weights; DeepSpeed keeps fp32 master weights in its optimizer wrapper, accumulates gradients
-in fp32 (data_types.grad_accum_dtype) and sums them across ranks in fp32 buckets (deepspeed.reduce_dtype). "amp_bf16" = fp32 weights under
-torch.autocast(bf16). "fp32". A non-finite gradient skips the update on every rank: ZeRO stages 1-3 check the
+in fp32 (data_types.grad_accum_dtype) and sums them across ranks in buckets of deepspeed.reduce_dtype (bf16 by
+default). "amp_bf16" = fp32 weights under torch.autocast(bf16). "fp32". A non-finite gradient skips the update on every rank: ZeRO stages 1-3 check the
 all-reduced gradient norm in every precision; stage 0 has no such check, so only LARS (which checks itself) may use it.
 """
 
@@ -128,6 +128,10 @@ def deepspeed_config(ds: DeepSpeedConfig, derived: Derived, grad_clip: float, pr
     if precision == "amp_bf16":
         # fp32 weights and optimizer; DeepSpeed runs the forward under torch.autocast(bfloat16).
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        if ds.reduce_dtype == "fp32":
+            # DeepSpeed marks Linear and Conv weights to be summed across ranks in the autocast dtype; with none
+            # marked they are summed in their own dtype, fp32.
+            config["torch_autocast"]["lower_precision_safe_modules"] = []
     if precision == "bf16":
         # check_grad_overflow: a non-finite gradient makes ZeRO skip the update and clear the gradients on every
         # rank (the norm is all-reduced), which is the skip jobs/step.py relies on. fp32 ZeRO does this already.
@@ -135,7 +139,7 @@ def deepspeed_config(ds: DeepSpeedConfig, derived: Derived, grad_clip: float, pr
         # Micro-batch gradients summed in fp32: with 8 accumulation steps (one 8-GPU node at batch 4096), bf16 sums
         # would round away the small contributions. Stage 1 then runs DeepSpeed's BF16_Optimizer.
         config["data_types"] = {"grad_accum_dtype": "fp32"}
-        # Cross-rank gradient sums in fp32 unless the config asks for DeepSpeed's bf16 (jobs/config.py says why).
+        # Cross-rank gradient sums in bf16 (DeepSpeed's default) or fp32: jobs/config.py says when to choose which.
         config["communication_data_type"] = ds.reduce_dtype
     return config
 

@@ -1,8 +1,9 @@
-"""bf16 training sums gradients across ranks in fp32 (deepspeed.reduce_dtype, jobs/config.py says why): a rank's
-contribution below bf16's resolution next to another rank's is kept, not rounded away. Two real ranks (gloo), the
-engine config jobs/engine.py builds, ZeRO 1 (DeepSpeed's BF16_Optimizer) and ZeRO 2 (reduce-scatter), plain SGD so
-the fp32 master weight shows the averaged gradient exactly. reduce_dtype=bf16 (DeepSpeed's default) runs as the
-contrast: the same step loses the small rank's gradient, which is what the fp32 default exists to prevent."""
+"""deepspeed.reduce_dtype decides the dtype gradients are summed in across ranks (jobs/config.py says when to choose
+which): with fp32 a rank's contribution below bf16's resolution next to another rank's is kept; with bf16 (the
+default, DeepSpeed's) it is rounded away. Two real ranks (gloo), the engine config jobs/engine.py builds, precision
+bf16 at ZeRO 1 (DeepSpeed's BF16_Optimizer) and ZeRO 2, and amp_bf16 at ZeRO 2 (where DeepSpeed marks Linear weights
+to be reduced in the autocast dtype unless told otherwise), plain SGD so the fp32 master weight shows the averaged
+gradient exactly."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 SMALL = 2.0**-9  # rank 1's gradient: exact in bf16, but 1 + SMALL rounds to 1 in bf16 (its ulp at 1 is 2^-7)
-CASES = [(stage, dtype) for stage in (1, 2) for dtype in ("fp32", "bf16")]
+# amp_bf16 last: DeepSpeed's autocast set-up is process-global, and would change how later bf16 engines reduce.
+CASES = [(precision, stage, dtype) for precision, stages in (("bf16", (1, 2)), ("amp_bf16", (2,)))
+         for stage in stages for dtype in ("fp32", "bf16")]
 
 
 def _rank(rank: int, port: int, results) -> None:
@@ -31,22 +34,23 @@ def _rank(rank: int, port: int, results) -> None:
 
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     derived = derive(2, 1, 2, 1.0, 256, 400, 0)
-    for stage, dtype in CASES:
+    for precision, stage, dtype in CASES:
         model = nn.Linear(8, 1, bias=False)
         nn.init.zeros_(model.weight)
-        config = deepspeed_config(DeepSpeedConfig(zero_stage=stage, reduce_dtype=dtype), derived, 0.0, "bf16")
+        config = deepspeed_config(DeepSpeedConfig(zero_stage=stage, reduce_dtype=dtype), derived, 0.0, precision)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                                config=config)
         scale = 1.0 if rank == 0 else SMALL  # d(loss)/d(weight) = scale for every weight element
-        loss = engine(torch.ones(1, 8, dtype=torch.bfloat16)).float().sum() * scale
+        x = torch.ones(1, 8, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+        loss = engine(x).float().sum() * scale
         engine.backward(loss)
         engine.step()
-        results[(rank, stage, dtype)] = safe_get_full_fp32_param(engine.module.weight).flatten().tolist()
+        results[(rank, precision, stage, dtype)] = safe_get_full_fp32_param(engine.module.weight).flatten().tolist()
         engine.destroy()
     torch.distributed.destroy_process_group()
 
 
-def test_bf16_gradients_are_summed_across_ranks_in_fp32():
+def test_reduce_dtype_fp32_keeps_what_bf16_rounds_away():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -65,8 +69,8 @@ def test_bf16_gradients_are_summed_across_ranks_in_fp32():
         assert [p.exitcode for p in procs] == [0, 0], [p.exitcode for p in procs]
         results = dict(results)
     averaged = (1.0 + SMALL) / 2  # what one SGD step at lr 1 subtracts, with the mean gradient kept exactly
-    for stage, dtype in CASES:
-        weights = results[(0, stage, dtype)]
-        assert weights == results[(1, stage, dtype)], (stage, dtype)
-        expected = -averaged if dtype == "fp32" else -0.5  # bf16: rank 1's SMALL rounded away in the sum
-        assert weights == pytest.approx([expected] * 8, abs=0, rel=0), (stage, dtype, weights)
+    for case in CASES:
+        weights = results[(0, *case)]
+        assert weights == results[(1, *case)], case
+        expected = -averaged if case[2] == "fp32" else -0.5  # bf16: rank 1's SMALL rounded away in the sum
+        assert weights == pytest.approx([expected] * 8, abs=0, rel=0), (case, weights)
