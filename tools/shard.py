@@ -58,12 +58,12 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
     p.add_argument("--retries", type=int, default=IngestConfig.retries,
                    help="attempts per read on a transient fault (then the unit is quarantined until a rerun)")
     p.add_argument("--give-up-quarantined", action="store_true",
-                   help="finalize the output without what keeps failing, once an earlier run quarantined it too "
-                        "(an object that keeps failing: 5xx, resets): such a unit is staged again, each loose file "
-                        "that still outlasts its retries becoming a reject (reason 'quarantined', its last error) "
-                        "and the unit's other inputs kept; a unit that still fails as a whole (an archive, a parquet "
-                        "file) goes to rejects.parquet entire. Staging is removed, exit status 4. A unit "
-                        "quarantined for the first time is left for the next run (exit 3)")
+                   help="finalize the output without what failed in this run and an earlier one (an object that "
+                        "keeps failing: 5xx, resets): a loose file that failed its retries in both becomes a reject "
+                        "(reason 'quarantined', its last error), the other inputs of its unit kept; a unit that "
+                        "failed whole in both (an archive, a parquet file, most of its files) goes to "
+                        "rejects.parquet entire. Staging is removed, exit status 4. What fails for the first time "
+                        "is left for the next run (exit 3)")
     a = p.parse_args(argv)
     clean = CleanConfig(a.min_side, a.max_aspect, a.max_pixels, a.max_bytes, a.max_shorter_side, a.quality, a.reencode)
     return IngestConfig(
@@ -88,22 +88,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shard.py: error: {e}", file=sys.stderr)
         return 2
     print(format_table(report))
+    status, message = exit_status(report)
+    if message:
+        print(message, file=sys.stderr)
+    return status
+
+
+def exit_status(report: dict) -> tuple[int, str]:
+    """0: complete; 3: units left quarantined (the output lacks them until a rerun stages them); 4: final, with
+    inputs given up (--give-up-quarantined). The message for stderr ("" for 0)."""
     given_up = report["rejected_by_reason"].get("quarantined", 0)
-    if report["quarantined"] and not report["gave_up_quarantined"]:
-        # the run went on without them; rerunning the same command retries them
-        print(f"shard.py: {len(report['quarantined'])} unit(s) quarantined after their retries, left out of this "
-              "output; rerun the same command to retry them (or add --give-up-quarantined to finalize without "
-              "them):", file=sys.stderr)
-    elif given_up:
-        units = f", with {len(report['quarantined'])} whole unit(s)" if report["quarantined"] else ""
-        print(f"shard.py: {given_up} input(s) that kept failing in this run and an earlier one were given up{units}: "
-              "the output is final without them; they are in rejects.parquet with reason 'quarantined'",
-              file=sys.stderr)
-    else:
-        return 0
-    for q in report["quarantined"][:20]:
-        print(f"  unit {q['unit']}: {q['reason']}", file=sys.stderr)
-    return 3 if report["quarantined"] and not report["gave_up_quarantined"] else 4
+    units = "".join(f"\n  unit {q['unit']}: {q['reason']}" for q in report["quarantined"][:20])
+    if report["quarantined"] and not report["gave_up_quarantined"]:  # rerunning the same command retries them
+        earlier = (f" ({given_up} input(s) that had failed in an earlier run too were given up: they stay rejects)"
+                   if given_up else "")
+        return 3, (f"shard.py: {len(report['quarantined'])} unit(s) quarantined after their retries, left out of "
+                   "this output; rerun the same command to retry them (or add --give-up-quarantined to finalize "
+                   f"without what fails again){earlier}:{units}")
+    if given_up or report["gave_up_quarantined"]:
+        whole = f", {len(report['quarantined'])} unit(s) of them whole" if report["quarantined"] else ""
+        return 4, (f"shard.py: {given_up} input(s) that failed in this run and an earlier one were given up{whole}: "
+                   f"the output is final without them; they are in rejects.parquet with reason 'quarantined'{units}")
+    return 0, ""
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ class IngestConfig:
     download_threads: int = 16  # concurrent fetches of loose files / URLs per task (img2dataset uses 16-64)
     retries: int = 5  # attempts per read on a transient fault, the first included; then the unit is quarantined
     retry_base_s: float = 0.5  # first backoff; doubles per attempt (full jitter, capped at 30 s)
-    # Finalize even if units are still quarantined after their retries: their inputs become "quarantined" rejects,
-    # staging is removed, and reruns are no-ops (an object that fails forever no longer blocks the dataset).
+    # Finalize without what failed its retries in this run and an earlier one: those loose files (or whole units:
+    # an archive, a parquet file) become "quarantined" rejects, staging is removed, and reruns are no-ops (an object
+    # that fails forever no longer blocks the dataset).
     give_up_quarantined: bool = False
     # How dedup splits its work (library only; the output does not depend on them): inputs per map / resolve task
     # (about 4M shuffle records per task with --dedup near) and shuffle records per reduce task (~200 MB).

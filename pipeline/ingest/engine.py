@@ -16,10 +16,10 @@ image. Every artefact is a pure function of (what was listed, fingerprinted argu
 moment a rerun redoes only the tasks that were in flight and yields exactly what a clean run yields, with any
 --workers or --engine. A unit whose transient faults outlast the retries is quarantined: the run goes on without
 it, report.json lists it, and the next run stages it and redoes dedup, resolve and shards; or, with
-give_up_quarantined, a later run gives up what still fails: a unit an earlier run had quarantined is staged with
-each loose file that still outlasts its retries as a "quarantined" reject (its other inputs kept), and a unit that
-still fails as a whole (an archive, a parquet file, a listing part) is left out, its inputs "quarantined"
-rejects; either way the output is final.
+give_up_quarantined, a later run gives up what failed in both runs: a unit quarantined because of some of its
+loose files (each named by the failure) is staged with those files, if they fail again, as "quarantined" rejects
+and its other inputs kept; a unit that failed as a whole in both runs (an archive, a parquet file, an outage of
+most of its files) is left out, its inputs "quarantined" rejects; the output is then final.
 A failing task of any other phase stops the run once the rest of its phase is done (phase.py: QuarantineError);
 the next run retries it.
 Phase bookkeeping (saved summaries, checkpoints, progress) is phase.py; listing and the plan, plan.py.
@@ -92,13 +92,16 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
 
     plan = build_plan(run, listing, policy, cfg.unit_size)
     before = _earlier_quarantine(run)
-    # Units an earlier run quarantined are staged giving up only the objects that still fail (readers.ReadOptions).
-    salvage = set(before or ()) if cfg.give_up_quarantined else set()
+    # The objects an earlier run's units failed on are given up if they fail again (readers.ReadOptions.give_up).
+    salvage = {u: frozenset(objects) for u, objects in (before or {}).items() if objects and cfg.give_up_quarantined}
     quarantined: list[tuple[int, Failed]] = []
     inputs = run.phase("stage", run_stage, _stage_tasks(plan, cfg, layout, policy, salvage), len(plan.unit_kind),
                        ("inputs", "seconds"), progress="inputs", quarantine=quarantined)["inputs"]
     skip = {i for i, _ in quarantined}  # units that could not be staged: the run goes on without them
-    _forget_dedup_if_staging_changed(run, before, sorted(skip))
+    # What each unit failed on: its loose files (those that failed before too stay named), or [] for the whole unit.
+    failed_on = {u: sorted(set(f.objects) | set((before or {}).get(u, ()))) if f.objects else []
+                 for u, f in quarantined}
+    _forget_dedup_if_staging_changed(run, before, failed_on)
     group_starts = _groups(inputs, cfg.group_inputs)
     per_band = blocks_per_band(cfg.near_threshold, int(inputs.sum()))
     per_input = 1 + (cfg.dedup != "none") + (len(bands(cfg.near_threshold, per_band)) if cfg.dedup == "near" else 0)
@@ -122,13 +125,15 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
     verdicts: Counter = Counter()
     for v in resolved["verdicts"]:
         verdicts.update(json.loads(v))
-    # Given up only when every unit still quarantined had failed its retries in an earlier run too: a fault that
+    # Given up whole only when every unit still quarantined had failed whole in the earlier run too: a fault that
     # lasts minutes (an S3 slowdown under 1,280 readers, a full disk) quarantines units in one run and is gone by
-    # the next, and giving them up at once would make a passing fault lost data (and final: reruns are no-ops).
-    give_up = bool(quarantined) and cfg.give_up_quarantined and skip <= set(before or ())
+    # the next, and giving them up at once would make a passing fault lost data (and final: reruns are no-ops). A
+    # unit that now fails on loose files that did not fail before is quarantined for the first time, for them.
+    again = {u for u in skip if (before or {}).get(u) == [] and failed_on[u] == []}
+    give_up = bool(quarantined) and cfg.give_up_quarantined and skip <= again
     if quarantined and cfg.give_up_quarantined and not give_up:
-        log.warning("--give-up-quarantined: %d unit(s) quarantined for the first time are not given up; a rerun "
-                    "retries them and gives up those that fail again", len(skip - set(before or ())))
+        log.warning("--give-up-quarantined: %d unit(s) failed for the first time (or on files that had not failed "
+                    "before) are not given up; a rerun retries them and gives up what fails again", len(skip - again))
     if give_up:
         verdicts["quarantined"] += _reject_given_up(plan, quarantined, layout, so)
     names = [layout.shard_file(i) for i in range(num_shards)]
@@ -150,33 +155,41 @@ def _within(units: set[int], first: int, end: int) -> tuple[int, ...]:
     return tuple(sorted(u for u in units if first <= u < end))
 
 
-def _earlier_quarantine(run: Run) -> list[int] | None:
-    """The units the earlier run had quarantined (None: no earlier run got past staging)."""
+def _earlier_quarantine(run: Run) -> dict[int, list[str]] | None:
+    """The units the earlier run had quarantined, each with the loose files it failed on ([]: the unit failed
+    whole); None: no earlier run got past staging. (A list of units, from before the files were recorded, reads as
+    units that failed whole.)"""
     fs, path = url_to_fs(run.layout.quarantined, run.cfg.storage_options)
-    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+    if not fs.exists(path):
+        return None
+    saved = json.loads(fs.cat_file(path))
+    return {int(u): [] for u in saved} if isinstance(saved, list) else {int(u): list(o) for u, o in saved.items()}
 
 
-def _forget_dedup_if_staging_changed(run: Run, before: list[int] | None, skipped: list[int]) -> None:
+def _forget_dedup_if_staging_changed(run: Run, before: dict[int, list[str]] | None,
+                                     failed_on: dict[int, list[str]]) -> None:
     """Dedup, resolve and shard results hold for one set of staged units. If a rerun staged units an earlier run
     had quarantined, those results are stale: their done marks and summaries go, so the phases run again (and
-    rewrite every shard). Removed first, recorded second: a kill in between removes them again."""
+    rewrite every shard). Removed first, recorded second (the units quarantined now, with what they failed on):
+    a kill in between removes them again."""
     fs = run.fs
     done = url_to_fs(f"{run.layout.work}/done", run.cfg.storage_options)[1]
-    if before is not None and before != skipped and fs.exists(done):
+    if before is not None and sorted(before) != sorted(failed_on) and fs.exists(done):
         for p in fs.ls(done, detail=False):
             if any(p.rsplit("/", 1)[-1].startswith(phase) for phase in ("map", "reduce", "resolve", "shard")):
                 fs.rm(p, recursive=True)
-    put_bytes(run.layout.quarantined, json.dumps(skipped).encode(), run.cfg.storage_options)
+    record = {str(u): failed_on[u] for u in sorted(failed_on)}
+    put_bytes(run.layout.quarantined, json.dumps(record).encode(), run.cfg.storage_options)
 
 
-def _stage_tasks(plan: Plan, cfg: IngestConfig, layout: Layout, policy: RetryPolicy, salvage: set[int]):
+def _stage_tasks(plan: Plan, cfg: IngestConfig, layout: Layout, policy: RetryPolicy,
+                 salvage: dict[int, frozenset[str]]):
     read = ReadOptions(cfg.clean.max_bytes, cfg.image_column, cfg.label_column, cfg.storage_options, policy,
                        cfg.download_threads)
-    salvaging = replace(read, give_up=True)
     for u in range(len(plan.unit_kind)):
         lo, hi = (int(x) for x in plan.unit_rows[u])
         yield u, StageTask(u, UNIT_KINDS[plan.unit_kind[u]], plan.slices(u), (lo, hi), plan.classes, layout,
-                           cfg.clean, cfg.dedup, salvaging if u in salvage else read)
+                           cfg.clean, cfg.dedup, replace(read, give_up=salvage[u]) if u in salvage else read)
 
 
 def _groups(inputs: np.ndarray, group_inputs: int) -> np.ndarray:

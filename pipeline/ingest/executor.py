@@ -38,6 +38,7 @@ class Failed:
 
     reason: str
     where: str
+    objects: tuple[str, ...] = ()  # the loose files whose faults failed the task (TransientFailure.objects)
 
 
 class Engine:
@@ -87,7 +88,7 @@ class _Guarded:
             frames = traceback.extract_tb(e.__traceback__)
             ours = [f for f in frames if "pipeline" in f.filename] or frames
             where = f"{os.path.basename(ours[-1].filename)}:{ours[-1].lineno}" if ours else ""
-            return Failed(f"{type(e).__name__}: {e}"[:500], where)
+            return Failed(f"{type(e).__name__}: {e}"[:500], where, tuple(getattr(e, "objects", ()) or ()))
 
 
 def _run_pool(pool: ProcessPoolExecutor, fn, tasks, workers: int):

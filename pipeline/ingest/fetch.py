@@ -7,10 +7,11 @@ first.
 
 Outcome of one fetch: bytes, or a reject (reason, detail) for a deterministic fault: a missing file, an HTTP 4xx,
 a file over max_bytes. A transient fault (reset, timeout, 5xx, 429, SlowDown) is retried with backoff; if it
-persists, object stores and local files raise TransientFailure (the unit is quarantined and a rerun retries it),
-while a web URL gets the reject "download_failed": a dead web server is the web's normal state, not ours. With
-`give_up` (a unit an earlier run quarantined, rerun under --give-up-quarantined) an object that still fails gets
-the reject "quarantined" instead, so only that object is given up, not the unit's other inputs.
+persists, a web URL gets the reject "download_failed" (a dead web server is the web's normal state, not ours),
+while an object of a store or a local file comes back `lost`: its unit is then quarantined, naming it, and a rerun
+retries it (readers.py). With `give_up` (the objects that had failed in an earlier run, rerun under
+--give-up-quarantined) such an object that fails again gets the reject "quarantined" instead: only that object
+is given up, not the unit's other inputs, nor an object failing for the first time.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import http.client
 import urllib.request
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from pipeline.ingest.atomic import url_to_fs
@@ -34,7 +35,9 @@ class Fetched:
     url: str
     data: bytes | None
     reject: tuple[str, str] | None = None  # (reason, detail) when data is None
-    transient: bool = False  # the reject is a web fault that outlasted every retry
+    transient: bool = False  # a fault that outlasted every retry (a web reject, a given-up or a lost object)
+    lost: bool = False  # a store object or local file that outlasted its retries: its unit must not be staged
+    error: BaseException | None = field(default=None, compare=False)  # a lost object's last error
 
 
 def is_web(url: str) -> bool:
@@ -42,9 +45,9 @@ def is_web(url: str) -> bool:
 
 
 def fetch_all(urls: Iterable[str], max_bytes: int, storage_options: dict, policy: RetryPolicy,
-              threads: int, give_up: bool = False) -> Iterator[Fetched]:
-    """Fetched for every URL, in order; raises TransientFailure for a non-web URL that kept failing (unless
-    give_up: then it is the reject "quarantined")."""
+              threads: int, give_up: frozenset[str] = frozenset()) -> Iterator[Fetched]:
+    """Fetched for every URL, in order (a non-web URL that kept failing: lost, or the reject "quarantined" if it is
+    in give_up)."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
         window: deque = deque()
         for url in urls:
@@ -55,8 +58,8 @@ def fetch_all(urls: Iterable[str], max_bytes: int, storage_options: dict, policy
             yield window.popleft().result()
 
 
-def fetch_one(url: str, max_bytes: int, storage_options: dict, policy: RetryPolicy, give_up: bool = False
-              ) -> Fetched:
+def fetch_one(url: str, max_bytes: int, storage_options: dict, policy: RetryPolicy,
+              give_up: frozenset[str] = frozenset()) -> Fetched:
     try:
         if is_web(url):
             data = retry(lambda: _http_get(url, max_bytes), policy, f"GET {url}")
@@ -65,9 +68,9 @@ def fetch_one(url: str, max_bytes: int, storage_options: dict, policy: RetryPoli
     except TransientFailure as e:
         if is_web(url):
             return Fetched(url, None, ("download_failed", e.reason), transient=True)
-        if give_up:
-            return Fetched(url, None, ("quarantined", e.reason), transient=True)
-        raise
+        lost = url not in give_up
+        return Fetched(url, None, ("quarantined", e.reason), transient=True, lost=lost,
+                       error=(e.__cause__ or e) if lost else None)
     except _TooLarge as e:
         return Fetched(url, None, ("too_large_file", str(e)))
     except Exception as e:  # noqa: BLE001 - permanent by classification: missing, forbidden, 404, bad URL

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.ingest.atomic import url_to_fs
-from pipeline.ingest.fetch import fetch_all
+from pipeline.ingest.fetch import Fetched, fetch_all
 from pipeline.ingest.retry import RetryPolicy, TransientFailure
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
@@ -60,16 +60,16 @@ class ReadOptions:
     storage_options: dict
     policy: RetryPolicy
     threads: int  # concurrent fetches of loose files / URLs per task
-    # A loose file that outlasts its retries is the reject "quarantined" instead of failing the unit: set for a unit
-    # an earlier run quarantined, rerun under --give-up-quarantined (engine.py), so only what keeps failing is lost.
-    give_up: bool = False
+    # Loose files (URLs) that failed their retries in an earlier run as well: if they fail again they are the
+    # reject "quarantined" instead of failing the unit (--give-up-quarantined, engine.py).
+    give_up: frozenset[str] = frozenset()
 
 
 def read_files(urls: list[str], labels: list[int], opts: ReadOptions) -> Iterator[RawItem]:
     """Loose files or URLs (a listed folder or a text list), fetched ahead by threads."""
     fetched = fetch_all(urls, opts.max_bytes, opts.storage_options, opts.policy, opts.threads, opts.give_up)
-    yield from _guard_web_outage((RawItem(f.url, f.data, label, reject=f.reject), f.transient)
-                                 for f, label in zip(fetched, labels))
+    yield from _guard_fetches(((RawItem(f.url, f.data, label, reject=f.reject), f)
+                               for f, label in zip(fetched, labels)), opts.policy.attempts)
 
 
 def read_archive(url: str, opts: ReadOptions) -> Iterator[RawItem]:
@@ -91,22 +91,39 @@ def read_parquet(url: str, opts: ReadOptions, lo: int = -1, hi: int = -1) -> Ite
         yield RawItem(f"{url}#", None, reject=("corrupt_parquet", f"{type(e).__name__}: {e}"))
 
 
-def _guard_web_outage(items: Iterable[tuple[RawItem, bool]]) -> Iterator[RawItem]:
-    """Pass items through; if most of a unit's web fetches failed transiently, the fault is ours (network,
-    DNS, proxy), not the servers': raise so the unit is quarantined and retried, instead of rejecting it all. The
-    same for the loose files of a unit being given up (ReadOptions.give_up): most of them failing is the store's
-    outage, not a few bad objects: the unit fails whole, and is given up whole as it was quarantined before."""
+def _guard_fetches(items: Iterable[tuple[RawItem, Fetched]], attempts: int) -> Iterator[RawItem]:
+    """Pass the fetched items through, all but the lost ones (a store object or local file that outlasted its
+    retries). At the end, if any was lost, raise TransientFailure naming them: the unit is quarantined (not staged;
+    a rerun retries it), and --give-up-quarantined gives up those objects if they fail again in a later run. The
+    rest of the unit is fetched first, so one run names every object of the unit that fails, not only the first.
+    If most of a unit's fetches failed (web or store), the fault is ours or the store's (network, DNS, proxy, an
+    outage), not the objects': raise at once, naming none, so the unit is retried whole (and only given up whole,
+    if a later run fails it whole again)."""
     seen = failed = 0
     buffered: list[RawItem] = []
-    for item, transient in items:
-        seen, failed = seen + 1, failed + transient
-        buffered.append(item)
+    lost: list[Fetched] = []
+    for item, fetched in items:
+        seen, failed = seen + 1, failed + fetched.transient
+        if fetched.lost:
+            lost.append(fetched)
+        else:
+            buffered.append(item)
         if len(buffered) >= 64:
             _check_outage(seen, failed)
             yield from buffered
             buffered.clear()
     _check_outage(seen, failed)
     yield from buffered
+    if lost:
+        more = f" and {len(lost) - 1} other file(s)" if len(lost) > 1 else ""
+        named = tuple(f.url for f in lost) if len(lost) <= MAX_LOST_NAMED else ()
+        raise TransientFailure(f"read {lost[0].url}{more}", attempts, lost[-1].error or ConnectionError(),
+                               objects=named)
+
+
+# Lost objects a unit names at most: more is an outage of the store rather than a few bad objects, and the unit is
+# then retried (and given up) whole.
+MAX_LOST_NAMED = 64
 
 
 def _check_outage(seen: int, failed: int) -> None:
@@ -253,8 +270,8 @@ def _download_rows(records, link: str, caption: str | None, label: str | None, o
     urls = [str(rec[link] or "") for _, rec in rows]
     fetched = fetch_all(urls, opts.max_bytes, opts.storage_options, opts.policy, opts.threads, opts.give_up)
     items = ((RawItem(source, f.data, _int_or(rec.get(label), -1), _text(rec, caption), f.reject,
-                      {"url": f.url}), f.transient) for (source, rec), f in zip(rows, fetched))
-    yield from _guard_web_outage(items)
+                      {"url": f.url}), f) for (source, rec), f in zip(rows, fetched))
+    yield from _guard_fetches(items, opts.policy.attempts)
 
 
 def _records(url: str, pf: pq.ParquetFile, columns: list[str], ident: str | None, lo: int, hi: int

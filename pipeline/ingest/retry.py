@@ -28,9 +28,12 @@ _PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errn
 class TransientFailure(Exception):
     """A transient fault that persisted through every attempt; `reason` names it for the quarantine list."""
 
-    def __init__(self, what: str, attempts: int, error: BaseException):
+    def __init__(self, what: str, attempts: int, error: BaseException, objects: tuple[str, ...] = ()):
         super().__init__(f"{what}: {attempts} attempts, last {type(error).__name__}: {error}"[:500])
         self.reason = f"{type(error).__name__}: {error}"[:300]
+        # The objects (loose files) that outlasted their retries, when the fault is theirs and not the unit's:
+        # --give-up-quarantined gives up exactly these if they fail again in a later run (engine.py).
+        self.objects = objects
 
 
 @dataclass(frozen=True)

@@ -84,9 +84,10 @@ def _wds_tar(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
 
 def test_s3_faults_retried_quarantined_then_rerun_loses_nothing(s3_server, s3_bucket, tmp_path, monkeypatch):
     """Also: the same outage with --give-up-quarantined (the CLI, in-process), plus an archive that keeps failing:
-    the first run gives nothing up (exit 3: the fault may pass); a second run in which they fail again gives a final
-    output, exit status 4, without the one loose file that still fails (its unit's other files kept) and without
-    the archive (one object, its unit given up whole), both in rejects; a rerun changes nothing."""
+    the first run gives nothing up (exit 3: the fault may pass); in the second, img10 fails too, for the first time:
+    nothing is given up yet (exit 3); the third gives a final output, exit status 4, without the two loose files
+    that failed twice (their unit's other files kept) and without the archive (its unit given up whole), all in
+    rejects; a rerun changes nothing."""
     # Our retries, not the client's: s3fs and botocore retry a failed request once at most here.
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
     raw = fsspec.filesystem("s3")
@@ -114,7 +115,7 @@ def test_s3_faults_retried_quarantined_then_rerun_loses_nothing(s3_server, s3_bu
         staged = {p.name for p in (tmp_path / "out/_ingest/stage").glob("*.parquet")}  # kept for the rerun
         assert staged == {f"unit-{u:08d}.parquet" for u in (0, 1, 3, 4)}
         proxy.fail(f"/{bucket}/web/part-1.tar", ["reset"] * 1000)  # unit 4, one archive, can no longer be read
-        _give_up_while_unit_2_fails(sources, so, tmp_path / "final", verdicts(tmp_path / "out"))
+        _give_up_while_unit_2_fails(sources, so, tmp_path / "final", verdicts(tmp_path / "out"), proxy, bucket)
         proxy.clear()
         report = run_ingest(cfg)  # the rerun stages unit 2 and redoes dedup, resolve and shards with it
         assert report["quarantined"] == [] and [p.name for p in (tmp_path / "out/_ingest").iterdir()] == [
@@ -134,24 +135,30 @@ def test_s3_faults_retried_quarantined_then_rerun_loses_nothing(s3_server, s3_bu
     check_readable(tmp_path / "out")
 
 
-def _give_up_while_unit_2_fails(sources: list[str], so: dict, out, partial: dict[str, str]) -> None:
+def _give_up_while_unit_2_fails(sources: list[str], so: dict, out, partial: dict[str, str], proxy, bucket) -> None:
     argv = [*sources, "--output", str(out), "--unit-size", "4", "--workers", "1", "--retries", "3", "--quiet",
             "--storage-options", json.dumps(so), "--give-up-quarantined"]
     assert shard.main(argv) == 3  # quarantined for the first time: not given up (the fault may pass), not final
     assert not (out / "rejects.parquet/quarantined.parquet").exists()
-    assert shard.main(argv) == 4  # failed again in a later run: given up, final
+    recorded = json.loads((out / "_ingest/quarantined.json").read_text())
+    assert recorded == {"2": [f"s3://{bucket}/dump/img09.jpg"], "4": []}  # what each unit failed on
+    proxy.fail(f"/{bucket}/dump/img10.jpg", ["503"] * 1000)  # another file of unit 2 fails, for the first time
+    assert shard.main(argv) == 3  # img10 failed once only: nothing is given up, not even img09 or the archive
+    recorded = json.loads((out / "_ingest/quarantined.json").read_text())
+    assert recorded == {"2": [f"s3://{bucket}/dump/img{i}.jpg" for i in ("09", "10")], "4": []}
+    assert shard.main(argv) == 4  # both failed again: given up, final
     report = json.loads((out / "report.json").read_text())
-    # Unit 2 staged without img09 alone; unit 4 (the archive) given up whole.
+    # Unit 2 staged without img09 and img10; unit 4 (the archive) given up whole.
     assert report["gave_up_quarantined"] and [q["unit"] for q in report["quarantined"]] == [4]
     got = verdicts(out)
     given_up = sorted(s.rsplit("/", 1)[1] for s, v in got.items() if v == "quarantined")
-    assert given_up == ["img09.jpg", "part-1.tar"] and report["rejected_by_reason"]["quarantined"] == 2
-    salvaged = [s for s in got if s.endswith(("img08.jpg", "img10.jpg", "img11.jpg"))]
-    assert len(salvaged) == 3 and all(got[s] == "keep" for s in salvaged)
+    assert given_up == ["img09.jpg", "img10.jpg", "part-1.tar"] and report["rejected_by_reason"]["quarantined"] == 3
+    salvaged = [s for s in got if s.endswith(("img08.jpg", "img11.jpg"))]
+    assert len(salvaged) == 2 and all(got[s] == "keep" for s in salvaged)
     whole = pq.read_table(out / "rejects.parquet/quarantined.parquet").to_pylist()  # the units given up whole
     assert [r["source"].rsplit("/", 1)[1] for r in whole] == ["part-1.tar"] and "part-1.tar" in whole[0]["detail"]
-    img09 = [r for r in pq.read_table(out / "rejects.parquet").to_pylist() if r["source"].endswith("img09.jpg")]
-    assert "SlowDown" in img09[0]["detail"]  # the object's own last error (the proxy's 503 SlowDown)
+    files = [r for r in pq.read_table(out / "rejects.parquet").to_pylist() if "/dump/" in r["source"]]
+    assert len(files) == 2 and all("SlowDown" in r["detail"] for r in files)  # each file's own last error (a 503)
     others = {s: v for s, v in partial.items() if "part-1.tar" not in s}  # as the run that left unit 2 out
     assert {s: v for s, v in got.items() if v != "quarantined" and s not in salvaged} == others
     assert report["kept"] + report["rejected"] + report["duplicates"] == report["inputs"] == len(others) + 4 + 1
@@ -159,6 +166,22 @@ def _give_up_while_unit_2_fails(sources: list[str], so: dict, out, partial: dict
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
     assert shard.main(argv) == 4  # final: the rerun is a no-op
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
+
+
+def test_exit_status_says_whether_the_output_is_final_and_what_it_lacks():
+    def report(quarantined: int, gave_up: bool, given_up: int) -> dict:
+        return {"quarantined": [{"unit": u, "reason": "TransientFailure: ..."} for u in range(quarantined)],
+                "gave_up_quarantined": gave_up, "rejected_by_reason": {"quarantined": given_up} if given_up else {}}
+
+    assert shard.exit_status(report(0, False, 0)) == (0, "")
+    code, message = shard.exit_status(report(2, False, 0))  # left out until a rerun stages them
+    assert code == 3 and "2 unit(s) quarantined" in message and "unit 1:" in message
+    code, message = shard.exit_status(report(1, False, 3))  # a unit failed anew beside files given up in it
+    assert code == 3 and "3 input(s) that had failed in an earlier run too were given up" in message
+    code, message = shard.exit_status(report(0, False, 2))  # files given up, every unit staged
+    assert code == 4 and message.startswith("shard.py: 2 input(s)") and "whole" not in message
+    code, message = shard.exit_status(report(1, True, 5))  # files and a whole unit given up
+    assert code == 4 and "1 unit(s) of them whole" in message
 
 
 def _encode_png(i: int) -> bytes:
