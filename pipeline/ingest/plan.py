@@ -25,7 +25,7 @@ from pipeline.ingest.atomic import put_bytes, url_to_fs
 from pipeline.ingest.executor import Engine, Failed
 from pipeline.ingest.phase import RESOURCES, QuarantineError, Run, maybe_kill
 from pipeline.ingest.retry import RetryPolicy
-from pipeline.ingest.sources import ListedPart, ListTask, rest_tasks, run_listing, subfolder_tasks
+from pipeline.ingest.sources import IngestError, ListedPart, ListTask, rest_tasks, run_listing, subfolder_tasks
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ def build_plan(run: Run, first: list[ListTask], policy: RetryPolicy, unit_size: 
     listing.run(first)
     listing.run([t for i, top in enumerate(first) for t in subfolder_tasks(top, sorted(listing.subfolders.get(i, ())))])
     parts = listing.parts
+    listed = {segment[0] for segment, part in parts.values() if part.rows}
+    for i, top in enumerate(first):
+        if top.pattern is not None and i not in listed:  # a glob the range tasks listed (sources.py)
+            raise IngestError(f"SOURCE {top.source!r} matched no files")
     ordered = sorted(parts)  # part names sort in input order: list-TASK-SUB_RANGE...
     units = [np.zeros((0, 7), np.int64)]  # per segment: (kind, first part, first row, last part, end row, lo, hi)
     digest = hashlib.sha256()

@@ -17,12 +17,18 @@ fingerprint do not depend on where the ranges were cut. Each part returns a dige
 mtime) that adds up over the parts of a segment; the plan's fingerprint is made from these, so a source that
 changed since an interrupted run is noticed before any stale staged work is reused.
 
-The driver only checks that each SOURCE exists (failing early, IngestError, naming it) and expands globs.
+The driver only checks that each SOURCE exists (failing early, IngestError, naming it) and expands globs, except
+on S3 a glob whose wildcards are all in its last component and whose matches are images, archives or parquet files
+(`s3://b/raw/*.jpg`, `.../part-*.tar`): that one is listed by range tasks like its folder, each keeping the keys
+(and walking the sub-folders) whose name matches, so a glob over a 300M-key prefix is not listed by the driver
+either. If it matched nothing, planning says so (plan.py), as the driver does for the globs it expands.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import posixpath
 from dataclasses import dataclass, replace
 from operator import itemgetter
 
@@ -64,6 +70,13 @@ class ListTask:
     after: str | None = None  # S3: the key range (after, upto] this task lists; None: open on that side
     upto: str | None = None
     branch: tuple[int, ...] = ()  # the range's place in the tree of splits (Layout.list_part)
+    # "top" of a range-listed glob: only the files and sub-folders whose name (last component) matches it are kept
+    pattern: str | None = None
+
+    @property
+    def source(self) -> str:
+        """The SOURCE this task lists (for messages): the folder, or the glob."""
+        return f"{self.path}/{self.pattern}" if self.pattern else self.path
 
     def part_url(self, extra: int = 0) -> str:
         """This task's part; extra >= 1: the extra parts of a listing longer than LIST_CAP (not range-listed)."""
@@ -102,12 +115,24 @@ def expand_sources(sources: tuple[str, ...], labels_from_folders: bool, storage_
     """Driver side: one or more ListTasks per SOURCE, in SOURCE order."""
     tasks: list[ListTask] = []
 
-    def add(mode: str, url: str, label_root: str | None = None, entries: tuple = ()) -> None:
-        tasks.append(ListTask(layout, (len(tasks), 0), mode, url, label_root, storage_options, entries))
+    def add(mode: str, url: str, label_root: str | None = None, entries: tuple = (), pattern: str | None = None
+            ) -> None:
+        tasks.append(ListTask(layout, (len(tasks), 0), mode, url, label_root, storage_options, entries,
+                              pattern=pattern))
 
     for source in sources:
         try:
             fs, path = url_to_fs(source, storage_options)
+            folder, _, pattern = path.rstrip("/").rpartition("/")
+            if _range_glob(fs, folder, pattern):
+                try:
+                    info = fs.info(folder)  # one HEAD and a one-key list, as for a folder SOURCE
+                except FileNotFoundError:
+                    info = {}
+                if info.get("type") != "directory":
+                    raise IngestError(f"SOURCE {source!r} matched no files (no folder {folder!r})")
+                add("top", fs.unstrip_protocol(folder), pattern=pattern)
+                continue
             if any(ch in path for ch in "*?["):
                 matches = fs.glob(path, detail=True)
                 if not matches:
@@ -146,6 +171,23 @@ def expand_sources(sources: tuple[str, ...], labels_from_folders: bool, storage_
     return tasks
 
 
+def _range_glob(fs, folder: str, pattern: str) -> bool:
+    """A glob listed by range tasks: on S3, wildcards only in the last component, and what it matches cannot be a
+    text list (a list is its own kind of SOURCE, read by its own task): the part after the pattern's last dot is a
+    plain extension other than a list's (`*.jpg`, `part-*.tar`; not `*`, `img*` or `*.txt`)."""
+    if not _WILDCARD.intersection(pattern) or _WILDCARD.intersection(folder) or not folder or not range_listable(fs):
+        return False
+    stem, dot, ext = pattern.rpartition(".")
+    return bool(dot and stem and ext) and not _WILDCARD.intersection(ext) and f".{ext.lower()}" not in LIST_SUFFIXES
+
+
+_WILDCARD = frozenset("*?[")
+
+
+def _matches(pattern: str | None, key: str) -> bool:
+    return pattern is None or fnmatch.fnmatchcase(posixpath.basename(key.rstrip("/")), pattern)
+
+
 def subfolder_tasks(top: ListTask, subfolders: list[str]) -> list[ListTask]:
     """The walks of a "top" task's sub-folders (sorted URLs), numbered from 1 (the top's own files are 0)."""
     return [ListTask(top.layout, (top.segment[0], j), "tree", url, top.label_root, top.storage_options)
@@ -175,8 +217,11 @@ def run_listing(task: ListTask, policy: RetryPolicy) -> ListResult:
             bucket, key, _ = fs.split_path(path)
             listed = list_range(lister(fs), bucket, f"{key.strip('/')}/" if key else "", task.mode == "top",
                                 task.after, task.upto, policy)
-            infos = [(f"{bucket}/{k}", {"size": size, "ETag": etag}) for k, size, etag in listed.objects]
-            subfolders = tuple(fs.unstrip_protocol(f"{bucket}/{p.rstrip('/')}") for p in listed.subfolders)
+            # A glob's cut points still come from every listed key (list_range's rest): only what is kept is filtered.
+            infos = [(f"{bucket}/{k}", {"size": size, "ETag": etag}) for k, size, etag in listed.objects
+                     if _matches(task.pattern, k)]
+            subfolders = tuple(fs.unstrip_protocol(f"{bucket}/{p.rstrip('/')}") for p in listed.subfolders
+                               if _matches(task.pattern, p))
             rest, part_rows = listed.rest, max(len(infos), 1)
         elif task.mode == "top":
             entries = retry(lambda: fs.ls(path, detail=True), policy, f"list {task.path}")

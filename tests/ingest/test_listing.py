@@ -184,3 +184,43 @@ def test_range_listing_skips_keys_before_start_and_refuses_unordered_stores():
     with pytest.raises(IngestError, match=r"s3://b/p/ is not listed in ascending key order \(S3 Express One Zone"
                                           r" directory buckets.*by another means"):
         key_ranges.list_range(_Store(keys, shuffled=True), "b", "p/", False, None, None, RetryPolicy(1, 0), cap=CAP)
+
+
+def test_a_glob_is_listed_by_range_tasks_as_the_driver_would_expand_it(s3_bucket, tmp_path, monkeypatch):
+    """`s3://b/glob/*.jpg` over a prefix is listed by range tasks (the cap lowered to 7: several rounds), never by
+    the driver, and gives the inputs fs.glob matches: the folder's own .jpg keys, and a sub-folder named like one
+    (`d.jpg/`) walked whole; not the .png, the .txt, nor a sub-folder that does not match. A glob that matches
+    nothing fails the run naming it."""
+    bucket = s3_bucket.removeprefix("s3://")
+    keys = ([f"{i:03d}.jpg" for i in range(30)] + ["a.png", "notes.txt", "zz.jpg"] +
+            [f"d.jpg/{i}.jpg" for i in range(3)] + [f"plain/{i}.jpg" for i in range(4)])
+    fs = fsspec.filesystem("s3")
+    fs.pipe({f"{bucket}/glob/{k}": _image(i) for i, k in enumerate(keys)})
+    expected = {f"s3://{p}" for p in fs.glob(f"{bucket}/glob/*.jpg") if not p.endswith("d.jpg")}
+    expected |= {f"s3://{p}" for p in fs.find(f"{bucket}/glob/d.jpg")}
+    assert len(expected) == 30 + 1 + 3
+
+    def no_listing(*args, **kwargs):
+        raise AssertionError("the driver listed a prefix")
+
+    from pipeline.ingest import sources
+
+    real_expand = sources.expand_sources
+
+    def expand_without_listing(*args, **kwargs):  # the driver's step alone, with listing forbidden
+        with monkeypatch.context() as m:
+            m.setattr(s3fs.S3FileSystem, "_lsdir", no_listing)
+            m.setattr(s3fs.S3FileSystem, "_glob", no_listing)
+            fs.invalidate_cache()
+            return real_expand(*args, **kwargs)
+
+    from pipeline.ingest import engine
+
+    monkeypatch.setattr(engine, "expand_sources", expand_without_listing)
+    monkeypatch.setattr(key_ranges, "LIST_CAP", CAP)
+    report = _run([f"s3://{bucket}/glob/*.jpg"], tmp_path / "out")
+    _, _, rows = _plan(tmp_path / "out")
+    assert len(rows) > 5 and max(rows.values()) <= CAP  # listed in ranges
+    assert set(verdicts(tmp_path / "out")) == expected and report["kept"] == len(expected)
+    with pytest.raises(IngestError, match=r"glob/\*\.gif.*matched no files"):
+        _run([f"s3://{bucket}/glob/*.gif"], tmp_path / "none")
