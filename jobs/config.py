@@ -82,11 +82,11 @@ class DeepSpeedConfig:
     # The dtype gradients are summed in across ranks (precision bf16 and amp_bf16). bf16, DeepSpeed's default: ZeRO 2
     # in DeepSpeed 0.19.8 all-reduces each bucket (use_multi_rank_bucket_allreduce), 2 x 0.66 GB per GPU per step
     # for a ViT-L, ~26 ms at 50 GB/s of NDR InfiniBand, inside the ~37 ms backward pass it overlaps at 1,150
-    # images/s; fp32 doubles it to ~53 ms, ~16 ms of it exposed per step (README "Engine settings"). fp32 keeps
+    # images/s; fp32 doubles it to ~53 ms, ~21 ms of it exposed per step (README "Engine settings"). fp32 keeps
     # what bf16 rounds away: a ring over 64 ranks rounds the running sum to 8 bits at each of 63 hops, and a rank's
     # gradient below bf16's resolution next to the sum is lost (tests/jobs/test_reduce_dtype.py); Megatron-LM reduces
-    # bf16 gradients in fp32 unless told otherwise. Choose fp32 where the backward hides it (a larger micro-batch,
-    # fewer ranks) or where a run's loss misbehaves.
+    # bf16 gradients in fp32 unless told otherwise. Choose fp32 where the network or the backward hides it (one
+    # node's NVLink, a larger micro-batch) or where a run's loss misbehaves.
     reduce_dtype: Literal["fp32", "bf16"] = "bf16"
     # torch.compile of each transformer block: auto = on CUDA with ZeRO 0-2 (ZeRO-3's parameter hooks run inside the
     # blocks), off on CPU (a cold compile costs about a minute there and gains nothing).

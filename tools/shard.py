@@ -98,17 +98,19 @@ def exit_status(report: dict) -> tuple[int, str]:
     """0: complete; 3: units left quarantined (the output lacks them until a rerun stages them); 4: final, with
     inputs given up (--give-up-quarantined). The message for stderr ("" for 0)."""
     given_up = report["rejected_by_reason"].get("quarantined", 0)
-    units = "".join(f"\n  unit {q['unit']}: {q['reason']}" for q in report["quarantined"][:20])
-    if report["quarantined"] and not report["gave_up_quarantined"]:  # rerunning the same command retries them
+    quarantined, gave_up = report.get("quarantined", []), report.get("gave_up_quarantined", False)  # older reports
+    units = "".join(f"\n  unit {q['unit']}: {q['reason']}" for q in quarantined[:20])
+    if quarantined and not gave_up:  # rerunning the same command retries them
         earlier = (f" ({given_up} input(s) that had failed in an earlier run too were given up: they stay rejects)"
                    if given_up else "")
-        return 3, (f"shard.py: {len(report['quarantined'])} unit(s) quarantined after their retries, left out of "
+        return 3, (f"shard.py: {len(quarantined)} unit(s) quarantined after their retries, left out of "
                    "this output; rerun the same command to retry them (or add --give-up-quarantined to finalize "
                    f"without what fails again){earlier}:{units}")
-    if given_up or report["gave_up_quarantined"]:
-        whole = f", {len(report['quarantined'])} unit(s) of them whole" if report["quarantined"] else ""
-        return 4, (f"shard.py: {given_up} input(s) that failed in this run and an earlier one were given up{whole}: "
-                   f"the output is final without them; they are in rejects.parquet with reason 'quarantined'{units}")
+    if given_up or gave_up:
+        whole = f", and every input of {len(quarantined)} unit(s) that failed whole in both" if quarantined else ""
+        return 4, (f"shard.py: {given_up} input(s) given up: the loose files that failed their retries in this run "
+                   f"and an earlier one{whole}; the output is final without them; they are in rejects.parquet with "
+                   f"reason 'quarantined'{units}")
     return 0, ""
 
 

@@ -51,7 +51,7 @@ from pipeline.ingest.readers import ReadOptions
 from pipeline.ingest.report import build_report
 from pipeline.ingest.resolve import REJECTS_SCHEMA, ResolveTask, run_resolve
 from pipeline.ingest.retry import RetryPolicy
-from pipeline.ingest.sources import ListTask, expand_sources, read_part_rows
+from pipeline.ingest.sources import IngestError, ListTask, expand_sources, read_part_rows
 from pipeline.ingest.stage import StageTask, key_for, run_stage
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,11 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
     cfg, layout, fs = run.cfg, run.layout, run.fs
     policy = RetryPolicy(cfg.retries, cfg.retry_base_s)
 
-    plan = build_plan(run, listing, policy, cfg.unit_size)
+    try:
+        plan = build_plan(run, listing, policy, cfg.unit_size)
+    except IngestError:  # e.g. a glob the range tasks found matched nothing
+        _forget_config_if_nothing_staged(run)
+        raise
     before = _earlier_quarantine(run)
     # The objects an earlier run's units failed on are given up if they fail again (readers.ReadOptions.give_up).
     salvage = {u: frozenset(objects) for u, objects in (before or {}).items() if objects and cfg.give_up_quarantined}
@@ -153,6 +157,15 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
 
 def _within(units: set[int], first: int, end: int) -> tuple[int, ...]:
     return tuple(sorted(u for u in units if first <= u < end))
+
+
+def _forget_config_if_nothing_staged(run: Run) -> None:
+    """A run stopped while planning, before any unit was staged under its arguments: its config.json goes, so the
+    corrected command on the same output is not refused as "made with different arguments"."""
+    stage = url_to_fs(f"{run.layout.work}/stage", run.cfg.storage_options)[1]
+    config = url_to_fs(run.layout.config, run.cfg.storage_options)[1]
+    if not run.fs.exists(stage) and run.fs.exists(config):
+        run.fs.rm_file(config)
 
 
 def _earlier_quarantine(run: Run) -> dict[int, list[str]] | None:

@@ -104,7 +104,8 @@ class Layout:
 
     @property
     def quarantined(self) -> str:
-        """The units the last run could not stage (JSON list): dedup results hold for that set only."""
+        """The units the last run could not stage, each with the loose files it failed on (JSON {unit: [urls]}, []
+        for a unit that failed whole): dedup results hold for that set of units only."""
         return f"{self.work}/quarantined.json"
 
     def done(self, phase: str, task: int) -> str:

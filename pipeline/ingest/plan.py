@@ -178,6 +178,11 @@ def _check_plan(run: Run, plan: Plan) -> None:
             p = url_to_fs(f"{layout.work}/{folder}", so)[1]
             if fs.exists(p):
                 fs.rm(p, recursive=True)
+        # What each unit failed on is keyed by unit number, which now names other inputs: a unit's first failure in
+        # this plan must not count as its second (--give-up-quarantined).
+        p = url_to_fs(layout.quarantined, so)[1]
+        if fs.exists(p):
+            fs.rm_file(p)
     buf = io.BytesIO()
     np.savez(buf, part_rows=plan.part_rows, kind=plan.unit_kind, part=plan.unit_part, start=plan.unit_start,
              last=plan.unit_last, end=plan.unit_end, rows=plan.unit_rows)

@@ -92,13 +92,14 @@ def read_parquet(url: str, opts: ReadOptions, lo: int = -1, hi: int = -1) -> Ite
 
 
 def _guard_fetches(items: Iterable[tuple[RawItem, Fetched]], attempts: int) -> Iterator[RawItem]:
-    """Pass the fetched items through, all but the lost ones (a store object or local file that outlasted its
-    retries). At the end, if any was lost, raise TransientFailure naming them: the unit is quarantined (not staged;
-    a rerun retries it), and --give-up-quarantined gives up those objects if they fail again in a later run. The
-    rest of the unit is fetched first, so one run names every object of the unit that fails, not only the first.
-    If most of a unit's fetches failed (web or store), the fault is ours or the store's (network, DNS, proxy, an
-    outage), not the objects': raise at once, naming none, so the unit is retried whole (and only given up whole,
-    if a later run fails it whole again)."""
+    """Pass the fetched items through until one is lost (a store object or local file that outlasted its retries).
+    Then the unit will not be staged: nothing more is passed on (nothing more cleaned), but the rest of the unit is
+    still fetched, so that the TransientFailure raised at the end names every file of the unit that failed, and
+    --give-up-quarantined gives up exactly those if they fail again in a later run.
+    If most of a unit's fetches fail (web or store: checked every 64 fetches and at the end), the fault is ours or the
+    store's (network, DNS, proxy, an outage), not the objects': raise at once, naming none, so the unit is retried
+    whole (and only given up whole, if a later run fails it whole again); an outage costs a unit at most 64 fetches
+    with their retries."""
     seen = failed = 0
     buffered: list[RawItem] = []
     lost: list[Fetched] = []
@@ -106,29 +107,25 @@ def _guard_fetches(items: Iterable[tuple[RawItem, Fetched]], attempts: int) -> I
         seen, failed = seen + 1, failed + fetched.transient
         if fetched.lost:
             lost.append(fetched)
-        else:
+            buffered.clear()
+        elif not lost:
             buffered.append(item)
-        if len(buffered) >= 64:
+        if seen % 64 == 0:
             _check_outage(seen, failed)
             yield from buffered
             buffered.clear()
     _check_outage(seen, failed)
-    yield from buffered
     if lost:
         more = f" and {len(lost) - 1} other file(s)" if len(lost) > 1 else ""
-        named = tuple(f.url for f in lost) if len(lost) <= MAX_LOST_NAMED else ()
         raise TransientFailure(f"read {lost[0].url}{more}", attempts, lost[-1].error or ConnectionError(),
-                               objects=named)
-
-
-# Lost objects a unit names at most: more is an outage of the store rather than a few bad objects, and the unit is
-# then retried (and given up) whole.
-MAX_LOST_NAMED = 64
+                               objects=tuple(f.url for f in lost))  # fewer than half the unit: the guard above
+    yield from buffered
 
 
 def _check_outage(seen: int, failed: int) -> None:
     if seen >= 8 and failed * 2 > seen:
-        raise TransientFailure("fetches", failed, ConnectionError(f"{failed} of {seen} fetches failed transiently"))
+        raise TransientFailure(f"fetches ({failed} of {seen} failed)", seen,
+                               ConnectionError(f"{failed} of {seen} fetches failed transiently"))
 
 
 def _tar_members(url: str, opts: ReadOptions) -> Iterator[tuple[str, bytes | None, tuple[str, str] | None]]:

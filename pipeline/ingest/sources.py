@@ -215,7 +215,11 @@ def run_listing(task: ListTask, policy: RetryPolicy) -> ListResult:
     else:
         if range_listable(fs):
             bucket, key, _ = fs.split_path(path)
-            listed = list_range(lister(fs), bucket, f"{key.strip('/')}/" if key else "", task.mode == "top",
+            # A glob lists only the keys that start with its literal stem (`part-00` of `part-00*.tar`), as s3fs's
+            # own glob does: a few tars beside 300M images are one page, not the folder.
+            stem = task.pattern[:min((task.pattern.find(c) for c in _WILDCARD if c in task.pattern),
+                                     default=len(task.pattern))] if task.pattern else ""
+            listed = list_range(lister(fs), bucket, (f"{key.strip('/')}/" if key else "") + stem, task.mode == "top",
                                 task.after, task.upto, policy)
             # A glob's cut points still come from every listed key (list_range's rest): only what is kept is filtered.
             infos = [(f"{bucket}/{k}", {"size": size, "ETag": etag}) for k, size, etag in listed.objects

@@ -86,14 +86,18 @@ class FaultServer:
             h.send_response(int(fault))
             h.send_header("Content-Length", str(len(payload)))
             h.end_headers()
-            h.wfile.write(payload)
+            if h.command != "HEAD":  # a HEAD response has no body: bytes written would garble the next response
+                h.wfile.write(payload)
             return
         status, headers, payload = self._serve(h, path, body)
         h.send_response(status)
         for k, v in headers:
             if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                 h.send_header(k, v)
-        h.send_header("Content-Length", str(len(payload)))
+        # A HEAD carries the size of what a GET would send (the upstream's header), not of its own empty body.
+        upstream_length = next((v for k, v in headers if k.lower() == "content-length"), None)
+        h.send_header("Content-Length", upstream_length if h.command == "HEAD" and upstream_length is not None
+                      else str(len(payload)))
         h.end_headers()
         if h.command != "HEAD":
             if fault == "cut":

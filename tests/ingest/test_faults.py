@@ -15,6 +15,7 @@ import tarfile
 
 import fsspec
 import numpy as np
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 import s3fs
@@ -23,6 +24,8 @@ from PIL import Image
 from pipeline.ingest import fetch
 from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.engine import run_ingest
+from pipeline.ingest.readers import RawItem, _guard_fetches
+from pipeline.ingest.retry import TransientFailure
 from tests.ingest.faults import FaultServer
 from tools import shard
 from tests.ingest.helpers import check_readable, shard_contents, verdicts
@@ -83,11 +86,11 @@ def _wds_tar(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
 
 
 def test_s3_faults_retried_quarantined_then_rerun_loses_nothing(s3_server, s3_bucket, tmp_path, monkeypatch):
-    """Also: the same outage with --give-up-quarantined (the CLI, in-process), plus an archive that keeps failing:
-    the first run gives nothing up (exit 3: the fault may pass); in the second, img10 fails too, for the first time:
-    nothing is given up yet (exit 3); the third gives a final output, exit status 4, without the two loose files
-    that failed twice (their unit's other files kept) and without the archive (its unit given up whole), all in
-    rejects; a rerun changes nothing."""
+    """Also: the same outage with --give-up-quarantined (the CLI, in-process), with img10 failing as well and an
+    archive that keeps failing: the first run gives nothing up (exit 3: the fault may pass) and names both files;
+    in the second, img11 fails too, for the first time: nothing is given up yet (exit 3); the third gives a final
+    output, exit status 4, without the three loose files that failed twice (their unit's other file kept) and
+    without the archive (its unit given up whole), all in rejects; a rerun changes nothing."""
     # Our retries, not the client's: s3fs and botocore retry a failed request once at most here.
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
     raw = fsspec.filesystem("s3")
@@ -115,6 +118,7 @@ def test_s3_faults_retried_quarantined_then_rerun_loses_nothing(s3_server, s3_bu
         staged = {p.name for p in (tmp_path / "out/_ingest/stage").glob("*.parquet")}  # kept for the rerun
         assert staged == {f"unit-{u:08d}.parquet" for u in (0, 1, 3, 4)}
         proxy.fail(f"/{bucket}/web/part-1.tar", ["reset"] * 1000)  # unit 4, one archive, can no longer be read
+        proxy.fail(f"/{bucket}/dump/img10.jpg", ["503"] * 1000)  # a second file of unit 2
         _give_up_while_unit_2_fails(sources, so, tmp_path / "final", verdicts(tmp_path / "out"), proxy, bucket)
         proxy.clear()
         report = run_ingest(cfg)  # the rerun stages unit 2 and redoes dedup, resolve and shards with it
@@ -140,25 +144,30 @@ def _give_up_while_unit_2_fails(sources: list[str], so: dict, out, partial: dict
             "--storage-options", json.dumps(so), "--give-up-quarantined"]
     assert shard.main(argv) == 3  # quarantined for the first time: not given up (the fault may pass), not final
     assert not (out / "rejects.parquet/quarantined.parquet").exists()
-    recorded = json.loads((out / "_ingest/quarantined.json").read_text())
-    assert recorded == {"2": [f"s3://{bucket}/dump/img09.jpg"], "4": []}  # what each unit failed on
-    proxy.fail(f"/{bucket}/dump/img10.jpg", ["503"] * 1000)  # another file of unit 2 fails, for the first time
-    assert shard.main(argv) == 3  # img10 failed once only: nothing is given up, not even img09 or the archive
-    recorded = json.loads((out / "_ingest/quarantined.json").read_text())
-    assert recorded == {"2": [f"s3://{bucket}/dump/img{i}.jpg" for i in ("09", "10")], "4": []}
-    assert shard.main(argv) == 4  # both failed again: given up, final
+    named = {u: [url.rsplit("/", 1)[1] for url in urls]
+             for u, urls in json.loads((out / "_ingest/quarantined.json").read_text()).items()}
+    assert named == {"2": ["img09.jpg", "img10.jpg"], "4": []}  # every file unit 2 failed on; unit 4 whole
+    proxy.fail(f"/{bucket}/dump/img11.jpg", ["503"] * 1000)  # another file of unit 2 fails, for the first time
+    assert shard.main(argv) == 3  # img11 failed once only: nothing is given up, not even img09 or the archive
+    named = {u: [url.rsplit("/", 1)[1] for url in urls]
+             for u, urls in json.loads((out / "_ingest/quarantined.json").read_text()).items()}
+    assert named == {"2": ["img09.jpg", "img10.jpg", "img11.jpg"], "4": []}
+    assert shard.main(argv) == 4  # all failed again: given up, final
     report = json.loads((out / "report.json").read_text())
-    # Unit 2 staged without img09 and img10; unit 4 (the archive) given up whole.
+    # Unit 2 staged without img09, img10 and img11; unit 4 (the archive) given up whole.
     assert report["gave_up_quarantined"] and [q["unit"] for q in report["quarantined"]] == [4]
     got = verdicts(out)
     given_up = sorted(s.rsplit("/", 1)[1] for s, v in got.items() if v == "quarantined")
-    assert given_up == ["img09.jpg", "img10.jpg", "part-1.tar"] and report["rejected_by_reason"]["quarantined"] == 3
-    salvaged = [s for s in got if s.endswith(("img08.jpg", "img11.jpg"))]
-    assert len(salvaged) == 2 and all(got[s] == "keep" for s in salvaged)
+    assert given_up == ["img09.jpg", "img10.jpg", "img11.jpg", "part-1.tar"]
+    assert report["rejected_by_reason"]["quarantined"] == 4
+    salvaged = [s for s in got if s.endswith("img08.jpg")]
+    assert len(salvaged) == 1 and got[salvaged[0]] == "keep"
     whole = pq.read_table(out / "rejects.parquet/quarantined.parquet").to_pylist()  # the units given up whole
     assert [r["source"].rsplit("/", 1)[1] for r in whole] == ["part-1.tar"] and "part-1.tar" in whole[0]["detail"]
     files = [r for r in pq.read_table(out / "rejects.parquet").to_pylist() if "/dump/" in r["source"]]
-    assert len(files) == 2 and all("SlowDown" in r["detail"] for r in files)  # each file's own last error (a 503)
+    # each file's own last error: the proxy's 503 (s3fs reports a HEAD's as EBUSY, a GET's body as SlowDown)
+    assert len(files) == 3 and all(("SlowDown" in r["detail"] or "Service Unavailable" in r["detail"])
+                                   for r in files), files
     others = {s: v for s, v in partial.items() if "part-1.tar" not in s}  # as the run that left unit 2 out
     assert {s: v for s, v in got.items() if v != "quarantined" and s not in salvaged} == others
     assert report["kept"] + report["rejected"] + report["duplicates"] == report["inputs"] == len(others) + 4 + 1
@@ -179,12 +188,60 @@ def test_exit_status_says_whether_the_output_is_final_and_what_it_lacks():
     code, message = shard.exit_status(report(1, False, 3))  # a unit failed anew beside files given up in it
     assert code == 3 and "3 input(s) that had failed in an earlier run too were given up" in message
     code, message = shard.exit_status(report(0, False, 2))  # files given up, every unit staged
-    assert code == 4 and message.startswith("shard.py: 2 input(s)") and "whole" not in message
+    assert code == 4 and message.startswith("shard.py: 2 input(s) given up") and "whole" not in message
     code, message = shard.exit_status(report(1, True, 5))  # files and a whole unit given up
-    assert code == 4 and "1 unit(s) of them whole" in message
+    assert code == 4 and "every input of 1 unit(s) that failed whole in both" in message
+    assert shard.exit_status({"rejected_by_reason": {}}) == (0, "")  # a report from before quarantine existed
 
 
 def _encode_png(i: int) -> bytes:
     buf = io.BytesIO()
     Image.open(io.BytesIO(_jpeg(i))).save(buf, "PNG")
     return buf.getvalue()
+
+
+def _fetches(n: int, lost: set[int], consumed: list[int]):
+    """n fetches of a unit as the readers see them, the `lost` ones having outlasted their retries."""
+    for i in range(n):
+        consumed.append(i)
+        f = fetch.Fetched(f"s3://b/{i}.jpg", None if i in lost else b"x", ("quarantined", "503") if i in lost else None,
+                          transient=i in lost, lost=i in lost, error=ConnectionError("503") if i in lost else None)
+        yield RawItem(f.url, f.data, reject=f.reject), f
+
+
+def test_a_unit_names_every_file_it_lost_and_an_outage_stops_it_early():
+    """A quarter of 300 files lost (77, more than 64): every one is named, and after the first loss nothing more is
+    passed on to be cleaned (the unit will not be staged). Every fetch failing is an outage: the unit stops after 64
+    fetches, naming no file (it is retried, or given up, whole)."""
+    consumed, passed = [], []
+    lost = set(range(70, 300, 3))
+    with pytest.raises(TransientFailure) as failure:
+        passed.extend(item.source for item in _guard_fetches(_fetches(300, lost, consumed), 3))
+    assert failure.value.objects == tuple(f"s3://b/{i}.jpg" for i in sorted(lost)) and len(consumed) == 300
+    assert passed == [f"s3://b/{i}.jpg" for i in range(64)]  # the first 64, before the first loss (at 70)
+    consumed.clear()
+    with pytest.raises(TransientFailure) as failure:
+        list(_guard_fetches(_fetches(300, set(range(300)), consumed), 3))
+    assert failure.value.objects == () and len(consumed) == 64
+
+
+def test_a_changed_listing_forgets_what_units_failed_on(tmp_path):
+    """What each unit failed on is keyed by unit number: once the sources list differently (an interrupted run
+    resumed after the bucket gained keys), those numbers name other inputs, and a unit's first failure must not count
+    as its second. The plan check drops the record with the rest of the stale work."""
+    from types import SimpleNamespace
+
+    from pipeline.ingest.layout import Layout
+    from pipeline.ingest.plan import Plan, _check_plan
+
+    layout = Layout(str(tmp_path / "out"))
+    run = SimpleNamespace(layout=layout, cfg=SimpleNamespace(storage_options={}))
+    empty = np.zeros(0, np.int64)
+    plan = Plan((), empty, empty.astype(np.int8), empty.astype(np.int32), empty, empty.astype(np.int32), empty,
+                np.zeros((0, 2), np.int64), (), "listed-now")
+    (tmp_path / "out/_ingest/plan").mkdir(parents=True)
+    (tmp_path / "out/_ingest/plan/plan.json").write_text(json.dumps({"fingerprint": "listed-before"}))
+    (tmp_path / "out/_ingest/quarantined.json").write_text(json.dumps({"1": []}))
+    _check_plan(run, plan)
+    assert not (tmp_path / "out/_ingest/quarantined.json").exists()
+    assert json.loads((tmp_path / "out/_ingest/plan/plan.json").read_text())["fingerprint"] == "listed-now"

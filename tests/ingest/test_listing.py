@@ -189,8 +189,8 @@ def test_range_listing_skips_keys_before_start_and_refuses_unordered_stores():
 def test_a_glob_is_listed_by_range_tasks_as_the_driver_would_expand_it(s3_bucket, tmp_path, monkeypatch):
     """`s3://b/glob/*.jpg` over a prefix is listed by range tasks (the cap lowered to 7: several rounds), never by
     the driver, and gives the inputs fs.glob matches: the folder's own .jpg keys, and a sub-folder named like one
-    (`d.jpg/`) walked whole; not the .png, the .txt, nor a sub-folder that does not match. A glob that matches
-    nothing fails the run naming it."""
+    (`d.jpg/`) walked whole; not the .png, the .txt, nor a sub-folder that does not match. A glob with a literal
+    stem (`01*.jpg`) lists only the keys under that stem. A glob that matches nothing fails the run naming it."""
     bucket = s3_bucket.removeprefix("s3://")
     keys = ([f"{i:03d}.jpg" for i in range(30)] + ["a.png", "notes.txt", "zz.jpg"] +
             [f"d.jpg/{i}.jpg" for i in range(3)] + [f"plain/{i}.jpg" for i in range(4)])
@@ -222,5 +222,18 @@ def test_a_glob_is_listed_by_range_tasks_as_the_driver_would_expand_it(s3_bucket
     _, _, rows = _plan(tmp_path / "out")
     assert len(rows) > 5 and max(rows.values()) <= CAP  # listed in ranges
     assert set(verdicts(tmp_path / "out")) == expected and report["kept"] == len(expected)
+    listed_prefixes = []
+
+    def spy(fs_, bucket_, prefix, *args, **kwargs):
+        listed_prefixes.append(prefix)
+        return real_list_range(fs_, bucket_, prefix, *args, **kwargs)
+
+    real_list_range = sources.list_range
+    monkeypatch.setattr(sources, "list_range", spy)
+    _run([f"s3://{bucket}/glob/01*.jpg"], tmp_path / "stem")
+    assert set(listed_prefixes) == {"glob/01"}
+    assert set(verdicts(tmp_path / "stem")) == {f"s3://{bucket}/glob/{i:03d}.jpg" for i in range(10, 20)}
     with pytest.raises(IngestError, match=r"glob/\*\.gif.*matched no files"):
         _run([f"s3://{bucket}/glob/*.gif"], tmp_path / "none")
+    # Nothing was staged under the mistaken glob: the corrected command is not refused as "other arguments".
+    assert not (tmp_path / "none/_ingest/config.json").exists()
