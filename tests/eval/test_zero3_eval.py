@@ -6,12 +6,11 @@ ranks, so without lockstep the rank that has finished meets the others' gathers 
 from __future__ import annotations
 
 import os
-import socket
-import time
 
 import torch
-import torch.multiprocessing as mp
 from torch import nn
+
+from tests.ranks import run_ranks
 
 IMG = 4
 
@@ -46,21 +45,7 @@ def _rank(rank: int, port: int, results) -> None:
 
 
 def test_zero3_evaluation_with_a_rank_that_holds_no_batch_finishes_and_counts_every_sample():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        procs = [ctx.Process(target=_rank, args=(r, port, results)) for r in range(2)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + 90  # seconds, shared: a passing run takes ~15
-        for p in procs:
-            p.join(timeout=max(0.0, deadline - time.monotonic()))
-        hung = [p for p in procs if p.is_alive()]
-        for p in hung:
-            p.kill()
-        assert not hung, "a rank hung in the evaluation"
-        assert [p.exitcode for p in procs] == [0, 0], [p.exitcode for p in procs]
-        assert results[0] == results[1] and results[0]["num_val"] == 6, dict(results)
+    run = run_ranks(_rank, timeout_s=90)  # seconds: a passing run takes ~15
+    assert not run.hung, "a rank hung in the evaluation"
+    assert run.exit_codes == [0, 0], run.exit_codes
+    assert run.results[0] == run.results[1] and run.results[0]["num_val"] == 6, run.results

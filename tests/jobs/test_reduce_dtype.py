@@ -8,13 +8,12 @@ gradient exactly."""
 from __future__ import annotations
 
 import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
+
+from tests.ranks import run_ranks
 
 SMALL = 2.0**-9  # rank 1's gradient: exact in bf16, but 1 + SMALL rounds to 1 in bf16 (its ulp at 1 is 2^-7)
 # amp_bf16 last: DeepSpeed's autocast set-up is process-global, and would change how later bf16 engines reduce.
@@ -51,23 +50,9 @@ def _rank(rank: int, port: int, results) -> None:
 
 
 def test_reduce_dtype_fp32_keeps_what_bf16_rounds_away():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        procs = [ctx.Process(target=_rank, args=(r, port, results)) for r in range(2)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + 120  # seconds, shared: a passing run takes ~20
-        for p in procs:
-            p.join(timeout=max(0.0, deadline - time.monotonic()))
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        assert [p.exitcode for p in procs] == [0, 0], [p.exitcode for p in procs]
-        results = dict(results)
+    run = run_ranks(_rank, timeout_s=120)  # seconds: a passing run takes ~10
+    assert run.exit_codes == [0, 0], run.exit_codes
+    results = run.results
     averaged = (1.0 + SMALL) / 2  # what one SGD step at lr 1 subtracts, with the mean gradient kept exactly
     for case in CASES:
         weights = results[(0, *case)]
