@@ -164,7 +164,8 @@ def _forget_config_if_nothing_staged(run: Run) -> None:
     corrected command on the same output is not refused as "made with different arguments"."""
     stage = url_to_fs(f"{run.layout.work}/stage", run.cfg.storage_options)[1]
     config = url_to_fs(run.layout.config, run.cfg.storage_options)[1]
-    if not run.fs.exists(stage) and run.fs.exists(config):
+    report = url_to_fs(run.layout.report, run.cfg.storage_options)[1]  # an earlier run's output: config stays
+    if not run.fs.exists(stage) and not run.fs.exists(report) and run.fs.exists(config):
         run.fs.rm_file(config)
 
 
