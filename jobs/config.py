@@ -64,7 +64,8 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class DeepSpeedConfig:
     """The engine. Production choice for ViT-L on 64 GPUs (README "Engine settings" has the arithmetic): ZeRO 2, bf16
-    weights, fp32 gradient accumulation, 50M-element buckets reduced in bf16 during the backward pass, compiled blocks."""
+    weights, fp32 gradient accumulation, 50M-element buckets reduced in bf16 during the backward pass, compiled
+    blocks."""
 
     # 2 shards optimizer state and gradients and reduce-scatters gradient buckets while the backward pass runs; 1
     # reduces them after it. 0 = plain data parallel, LARS runs only (AdamW needs ZeRO's non-finite skip).

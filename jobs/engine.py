@@ -9,8 +9,9 @@ model's own parameters (jobs/lars.py says why).
 
 Precision: "bf16" = bf16 weights; DeepSpeed keeps fp32 master weights in its optimizer wrapper, accumulates gradients
 in fp32 (data_types.grad_accum_dtype) and sums them across ranks in buckets of deepspeed.reduce_dtype (bf16 by
-default). "amp_bf16" = fp32 weights under torch.autocast(bf16). "fp32". A non-finite gradient skips the update on every rank: ZeRO stages 1-3 check the
-all-reduced gradient norm in every precision; stage 0 has no such check, so only LARS (which checks itself) may use it.
+default). "amp_bf16" = fp32 weights under torch.autocast(bf16). "fp32". A non-finite gradient skips the update on
+every rank: ZeRO stages 1-3 check the all-reduced gradient norm in every precision; stage 0 has no such check, so
+only LARS (which checks itself) may use it.
 """
 
 from __future__ import annotations

@@ -304,8 +304,9 @@ class _Producer(threading.Thread):
         In evaluation only the culprits go. When Pillow decodes every image (the GPU decoder can refuse what Pillow
         takes), the oldest batch, whose outputs failed, is dropped whole, its keys logged; a failure that does not go
         away with the batches (not the data's fault: a device error) is raised after _MAX_BLIND_DROPS such drops with
-        no batch delivered between them (the stand-ins fed in their place may well succeed: they do not count). Either way the drop is deterministic for data faults, so an exact resume that replays the batch drops
-        it again rather than crash-looping on it (after a one-off device failure, which cost a batch, a resume from
+        no batch delivered between them (the stand-ins fed in their place may well succeed: they do not count).
+        Either way the drop is deterministic for data faults, so an exact resume that replays the batch drops it
+        again rather than crash-looping on it (after a one-off device failure, which cost a batch, a resume from
         before it delivers that batch: that rank's stream then runs one batch apart from the interrupted run's)."""
         stream = torch.cuda.current_stream(self.loader.device) if self.loader.device.type == "cuda" else None
         try:

@@ -7,10 +7,10 @@ SOURCE and URL are local paths or fsspec URLs; credentials and endpoints come fr
 plus --storage-options JSON. Library: pipeline.ingest.engine.run_ingest.
 Exit status: 0 done; 2 refused before any work (the message names the culprit); 3 some units or tasks were
 quarantined after their retries (listed; the output holds everything else; rerun the same command to retry them);
-4 done with --give-up-quarantined while units were still quarantined, every one of them already quarantined by an
-earlier run (a unit quarantined for the first time is retried by the next run, never given up at once: the fault
-may pass): the output is final without them, their inputs are in rejects.parquet with reason "quarantined" (a
-rerun is a no-op; --overwrite starts over).
+4 done with --give-up-quarantined, giving up what failed in this run and an earlier one: the loose files that
+failed their retries in both, and the units that failed whole in both (what fails for the first time is retried
+by the next run, never given up at once: the fault may pass); the output is final without them, they are in
+rejects.parquet with reason "quarantined" (a rerun is a no-op; --overwrite starts over).
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ def expand_sources(sources: tuple[str, ...], labels_from_folders: bool, storage_
                     raise IngestError(f"SOURCE {source!r} matched no files (no folder {folder!r})")
                 add("top", fs.unstrip_protocol(folder), pattern=pattern)
                 continue
-            if any(ch in path for ch in "*?["):
+            if _WILDCARD.intersection(path):
                 matches = fs.glob(path, detail=True)
                 if not matches:
                     raise IngestError(f"SOURCE {source!r} matched no files")
@@ -171,6 +171,9 @@ def expand_sources(sources: tuple[str, ...], labels_from_folders: bool, storage_
     return tasks
 
 
+_WILDCARD = frozenset("*?[")
+
+
 def _range_glob(fs, folder: str, pattern: str) -> bool:
     """A glob listed by range tasks: on S3, wildcards only in the last component, and what it matches cannot be a
     text list (a list is its own kind of SOURCE, read by its own task): the part after the pattern's last dot is a
@@ -181,11 +184,13 @@ def _range_glob(fs, folder: str, pattern: str) -> bool:
     return bool(dot and stem and ext) and not _WILDCARD.intersection(ext) and f".{ext.lower()}" not in LIST_SUFFIXES
 
 
-_WILDCARD = frozenset("*?[")
-
-
 def _matches(pattern: str | None, key: str) -> bool:
     return pattern is None or fnmatch.fnmatchcase(posixpath.basename(key.rstrip("/")), pattern)
+
+
+def _literal_stem(pattern: str | None) -> str:
+    """What every name a glob matches starts with: the pattern up to its first wildcard ("" without a pattern)."""
+    return "" if pattern is None else pattern[:next((i for i, c in enumerate(pattern) if c in _WILDCARD), len(pattern))]
 
 
 def subfolder_tasks(top: ListTask, subfolders: list[str]) -> list[ListTask]:
@@ -217,10 +222,8 @@ def run_listing(task: ListTask, policy: RetryPolicy) -> ListResult:
             bucket, key, _ = fs.split_path(path)
             # A glob lists only the keys that start with its literal stem (`part-00` of `part-00*.tar`), as s3fs's
             # own glob does: a few tars beside 300M images are one page, not the folder.
-            stem = task.pattern[:min((task.pattern.find(c) for c in _WILDCARD if c in task.pattern),
-                                     default=len(task.pattern))] if task.pattern else ""
-            listed = list_range(lister(fs), bucket, (f"{key.strip('/')}/" if key else "") + stem, task.mode == "top",
-                                task.after, task.upto, policy)
+            listed = list_range(lister(fs), bucket, (f"{key.strip('/')}/" if key else "") + _literal_stem(task.pattern),
+                                task.mode == "top", task.after, task.upto, policy)
             # A glob's cut points still come from every listed key (list_range's rest): only what is kept is filtered.
             infos = [(f"{bucket}/{k}", {"size": size, "ETag": etag}) for k, size, etag in listed.objects
                      if _matches(task.pattern, k)]
