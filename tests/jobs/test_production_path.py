@@ -34,12 +34,15 @@ CAN_BF16 = ["deepspeed.precision=bf16", "deepspeed.zero_stage=2", f"debug.max_st
 
 
 def _mapped_shm_buffers(pid: int) -> list[str]:
-    """DeepSpeed's all-reduce buffers a process has mapped (their names unlinked: '(deleted)')."""
+    """DeepSpeed's all-reduce buffers a process has mapped, by path (whether or not the name is unlinked yet)."""
     try:
         maps = Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return []
-    return sorted({line.split()[-2] for line in maps.splitlines() if "deepspeed_allreduce_buffer" in line})
+    # The path is the sixth field; " (deleted)" follows it once the name is unlinked, which may not have happened
+    # yet at the moment the maps are read.
+    paths = (line.split(maxsplit=5)[5] for line in maps.splitlines() if "deepspeed_allreduce_buffer" in line)
+    return sorted({path.removesuffix(" (deleted)") for path in paths})
 
 
 @pytest.fixture(scope="module")
