@@ -12,6 +12,7 @@
     OUTPUT/_ingest/dedup/                             phase 2: hash records per group, losers per bucket
     OUTPUT/_ingest/resolved/                          phase 3: kept rows per group, in input order
     OUTPUT/_ingest/done/PHASE/ID.json                 a task's summary, written last: the task is done
+    OUTPUT/_ingest/done/list/list-TASK-SUB....json    a listing task's result, until the plan is saved
     OUTPUT/_ingest/done/PHASE.parquet                 every task's summary: the phase is done
 Everything under _ingest is deleted after success unless --keep-staging.
 """
@@ -79,6 +80,13 @@ class Layout:
         its children, and the children in turn."""
         ranges = "".join(f"_{i:04d}" for i in branch)
         return f"{self.work}/plan/list-{task:06d}-{sub:08d}{ranges}.parquet"
+
+    def list_done(self, task: int, sub: int = 0, branch: tuple[int, ...] = ()) -> str:
+        """A listing task's result (list_part's numbering), written after its parts. A rerun after a kill during
+        listing reuses it; once the plan is saved, the folder goes, so a later rerun lists everything again (to see
+        whether the sources changed)."""
+        ranges = "".join(f"_{i:04d}" for i in branch)
+        return f"{self.work}/done/list/list-{task:06d}-{sub:08d}{ranges}.json"
 
     @property
     def plan(self) -> str:

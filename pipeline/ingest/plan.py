@@ -7,7 +7,8 @@ range bounds between rounds, never a key. The plan is the ordered listing parts 
 (arrays: a few tens of bytes per unit). Units are cut over a segment's parts as if they were one listing (a unit
 may span parts), and the fingerprint adds up each segment's row digests, so where the ranges were cut changes
 neither. It is saved (plan.json, units.npz); if an interrupted run listed something else (another fingerprint), its
-staged work is stale and is discarded rather than reused.
+staged work is stale and is discarded rather than reused. Until then each listing task leaves a record of its result
+(done/list, sources.run_listing), so a kill during listing costs the tasks in flight, not the listing done.
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ def build_plan(run: Run, first: list[ListTask], policy: RetryPolicy, unit_size: 
                 u[:, 1].astype(np.int32), u[:, 2], u[:, 3].astype(np.int32), u[:, 4], u[:, 5:7],
                 tuple(sorted(listing.classes)), digest.hexdigest()[:16])
     _check_plan(run, plan)
+    # The listing tasks' records served a rerun after a kill during listing; a rerun from now on must list again,
+    # to see whether the sources changed (the plan's fingerprint).
+    fs, records = url_to_fs(f"{run.layout.work}/done/list", run.cfg.storage_options)
+    if fs.exists(records):
+        fs.rm(records, recursive=True)
     return plan
 
 

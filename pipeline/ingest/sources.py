@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import posixpath
 from dataclasses import dataclass, replace
 from operator import itemgetter
@@ -207,6 +208,38 @@ def rest_tasks(task: ListTask, result: ListResult) -> list[ListTask]:
 
 
 def run_listing(task: ListTask, policy: RetryPolicy) -> ListResult:
+    """List the task's piece into parts, or, after a kill during listing, return what the task listed before it (its
+    record in done/list, if made by the same task: a sub-range whose parent was listed again after the kill can
+    have other bounds under the same number)."""
+    record = task.layout.list_done(*task.segment, task.branch)
+    identity = _task_identity(task)
+    fs, path = url_to_fs(record, task.storage_options)
+    try:
+        saved = json.loads(retry(lambda: fs.cat_file(path), policy, f"read {record}"))
+    except FileNotFoundError:
+        saved = None
+    if saved is not None and saved["task"] == identity:
+        return ListResult(tuple(ListedPart(url, rows, int(digest, 16), tuple(map(tuple, runs)))
+                                for url, rows, digest, runs in saved["parts"]),
+                          tuple(saved["classes"]), tuple(saved["subfolders"]), tuple(saved["rest"]))
+    if saved is not None:  # another listing's record: it goes before its parts are overwritten
+        retry(lambda: fs.rm_file(path), policy, f"delete {record}")
+    result = _list(task, policy)
+    body = {"task": identity, "parts": [[p.url, p.rows, f"{p.digest:x}", p.runs] for p in result.parts],
+            "classes": result.classes, "subfolders": result.subfolders, "rest": result.rest}
+    put_bytes(record, json.dumps(body).encode(), task.storage_options)  # after its parts: the task is done
+    return result
+
+
+def _task_identity(task: ListTask) -> str:
+    """What a listing task lists, as a digest: the same segment and branch numbers name another listing when the
+    sources, a parent's cut points or the cap differ."""
+    what = [task.mode, task.path, task.label_root, task.after, task.upto, task.pattern, key_ranges.LIST_CAP,
+            [list(e) for e in task.entries]]
+    return hashlib.sha256(json.dumps(what).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _list(task: ListTask, policy: RetryPolicy) -> ListResult:
     fs, path = url_to_fs(task.path, task.storage_options)
     subfolders: tuple[str, ...] = ()
     rest: tuple[str, ...] = ()

@@ -77,11 +77,53 @@ def _plan(out: Path) -> tuple[dict, list[list[str]], dict[str, int]]:
     return plan, inputs, {Path(p).name: len(r) for p, r in rows.items()}
 
 
-def test_split_listing_equals_unsplit(s3_bucket, tmp_path, monkeypatch):
+class _Killed(Exception):
+    pass
+
+
+def test_split_listing_equals_unsplit_and_a_kill_during_listing_keeps_what_was_listed(s3_bucket, tmp_path,
+                                                                                         monkeypatch):
+    """Then the split listing is killed after 25 tasks (the kill hook's point, raising in-process); the rerun lists
+    only the tasks that had no record of their own (one list_range call per S3 task) and gives the same plan and
+    output."""
     sources = _upload(s3_bucket.removeprefix("s3://"), tmp_path)
     whole_report = _run(sources, tmp_path / "whole")
     monkeypatch.setattr(key_ranges, "LIST_CAP", CAP)
+    from pipeline.ingest import plan as plan_module, sources as sources_module
+
+    ranges_listed = []
+    real_list_range = sources_module.list_range
+
+    def counting(*args, **kwargs):
+        ranges_listed.append(args[2:])
+        return real_list_range(*args, **kwargs)
+
+    monkeypatch.setattr(sources_module, "list_range", counting)
     split_report = _run(sources, tmp_path / "split")
+    fresh = len(ranges_listed)
+    assert not (tmp_path / "split/_ingest/done/list").exists()  # gone with the plan saved: a rerun lists again
+
+    def kill(phase: str, completed: int) -> None:
+        if phase == "list" and completed == 25:
+            raise _Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(plan_module, "maybe_kill", kill)
+        with pytest.raises(_Killed):
+            _run(sources, tmp_path / "killed")
+    records = [p.name for p in (tmp_path / "killed/_ingest/done/list").iterdir()]
+    s3_records = [n for n in records if not n.startswith("list-000002-")]  # source 2 is the local folder
+    assert len(records) >= 25 and not (tmp_path / "killed/_ingest/plan/plan.json").exists()
+    # A record made by another task under the same number (a parent listed again after the kill, cut elsewhere)
+    # is not reused: that task lists again.
+    other = tmp_path / "killed/_ingest/done/list" / s3_records[-1]
+    other.write_text(json.dumps({**json.loads(other.read_text()), "task": "another listing"}))
+    ranges_listed.clear()
+    resumed_report = _run(sources, tmp_path / "killed")
+    assert len(ranges_listed) == fresh - len(s3_records) + 1 < fresh - 20
+    assert resumed_report["listing_fingerprint"] == split_report["listing_fingerprint"]
+    assert _plan(tmp_path / "killed")[1] == _plan(tmp_path / "split")[1]
+    assert shard_contents(tmp_path / "killed") == shard_contents(tmp_path / "split")
 
     whole, whole_units, whole_rows = _plan(tmp_path / "whole")
     split, split_units, split_rows = _plan(tmp_path / "split")
