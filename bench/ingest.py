@@ -15,7 +15,10 @@ shorter-side-512 rule). img2dataset 1.47.0 is installed from the registry into a
 Prints, for both, measured in the same run on the same files: images/s per core (wall clock; shard.py's rate divided
 by --workers) and images per CPU-second (user+sys of the process tree, orphans included: the bench is a child
 subreaper and reaps every process a tool leaves behind; what a dedicated core would do, and the steadier figure on a
-shared machine), each with its ratio to the floor. Medians over --repeats; each repetition runs the floor and every
+shared machine), each with its ratio to the floor; and each tool's marginal rate, images per CPU-second once its
+start-up is paid (every tool also runs on the first --small images: (count - small) / (CPU(count) - CPU(small))).
+The marginal ratio is the one that holds at 300M images; the whole-run ratio at a few thousand images flatters the
+tool with the cheaper start-up (img2dataset's is ~9 CPU-s, shard.py's ~1.6). Medians over --repeats; each repetition runs the floor and every
 worker count back to back (alternating which goes first), so a change in
 the load hits both sides.
 The floor is one process doing only what a naive converter must: full-resolution decode, resize to shorter
@@ -253,61 +256,80 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="shard.py worker counts to measure")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--web", type=int, default=None, help="processes for the web rows (0: none; default: max workers)")
+    p.add_argument("--small", type=int, default=50,
+                   help="each tool also runs on the first SMALL images, for its cost per image without start-up")
     p.add_argument("--img2dataset-venv", type=Path, default=Path("/tmp/ingest_bench/img2dataset-venv"))
     p.add_argument("--baseline", type=Path, help="another checkout whose tools/shard.py gets a web row too")
     a = p.parse_args()
+    if not 0 < a.small < a.count:
+        p.error("--small must be between 0 and --count")
     if not _become_subreaper():
         print("note: not a child subreaper (not Linux?): CPU of processes that outlive a tool is not counted")
     web = max(a.workers) if a.web is None else a.web
     files = generate(a.dump, a.count)
     a.output.parent.mkdir(parents=True, exist_ok=True)
-    file_list = a.output.parent / f"files-{a.count}.txt"  # a text-list SOURCE: exactly these files, in this order
-    file_list.write_text("".join(f"{f.resolve()}\n" for f in files))
+    file_lists = {}  # count -> a text-list SOURCE: exactly these files, in this order
+    for n in (a.count, a.small):
+        file_lists[n] = a.output.parent / f"files-{n}.txt"
+        file_lists[n].write_text("".join(f"{f.resolve()}\n" for f in files[:n]))
     sizes = [Image.open(f).size for f in files]
     mp = np.mean([w * h for w, h in sizes]) / 1e6
     print(f"dump: {len(files)} JPEGs, mean {mp:.2f} MP ({min(w * h for w, h in sizes) / 1e6:.2f}-"
           f"{max(w * h for w, h in sizes) / 1e6:.2f}), filter {RESAMPLE.name}, shorter side {_MAX_SHORTER_SIDE}, "
           f"q{_QUALITY}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     exe = img2dataset_bin(a.img2dataset_venv) if web else None
-    rows: dict[str, list[tuple[float, float]]] = {}  # name -> per repeat (wall images/s per core, images/CPU-s)
+    # name -> per repeat (wall images/s per core, images/CPU-s, images per marginal CPU-second)
+    rows: dict[str, list[tuple[float, float, float]]] = {}
 
-    def measure(name: str, rates: tuple[float, float], processes: int) -> None:
-        rows.setdefault(name, []).append((rates[0] / processes, rates[1]))
+    def measure(name: str, run, processes: int) -> None:
+        """A tool's whole-run rates on --count images, and its marginal rate: the extra images over the extra CPU
+        of the same tool on --small images, i.e. what each image costs once the start-up (imports, process and
+        pool start, the report) is paid. At 300M images only that figure counts: img2dataset's start-up alone is
+        worth hundreds of its images."""
+        wall, per_cpu = run(a.count)
+        small = run(a.small)[1] if processes else None
+        marginal = (a.count - a.small) / (a.count / per_cpu - a.small / small) if small else per_cpu
+        rows.setdefault(name, []).append((wall / max(processes, 1), per_cpu, marginal))
 
     with http_server(a.dump) as base_url:
-        urls = url_parquet(files, base_url, a.output.parent / f"urls-{a.count}.parquet")
+        urls = {n: url_parquet(files[:n], base_url, a.output.parent / f"urls-{n}.parquet") for n in (a.count, a.small)}
         for rep in range(a.repeats):
-            contenders = [("floor (decode->resize->encode, 1 proc)", lambda: (floor(files), 1))]
+            # (name, run(count) -> rates, processes; 0 for the floor: one loop, nothing to start, no second run)
+            contenders = [("floor (decode->resize->encode, 1 proc)", lambda n: floor(files[:n]), 0)]
             for w in a.workers:
                 contenders.append((f"tools/shard.py --workers {w}",
-                                   lambda w=w: (shard_py(file_list, len(files), a.output / f"w{w}", w), w)))
+                                   lambda n, w=w: shard_py(file_lists[n], n, a.output / f"w{w}", w), w))
             if web and a.baseline:
-                contenders.append((f"baseline tools/shard.py, URLs over HTTP, {web} x 8 threads", lambda: (
-                    shard_py_web(urls, len(files), a.output / "web-baseline", web, a.baseline.resolve()), web)))
+                contenders.append((f"baseline tools/shard.py, URLs over HTTP, {web} x 8 threads", lambda n: (
+                    shard_py_web(urls[n], n, a.output / "web-baseline", web, a.baseline.resolve())), web))
             if web:
                 contenders.append((f"tools/shard.py, URLs over HTTP, {web} x 8 threads",
-                                   lambda: (shard_py_web(urls, len(files), a.output / "web", web), web)))
+                                   lambda n: shard_py_web(urls[n], n, a.output / "web", web), web))
                 contenders.append((f"img2dataset 1.47, URLs over HTTP, {web} x 8 threads",
-                                   lambda: (img2dataset(exe, urls, len(files), a.output / "i2d", web), web)))
+                                   lambda n: img2dataset(exe, urls[n], n, a.output / "i2d", web), web))
             # Odd repetitions run in reverse order: a load that drifts within the run then biases no contender.
-            for name, run in contenders if rep % 2 == 0 else contenders[::-1]:
-                rates, processes = run()
-                measure(name, rates, processes)
+            for name, run, processes in contenders if rep % 2 == 0 else contenders[::-1]:
+                measure(name, run, processes)
             print(f"repeat {rep + 1}: " + ", ".join(f"{n.split(',')[0]} {v[-1][0]:.2f}" for n, v in rows.items())
                   + f" images/s/core (load {os.getloadavg()[0]:.2f})", flush=True)
-    med = {n: [statistics.median(r[k] for r in v) for k in (0, 1)] for n, v in rows.items()}
+    med = {n: [statistics.median(r[k] for r in v) for k in (0, 1, 2)] for n, v in rows.items()}
     base = next(iter(med.values()))
-    print(f"{'':<56} {'images/s/core':>14} {'ratio':>6}   {'images/CPU-s':>12} {'ratio':>6}")
-    for name, (rate, per_cpu) in med.items():
-        print(f"{name:<56} {rate:14.2f} {rate / base[0]:6.2f}x  {per_cpu:12.2f} {per_cpu / base[1]:6.2f}x")
+    print(f"{'':<56} {'images/s/core':>14} {'ratio':>6}   {'images/CPU-s':>12} {'ratio':>6}   "
+          f"{'marginal':>8} {'ratio':>6}")
+    for name, (rate, per_cpu, marginal) in med.items():
+        print(f"{name:<56} {rate:14.2f} {rate / base[0]:6.2f}x  {per_cpu:12.2f} {per_cpu / base[1]:6.2f}x  "
+              f"{marginal:9.2f} {marginal / base[2]:6.2f}x")
+    print(f"marginal: images per CPU-second beyond the first {a.small} (start-up excluded; the floor has none)")
     if web:
         ours, theirs = (med[n] for n in list(med)[-2:])
         print(f"tools/shard.py / img2dataset on the same URLs: {ours[0] / theirs[0]:.2f}x (wall), "
-              f"{ours[1] / theirs[1]:.2f}x (CPU)")
+              f"{ours[1] / theirs[1]:.2f}x (CPU, {a.count} images), {ours[2] / theirs[2]:.2f}x (CPU per image, "
+              f"marginal: what a large run sees)")
     if web and a.baseline:
         before = med[list(med)[-3]]
         print(f"baseline tools/shard.py / img2dataset: {before[1] / theirs[1]:.2f}x (CPU); this checkout / baseline: "
-              f"{ours[1] / before[1]:.3f}x (CPU), {ours[0] / before[0]:.3f}x (wall)")
+              f"{ours[1] / before[1]:.3f}x (CPU), {ours[2] / before[2]:.3f}x (marginal CPU), "
+              f"{ours[0] / before[0]:.3f}x (wall)")
     psnr = stored_psnr(a.output / f"w{a.workers[0]}")
     print(f"quality: stored vs full-decode Lanczos, mean PSNR {psnr:.1f} dB; load average {os.getloadavg()[0]:.2f}")
 
