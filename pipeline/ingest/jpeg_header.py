@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 # Start-of-frame markers of every coding process; 0xC4 (DHT), 0xC8 (JPG) and 0xCC (DAC) share the range.
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# The segments (with a length) that Pillow's JpegImagePlugin steps over by their length as this walk does: frame
+# headers, DHT, DAC, DQT, DNL, DRI, EXP, APPn, COM. Any other (0xC8, 0xDE: Pillow reads a DHP as a frame header,
+# 0xF0-0xFD, and the reserved 0x02-0xBF, where Pillow stops with "no marker found") leaves the decision to Pillow.
+_STEPPED = (_SOF | {0xC4, 0xCC, 0xDB, 0xDC, 0xDD, 0xDF, 0xFE}) | frozenset(range(0xE0, 0xF0))
 # An IFD entry of the orientation tag (0x0112) as type SHORT (3), count 1, in each byte order.
 _ORIENTATION_ENTRY = {"little": b"\x12\x01\x03\x00\x01\x00\x00\x00", "big": b"\x01\x12\x00\x03\x00\x00\x00\x01"}
 _XMP = b"http://ns.adobe.com/xap/1.0/\x00"  # how an APP1 holding XMP starts (Pillow's JpegImagePlugin)
@@ -54,10 +58,14 @@ def read_jpeg_header(data: bytes) -> JpegHeader | None:
                 return None
             complete = data.rfind(b"\xff\xd9", pos) >= 0  # from the end: a whole file ends with it (find: ~0.3 ms)
             return JpegHeader(*frame, orientation or 1, complete)
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+        if 0xD0 <= marker <= 0xD7:  # restart markers: no length
             pos += 2
             continue
+        if marker not in _STEPPED:
+            return None
         end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDB and not _tables_fit(data, pos + 4, end):
+            return None
         if marker in _SOF:
             if frame is not None or end > n or end < pos + 10 or data[pos + 4] != 8:
                 return None
@@ -78,6 +86,16 @@ def read_jpeg_header(data: bytes) -> JpegHeader | None:
             mpf = True
         pos = end
     return None
+
+
+def _tables_fit(data: bytes, start: int, end: int) -> bool:
+    """Whether a DQT payload is whole quantization tables (Pillow's open raises on one cut short)."""
+    if end > len(data):
+        return False
+    pos = start
+    while pos < end:
+        pos += 1 + 64 * (1 if data[pos] < 16 else 2)  # 8-bit or 16-bit entries, as the table's first byte says
+    return pos == end and end <= len(data)
 
 
 def _pillow_reads_more(data: bytes, app1: list[tuple[int, int]], orientation: int | None, mpf: bool) -> bool:
