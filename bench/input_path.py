@@ -5,6 +5,7 @@ what is left for the training process.
     python -m bench.input_path --images 2048 --workers 1 2 4
     python -m bench.input_path --local                 # shards on local disk: the readers' own cost, no server
     python -m bench.input_path --local --loader-only --loader-batches 48   # only the training thread's cost
+    python -m bench.input_path --local --reading-only --images 2048 --passes 5  # only the reading rows
 
 Measured in one run, on the same shards, served by moto's S3 server in a process of its own (or, with --local, read
 from local files: moto is a Python server, and on a 2-core machine it takes one of the cores the readers would use):
@@ -203,6 +204,7 @@ def main() -> None:
     ap.add_argument("--dali-threads", type=int, default=1)
     ap.add_argument("--local", action="store_true", help="shards on local disk instead of the loopback S3 server")
     ap.add_argument("--loader-only", action="store_true", help="skip the reading rows (1.): only the whole loader")
+    ap.add_argument("--reading-only", action="store_true", help="skip the whole-loader rows (2.)")
     ap.add_argument("--loader-batches", type=int, default=0,
                     help="batches timed per whole-loader pass (default: one pass over the images)")
     args = ap.parse_args()
@@ -231,7 +233,7 @@ def main() -> None:
             print(f"{w} processes / {w} threads: {statistics.median(rows[('processes', w)]) / statistics.median(rows[('threads', w)]):.2f}x; "
                   f"{w} processes / 1 thread: {statistics.median(rows[('processes', w)]) / statistics.median(rows[('threads', min(args.workers))]):.2f}x")
         timed = args.loader_batches * args.batch or samples  # train mode: the loader goes on into further epochs
-        for w in args.workers:
+        for w in [] if args.reading_only else args.workers:
             runs = [time_loader(prefix, w, args.batch, timed, args.dali_threads) for _ in range(args.passes)]
             rate, cpu, proc = (statistics.median(r[i] for r in runs) for i in range(3))
             print(f"whole loader, {w} worker processes, DALI on the CPU ({args.dali_threads} thread): {rate:.0f} "
