@@ -8,7 +8,9 @@ range bounds between rounds, never a key. The plan is the ordered listing parts 
 may span parts), and the fingerprint adds up each segment's row digests, so where the ranges were cut changes
 neither. It is saved (plan.json, units.npz); if an interrupted run listed something else (another fingerprint), its
 staged work is stale and is discarded rather than reused. Until then each listing task leaves a record of its result
-(done/list, sources.run_listing), so a kill during listing costs the tasks in flight, not the listing done.
+(done/list, sources.run_listing), so a kill during the first listing costs the tasks in flight, not the listing
+done. Once a plan is saved, every rerun lists everything again (records of it are deleted first): that listing is
+what notices a source changed since, so it cannot be taken from before the change.
 """
 
 from __future__ import annotations
@@ -61,6 +63,12 @@ class Plan:
 def build_plan(run: Run, first: list[ListTask], policy: RetryPolicy, unit_size: int) -> Plan:
     """Phase 0: list every source in parallel (top levels, then their sub-folders), cut units, and compare with the
     plan of an interrupted run."""
+    fs, saved_plan = url_to_fs(run.layout.plan, run.cfg.storage_options)
+    if fs.exists(saved_plan):
+        # A plan is saved, perhaps with staged work: this listing is the check that the sources did not change since,
+        # so it lists everything now. Records of a relisting killed earlier (or of the listing that made the plan,
+        # if a kill came between saving it and deleting them) predate a change this must see.
+        _forget_listing(run)
     listing = _Listing(run.engine, policy)
     listing.run(first)
     listing.run([t for i, top in enumerate(first) for t in subfolder_tasks(top, sorted(listing.subfolders.get(i, ())))])
@@ -68,6 +76,7 @@ def build_plan(run: Run, first: list[ListTask], policy: RetryPolicy, unit_size: 
     listed = {segment[0] for segment, part in parts.values() if part.rows}
     for i, top in enumerate(first):
         if top.pattern is not None and i not in listed:  # a glob the range tasks listed (sources.py)
+            _forget_listing(run)  # the rerun after the files are uploaded must not reuse this empty listing
             raise IngestError(f"SOURCE {top.source!r} matched no files")
     ordered = sorted(parts)  # part names sort in input order: list-TASK-SUB_RANGE...
     units = [np.zeros((0, 7), np.int64)]  # per segment: (kind, first part, first row, last part, end row, lo, hi)
@@ -84,10 +93,15 @@ def build_plan(run: Run, first: list[ListTask], policy: RetryPolicy, unit_size: 
     _check_plan(run, plan)
     # The listing tasks' records served a rerun after a kill during listing; a rerun from now on must list again,
     # to see whether the sources changed (the plan's fingerprint).
+    _forget_listing(run)
+    return plan
+
+
+def _forget_listing(run: Run) -> None:
+    """Delete the listing tasks' records (sources.run_listing): the next listing lists every task again."""
     fs, records = url_to_fs(f"{run.layout.work}/done/list", run.cfg.storage_options)
     if fs.exists(records):
         fs.rm(records, recursive=True)
-    return plan
 
 
 def cut_units(parts: list[tuple[int, ListedPart]], unit_size: int) -> list[tuple[int, int, int, int, int, int, int]]:

@@ -279,3 +279,5 @@ def test_a_glob_is_listed_by_range_tasks_as_the_driver_would_expand_it(s3_bucket
         _run([f"s3://{bucket}/glob/*.gif"], tmp_path / "none")
     # Nothing was staged under the mistaken glob: the corrected command is not refused as "other arguments".
     assert not (tmp_path / "none/_ingest/config.json").exists()
+    fs.pipe({f"{bucket}/glob/new.gif": _image(7)})  # the corrected bucket: the same command now finds it
+    assert _run([f"s3://{bucket}/glob/*.gif"], tmp_path / "none")["kept"] == 1

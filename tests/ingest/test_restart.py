@@ -74,3 +74,49 @@ def test_kill_in_every_phase_then_resume(dump, reference, tmp_path):
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
     assert [p.name for p in (out / "_ingest").iterdir()] == ["config.json"]
     check_readable(out)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_at(phase: str, at: int):
+    def kill(name: str, completed: int) -> None:
+        if name == phase and completed == at:
+            raise _Killed
+    return kill
+
+
+def test_a_relisting_killed_before_a_source_changed_does_not_hide_the_change(tmp_path, monkeypatch):
+    """Run 1 saves its plan and stages some units, killed; run 2, listing again to compare, is killed after one
+    listing task; then a file of that task's folder changes. Run 3 must list it again (not take run 2's record of
+    it), see the change, discard the stale staged work and store the new image (kills raised in-process)."""
+    from pipeline.ingest import phase as phase_module, plan as plan_module
+
+    rng = np.random.default_rng(5)
+
+    def jpeg(path):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path, "JPEG")
+        return path.read_bytes()
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            jpeg(tmp_path / name / f"{i}.jpg")
+    cfg = IngestConfig(sources=(str(tmp_path / "a"), str(tmp_path / "b")), output=str(tmp_path / "out"), workers=1,
+                       unit_size=1, dedup="none", quiet=True)
+    with monkeypatch.context() as m:
+        m.setattr(phase_module, "maybe_kill", _kill_at("stage", 4))
+        with pytest.raises(_Killed):
+            run_ingest(cfg)
+    assert (tmp_path / "out/_ingest/plan/plan.json").exists()
+    with monkeypatch.context() as m:
+        m.setattr(plan_module, "maybe_kill", _kill_at("list", 1))
+        with pytest.raises(_Killed):
+            run_ingest(cfg)
+    assert list((tmp_path / "out/_ingest/done/list").iterdir())  # run 2 recorded what it listed
+    old = (tmp_path / "a/0.jpg").read_bytes()
+    new = jpeg(tmp_path / "a/0.jpg")
+    report = run_ingest(cfg)
+    stored = {sample["jpg"] for sample in shard_contents(tmp_path / "out").values()}
+    assert new in stored and old not in stored and report["kept"] == 6
