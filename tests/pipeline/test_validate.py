@@ -1,11 +1,13 @@
 """The loader's JPEG header check without Pillow (validate.inspect_image's segment walk) gives Pillow's verdict and
-size on every kind of JPEG: it serves the common ones itself and leaves the rest to Pillow."""
+size on the kinds of JPEG it serves, leaves the rest to Pillow, and lets through only files that Pillow's own parsing
+refuses but libjpeg (DALI's CPU decoder) decodes."""
 
 from __future__ import annotations
 
 import io
 import struct
 
+import simplejpeg
 from PIL import Image
 from skimage import data as skdata
 
@@ -36,6 +38,12 @@ def _cut_dqt(data: bytes) -> bytes:
     return data[:pos + 2] + struct.pack(">H", length + 1) + data[pos + 4:pos + 2 + length] + b"\0" + data[pos + 2 + length:]
 
 
+def _long_scan_header(data: bytes) -> bytes:
+    """The start-of-scan segment's length set past the end of the file (libjpeg: "Bogus marker length")."""
+    pos = data.index(b"\xff\xda")
+    return data[:pos + 2] + struct.pack(">H", 0xFFF0) + data[pos + 4:]
+
+
 def test_the_jpeg_header_walk_gives_pillows_verdict_and_size():
     photo = Image.fromarray(skdata.chelsea())  # 451 x 300
     xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
@@ -56,6 +64,11 @@ def test_the_jpeg_header_walk_gives_pillows_verdict_and_size():
         "reserved marker": _with_segment(plain, 0x02, b"ab"),
         "jpg marker": _with_segment(plain, 0xC8, b"ab"),
         "cut quantization table": _cut_dqt(plain),
+        "scan header past the end": _long_scan_header(plain),
+    }
+    let_through = {  # Pillow's open refuses these, libjpeg decodes them
+        "tem marker": plain[:2] + b"\xff\x01" + plain[2:],
+        "cut adobe segment": _with_segment(plain, 0xEE, b"Adobe"),
     }
     for mode in ("header", "none"):
         for name, (data, size) in walked.items():
@@ -63,7 +76,11 @@ def test_the_jpeg_header_walk_gives_pillows_verdict_and_size():
         for name, data in deferred.items():
             assert inspect_image(data, "jpeg", mode) == _inspect_with_pillow(data, "jpeg", mode), (name, mode)
     assert inspect_image(deferred["xmp orientation"], "jpeg", "header") == (None, (300, 451))
-    for name in ("reserved marker", "cut quantization table"):  # Pillow's open refuses them
+    for name, data in let_through.items():
+        assert _inspect_with_pillow(data, "jpeg", "header") == ("decode_error", None), name
+        assert inspect_image(data, "jpeg", "header") == (None, (451, 300)), name
+        assert simplejpeg.decode_jpeg(data).shape == (300, 451, 3), name
+    for name in ("reserved marker", "cut quantization table", "scan header past the end"):  # Pillow's open refuses
         assert inspect_image(deferred[name], "jpeg", "header") == ("decode_error", None), name
     # Pillow reads no length after 0xC8 and steps over its bytes as junk: taken, as the walk could not tell
     assert inspect_image(deferred["jpg marker"], "jpeg", "header") == (None, (451, 300))
