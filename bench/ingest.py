@@ -18,7 +18,7 @@ subreaper and reaps every process a tool leaves behind; what a dedicated core wo
 shared machine), each with its ratio to the floor; and each tool's marginal rate, images per CPU-second once its
 start-up is paid (every tool also runs on the first --small images: (count - small) / (CPU(count) - CPU(small))).
 The marginal ratio is the one that holds at 300M images; the whole-run ratio at a few thousand images flatters the
-tool with the cheaper start-up (img2dataset's is ~9 CPU-s, shard.py's ~1.6). Medians over --repeats; each repetition runs the floor and every
+tool with the cheaper start-up (img2dataset's is ~7-9 CPU-s, shard.py's ~1.6). Medians over --repeats; each repetition runs the floor and every
 worker count back to back (alternating which goes first), so a change in
 the load hits both sides.
 The floor is one process doing only what a naive converter must: full-resolution decode, resize to shorter

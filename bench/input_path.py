@@ -6,6 +6,8 @@ what is left for the training process.
     python -m bench.input_path --local                 # shards on local disk: the readers' own cost, no server
     python -m bench.input_path --local --loader-only --loader-batches 48   # only the training thread's cost
     python -m bench.input_path --local --reading-only --images 2048 --passes 5  # only the reading rows
+    python -m bench.input_path --local --loader-only --loader-batches 48 --side 96 --img-size 64 --step-ms 150
+                                                       # trainer-bound: DALI's outputs ready when the thread asks
 
 Measured in one run, on the same shards, served by moto's S3 server in a process of its own (or, with --local, read
 from local files: moto is a Python server, and on a 2-core machine it takes one of the cores the readers would use):
@@ -137,10 +139,13 @@ def time_source(batches, samples: int, passes: int) -> list[float]:
     return rates
 
 
-def time_loader(prefix: str, workers: int, batch: int, samples: int, threads: int) -> tuple[float, float, float]:
+def time_loader(prefix: str, workers: int, batch: int, samples: int, threads: int, step_s: float = 0.0,
+                img_size: int = SIZE) -> tuple[float, float, float]:
     """(samples/s of the whole loader, the loader thread's CPU ms per batch, the training process's CPU ms per batch
-    with DALI's threads) over `samples` samples."""
-    cfg = DataConfig(shards=prefix, batch_size=batch, img_size=SIZE, shuffle_buffer=0, workers=workers,
+    with DALI's threads) over `samples` samples; step_s: the consumer sleeps that long per batch, as a trainer whose
+    step is the bottleneck (then DALI's outputs are ready when the loader's thread asks: no waiting in DALI's calls,
+    which costs that thread CPU too)."""
+    cfg = DataConfig(shards=prefix, batch_size=batch, img_size=img_size, shuffle_buffer=0, workers=workers,
                      dali_threads=threads, device="cpu")
     loader = build_loader(cfg, 0, 1, torch.device("cpu"))
     it = iter(loader)
@@ -150,6 +155,7 @@ def time_loader(prefix: str, workers: int, batch: int, samples: int, threads: in
     n = 0
     while n < samples:
         n += len(next(it)["keys"])
+        time.sleep(step_s)
     dt, batches = time.perf_counter() - t0, n / batch
     cpu_ms = 1e3 * (loader.counters()["input_cpu_s"] - c0) / batches
     process_ms = 1e3 * (time.process_time() - p0) / batches
@@ -205,11 +211,18 @@ def main() -> None:
     ap.add_argument("--local", action="store_true", help="shards on local disk instead of the loopback S3 server")
     ap.add_argument("--loader-only", action="store_true", help="skip the reading rows (1.): only the whole loader")
     ap.add_argument("--reading-only", action="store_true", help="skip the whole-loader rows (2.)")
+    ap.add_argument("--side", type=int, default=512, help="the photos' shorter side, px")
+    ap.add_argument("--img-size", type=int, default=SIZE, help="the views' size, px (whole-loader rows)")
+    ap.add_argument("--step-ms", type=float, default=0.0,
+                    help="whole-loader rows: a trainer step per batch (sleep); with small --side and --img-size, "
+                         "DALI on the CPU keeps ahead, as a GPU decoder does for a trainer that is the bottleneck")
     ap.add_argument("--loader-batches", type=int, default=0,
                     help="batches timed per whole-loader pass (default: one pass over the images)")
     args = ap.parse_args()
-    jpegs = photo_jpegs(args.images)
-    print(f"{args.images} photos at 512 px, JPEG q95, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KB; batch "
+    if args.loader_only and args.reading_only:
+        ap.error("--loader-only and --reading-only leave nothing to run")
+    jpegs = photo_jpegs(args.images, side=args.side)
+    print(f"{args.images} photos at {args.side} px, JPEG q95, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KB; batch "
           f"{args.batch}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; median of {args.passes} passes")
     server, s3 = (None, None) if args.local else serve_s3()
     tmp = tempfile.TemporaryDirectory()
@@ -234,9 +247,12 @@ def main() -> None:
                   f"{w} processes / 1 thread: {statistics.median(rows[('processes', w)]) / statistics.median(rows[('threads', min(args.workers))]):.2f}x")
         timed = args.loader_batches * args.batch or samples  # train mode: the loader goes on into further epochs
         for w in [] if args.reading_only else args.workers:
-            runs = [time_loader(prefix, w, args.batch, timed, args.dali_threads) for _ in range(args.passes)]
+            runs = [time_loader(prefix, w, args.batch, timed, args.dali_threads, args.step_ms / 1e3, args.img_size)
+                    for _ in range(args.passes)]
             rate, cpu, proc = (statistics.median(r[i] for r in runs) for i in range(3))
-            print(f"whole loader, {w} worker processes, DALI on the CPU ({args.dali_threads} thread): {rate:.0f} "
+            step = f", a {args.step_ms:.0f} ms trainer step per batch" if args.step_ms else ""
+            print(f"whole loader, {w} worker processes, DALI on the CPU ({args.dali_threads} thread){step}, "
+                  f"{args.img_size} px views: {rate:.0f} "
                   f"two-view images/s; the loader thread's CPU {cpu:.2f} ms per batch of {args.batch}; the training "
                   f"process's CPU with DALI's threads {proc:.1f} ms per batch", flush=True)
     finally:
