@@ -19,7 +19,8 @@ it, report.json lists it, and the next run stages it and redoes dedup, resolve a
 give_up_quarantined, a later run gives up what failed in both runs: a unit quarantined because of some of its
 loose files (each named by the failure) is staged with those files, if they fail again, as "quarantined" rejects
 and its other inputs kept; a unit that failed as a whole in both runs (an archive, a parquet file, an outage of
-most of its files) is left out, its inputs "quarantined" rejects; the output is then final.
+most of its files) is left out, its inputs "quarantined" rejects written from its listing rows by give-up tasks
+(give_up.py); the output is then final.
 A failing task of any other phase stops the run once the rest of its phase is done (phase.py: QuarantineError);
 the next run retries it.
 Phase bookkeeping (saved summaries, checkpoints, progress) is phase.py; listing and the plan, plan.py.
@@ -44,15 +45,16 @@ from pipeline.ingest.dedup import DedupMapTask, DedupReduceTask, run_map, run_re
 from pipeline.ingest.executor import Failed
 from pipeline.ingest.layout import Layout
 from pipeline.ingest.near import bands, blocks_per_band
-from pipeline.ingest.phase import Run
+from pipeline.ingest.give_up import UNITS_PER_TASK, give_up_tasks, run_give_up
+from pipeline.ingest.phase import RESOURCES, QuarantineError, Run
 from pipeline.ingest.plan import UNIT_KINDS, Plan, build_plan
 from pipeline.ingest.preflight import check_output, write_config
 from pipeline.ingest.readers import ReadOptions
 from pipeline.ingest.report import build_report
-from pipeline.ingest.resolve import REJECTS_SCHEMA, ResolveTask, run_resolve
+from pipeline.ingest.resolve import ResolveTask, run_resolve
 from pipeline.ingest.retry import RetryPolicy
-from pipeline.ingest.sources import IngestError, ListTask, expand_sources, read_part_rows
-from pipeline.ingest.stage import StageTask, key_for, run_stage
+from pipeline.ingest.sources import IngestError, ListTask, expand_sources
+from pipeline.ingest.stage import StageTask, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +140,22 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
     if quarantined and cfg.give_up_quarantined and not give_up:
         log.warning("--give-up-quarantined: %d unit(s) failed for the first time (or on files that had not failed "
                     "before) are not given up; a rerun retries them and gives up what fails again", len(skip - again))
+    chunks = 0
     if give_up:
-        verdicts["quarantined"] += _reject_given_up(plan, quarantined, layout, so)
+        chunks = -(-len(quarantined) // UNITS_PER_TASK)
+        failures = []
+        for chunk, result in run.engine.run(run_give_up, give_up_tasks(plan, quarantined, layout, so),
+                                            RESOURCES["give_up"]):
+            if isinstance(result, Failed):
+                failures.append((chunk, result))
+            else:
+                verdicts["quarantined"] += result["rows"]
+        if failures:
+            raise QuarantineError("give_up", failures)
     names = [layout.shard_file(i) for i in range(num_shards)]
     put_table(layout.shard_index, pa.table({"shard": names, "samples": shards["samples"], "bytes": shards["bytes"]}),
               so)
-    _remove_stale_outputs(fs, layout, num_shards, len(groups), give_up)
+    _remove_stale_outputs(fs, layout, num_shards, len(groups), chunks)
     put_bytes(layout.classes, json.dumps(list(plan.classes)).encode(), so)
     report = build_report(cfg.public_dict(), fingerprint, verdicts, num_shards, int(shards["bytes"].sum()),
                           time.perf_counter() - start, plan.classes)
@@ -235,32 +247,17 @@ def _shard_tasks(kept: np.ndarray, per_shard: int, layout: Layout, so: dict):
         yield i, ShardTask(i, tuple(slices), layout, so)
 
 
-def _reject_given_up(plan: Plan, quarantined: list[tuple[int, Failed]], layout: Layout, so: dict) -> int:
-    """The inputs of the units given up, as rejects (reason "quarantined", detail the unit's last failure), so a
-    finalized output says what it lacks. From the listing (the units could not be read): a loose file or an
-    archive is one row; a run of a parquet file's rows is one row, FILE#rows=LO-HI. Returns the row count."""
-    rows = []
-    for u, failed in quarantined:
-        lo, hi = (int(x) for x in plan.unit_rows[u])
-        for part, a, b in plan.slices(u):
-            for entry in read_part_rows(part, a, b, so):
-                source = entry["url"] + (f"#rows={lo}-{hi}" if lo < hi else "")
-                rows.append({"source": source, "reason": "quarantined", "detail": failed.reason,
-                             "key": key_for(source)})
-    put_table(layout.rejects_given_up, pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA), so)
-    return len(rows)
-
-
-def _remove_stale_outputs(fs, layout: Layout, num_shards: int, num_groups: int, give_up: bool) -> None:
+def _remove_stale_outputs(fs, layout: Layout, num_shards: int, num_groups: int, given_up_chunks: int) -> None:
     """Shards, manifest and rejects parts numbered past this run's: left by a run over sources that changed; and
-    the given-up units' rejects of an interrupted run whose units this run could read after all."""
+    the given-up units' rejects of an interrupted run whose units this run could read after all (or of a version
+    that wrote them as one quarantined.parquet)."""
     root = url_to_fs(layout.output)[1]
-    given_up = url_to_fs(layout.rejects_given_up)[1]
-    if not give_up and fs.exists(given_up):
-        fs.rm_file(given_up)
+    if fs.exists(f"{root}/rejects.parquet/quarantined.parquet"):
+        fs.rm_file(f"{root}/rejects.parquet/quarantined.parquet")
     for pattern, limit in (("shard-*.tar", num_shards), ("shard-*.idx", num_shards),
                            ("manifest.parquet/part-*.parquet", num_shards),
-                           ("rejects.parquet/part-*.parquet", num_groups)):
+                           ("rejects.parquet/part-*.parquet", num_groups),
+                           ("rejects.parquet/quarantined-*.parquet", given_up_chunks)):
         for p in fs.glob(f"{root}/{pattern}"):
             if int(p.rsplit("-", 1)[1].split(".")[0]) >= limit:
                 fs.rm_file(p)

@@ -4,7 +4,7 @@
     OUTPUT/shards.parquet                             shard index: one row per shard (shard, samples, bytes)
     OUTPUT/manifest.parquet/part-000000.parquet ...   one row per sample, a part per shard (pyarrow reads the folder)
     OUTPUT/rejects.parquet/part-000000.parquet ...    one row per rejected input, a part per dedup group
-    OUTPUT/rejects.parquet/quarantined.parquet        with --give-up-quarantined: the inputs of the units given up
+    OUTPUT/rejects.parquet/quarantined-000000.parquet with --give-up-quarantined: the inputs of the units given up
     OUTPUT/report.json, classes.json                  report.json last: the run's completion mark
     OUTPUT/_ingest/config.json                        argument fingerprint: refuses a mismatched rerun
     OUTPUT/_ingest/plan/                              listing parts (list-TASK-SUB[_RANGE...]), plan.json, units.npz
@@ -51,10 +51,10 @@ class Layout:
     def rejects_part(self, group: int) -> str:
         return f"{self.rejects}/part-{group:06d}.parquet"
 
-    @property
-    def rejects_given_up(self) -> str:
-        """The inputs of units still quarantined when a run was told to finalize without them."""
-        return f"{self.rejects}/quarantined.parquet"
+    def rejects_given_up(self, chunk: int) -> str:
+        """The inputs of units still quarantined when a run was told to finalize without them: a part per chunk of
+        units (give_up.py)."""
+        return f"{self.rejects}/quarantined-{chunk:06d}.parquet"
 
     @property
     def classes(self) -> str:

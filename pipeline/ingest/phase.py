@@ -34,7 +34,8 @@ KILL_HOOK_ENV = "CANVIT_INGEST_TEST_KILL_AFTER"
 CHECKPOINT_S = 60.0  # how often a running phase's summaries are saved (a kill costs at most this much re-checking)
 # Memory each task asks Ray for (MB): what it holds at its peak, with room for Python and Pillow.
 RESOURCES = {"list": Resources(1, 1024), "stage": Resources(1, 1536), "map": Resources(1, 2048),
-             "reduce": Resources(1, 3072), "resolve": Resources(1, 2048), "shard": Resources(1, 1024)}
+             "reduce": Resources(1, 3072), "resolve": Resources(1, 2048), "shard": Resources(1, 1024),
+             "give_up": Resources(1, 1024)}
 
 
 class QuarantineError(IngestError):

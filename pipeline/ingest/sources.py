@@ -326,6 +326,27 @@ def read_part_rows(part_url: str, start: int, end: int, storage_options: dict) -
     return table.slice(start - offset, end - start).to_pylist()
 
 
+def read_part_spans(part_url: str, spans: list[tuple[int, int]], storage_options: dict) -> list[list[dict]]:
+    """The rows of each span [start, end) of a listing part: the part opened once, only the row groups that hold any
+    of them read."""
+
+    def groups(a: int, b: int) -> range:
+        return range(a // PART_ROW_GROUP, (b - 1) // PART_ROW_GROUP + 1) if b > a else range(0)
+
+    fs, path = url_to_fs(part_url, storage_options)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        tables = {g: pf.read_row_group(g) for g in sorted({g for a, b in spans for g in groups(a, b)})}
+    out = []
+    for a, b in spans:
+        rows = []
+        for g in groups(a, b):
+            lo, hi = max(a, g * PART_ROW_GROUP), min(b, (g + 1) * PART_ROW_GROUP)
+            rows += tables[g].slice(lo - g * PART_ROW_GROUP, hi - lo).to_pylist()
+        out.append(rows)
+    return out
+
+
 def _parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, row_group_size=PART_ROW_GROUP)

@@ -1,0 +1,51 @@
+"""Units given up whole (--give-up-quarantined): their listing rows become rejects in give-up tasks, a rejects part
+per chunk of units, each listing part read once; the same rows, in unit order, as reading each unit's rows alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.ingest import give_up
+from pipeline.ingest.executor import Failed
+from pipeline.ingest.layout import Layout
+from pipeline.ingest.plan import Plan
+from pipeline.ingest.sources import ENTRY_SCHEMA, PART_ROW_GROUP, read_part_rows
+
+
+def _part(path, rows: int, name: str) -> str:
+    kinds = ["file"] * (rows - 1) + ["parquet"]
+    urls = [f"s3://b/{name}/{i:05d}.jpg" for i in range(rows - 1)] + [f"s3://b/{name}/table.parquet"]
+    table = pa.table({"kind": kinds, "url": urls, "cls": [None] * rows, "size": [1] * rows, "version": [""] * rows},
+                     schema=ENTRY_SCHEMA)
+    pq.write_table(table, path, row_group_size=PART_ROW_GROUP)
+    return str(path)
+
+
+def test_given_up_units_are_written_by_tasks_in_chunks(tmp_path, monkeypatch):
+    parts = (_part(tmp_path / "p0.parquet", 5000, "a"), _part(tmp_path / "p1.parquet", 3000, "b"))
+    # (first part, first row, last part, end row, parquet rows lo, hi) per unit
+    units = [(0, 0, 0, 1000, 0, 0), (0, 3500, 0, 4500, 0, 0),  # the second crosses a row group
+             (0, 4900, 1, 100, 0, 0),  # runs from one part into the next
+             (1, 100, 1, 2999, 0, 0), (1, 2999, 1, 3000, 250, 500)]  # a parquet file's rows 250-500
+    u = np.asarray(units, np.int64)
+    plan = Plan(parts, np.asarray([5000, 3000]), np.zeros(len(u), np.int8), u[:, 0].astype(np.int32), u[:, 1],
+                u[:, 2].astype(np.int32), u[:, 3], u[:, 4:6], (), "f")
+    layout = Layout(str(tmp_path / "out"))
+    quarantined = [(4, Failed("TransientFailure: parquet", "x")), (1, Failed("TransientFailure: one", "x")),
+                   (2, Failed("TransientFailure: two", "x"))]
+    monkeypatch.setattr(give_up, "UNITS_PER_TASK", 2)
+    tasks = list(give_up.give_up_tasks(plan, quarantined, layout, {}))
+    assert [(chunk, len(t.units)) for chunk, t in tasks] == [(0, 2), (1, 1)]
+    assert sum(give_up.run_give_up(t)["rows"] for _, t in tasks) == 1000 + 200 + 1
+    got = [r for chunk in range(2) for r in pq.read_table(layout.rejects_given_up(chunk)).to_pylist()]
+    expected = []
+    for unit, reason in ((1, "one"), (2, "two"), (4, "parquet")):
+        lo, hi = units[unit][4:6]
+        for part, a, b in plan.slices(unit):
+            expected += [(e["url"] + (f"#rows={lo}-{hi}" if lo < hi else ""), f"TransientFailure: {reason}")
+                         for e in read_part_rows(part, a, b, {})]
+    assert [(r["source"], r["detail"]) for r in got] == expected
+    assert {r["reason"] for r in got} == {"quarantined"} and len({r["key"] for r in got}) == len(got)
+    assert got[-1]["source"] == "s3://b/b/table.parquet#rows=250-500"
