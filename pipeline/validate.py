@@ -10,8 +10,8 @@ undecodable image, so the reader checks each sample in Python first, as cheaply 
    its segments (pipeline/ingest/jpeg_header.py, ~10 us; what the ingest's cleaning reads too), which leaves to
    Pillow what it does not follow as Pillow does; Pillow's open for the rest (CPU per sample in a loader worker
    went from 164-229 to 110-115 us). Both agree on the size, and the walk refuses or defers every file that
-   Pillow's open refuses and libjpeg refuses too; it lets through a few that only Pillow's own parsing refuses (a
-   cut JFIF, ICC, Photoshop or Adobe APP segment; a TEM marker), which DALI decodes;
+   Pillow's open refuses and DALI refuses too; it lets through a few that only Pillow's own parsing refuses (a cut
+   JFIF, ICC, Photoshop or Adobe APP segment), which DALI decodes;
 3. "decode" mode only: a decode, at 1/8 scale for JPEG (libjpeg DCT scaling, PIL's draft mode: a few percent of a full
    decode), in full for the others.
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # The segments (with a length) that Pillow's JpegImagePlugin steps over by their length as this walk does: frame
 # headers, DHT, DAC, DQT, DNL, DRI, EXP, APPn, COM. Any other (0xC8, 0xDE: Pillow reads a DHP as a frame header,
-# 0xF0-0xFD, and the reserved 0x02-0xBF, where Pillow stops with "no marker found") leaves the decision to Pillow,
+# 0xF0-0xFD, and TEM and the reserved 0x01-0xBF, where Pillow stops with "no marker found") leaves it to Pillow,
 # as does a quantization table segment that is not whole tables. The walk does not parse what Pillow parses inside
-# APP0 (JFIF), APP2 (ICC), APP13 and APP14: Pillow's open fails on some cut short, which libjpeg decodes.
+# APP0 (JFIF), APP2 (ICC), APP13 and APP14: Pillow's open fails on some cut short, which libjpeg and DALI decode.
 _STEPPED = (_SOF | {0xC4, 0xCC, 0xDB, 0xDC, 0xDD, 0xDF, 0xFE}) | frozenset(range(0xE0, 0xF0))
 # An IFD entry of the orientation tag (0x0112) as type SHORT (3), count 1, in each byte order.
 _ORIENTATION_ENTRY = {"little": b"\x12\x01\x03\x00\x01\x00\x00\x00", "big": b"\x01\x12\x00\x03\x00\x00\x00\x01"}
@@ -61,9 +61,9 @@ def read_jpeg_header(data: bytes) -> JpegHeader | None:
                 return None
             complete = data.rfind(b"\xff\xd9", pos) >= 0  # from the end: a whole file ends with it (find: ~0.3 ms)
             return JpegHeader(*frame, orientation or 1, complete)
-        # Markers without a length: restarts, and TEM, which libjpeg steps over (Pillow's open refuses it: a file
-        # the loader's check lets through, harmlessly, since DALI decodes it)
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+        # Restart markers: no length. (TEM, 0x01, has none either, and libjpeg steps over it, but DALI's own JPEG
+        # parser refuses it, failing the whole batch: left to Pillow, which refuses it too.)
+        if 0xD0 <= marker <= 0xD7:
             pos += 2
             continue
         if marker not in _STEPPED:

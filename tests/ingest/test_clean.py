@@ -166,12 +166,12 @@ def test_jpeg_header_defers_xmp_orientation_and_extra_frames_to_pillow(monkeypat
     assert read_jpeg_header(cases["ultra hdr"][0]) is not None and read_jpeg_header(cases["exif 1, xmp 6"][0])
 
 
-def test_a_tem_marker_is_stepped_over_as_libjpeg_does():
-    """TEM (0xFF01) has no length: libjpeg steps over it, so the file is kept (and, upright and small, copied), though
-    Pillow's open refuses it."""
+def test_a_tem_marker_is_rejected_as_dali_refuses_it():
+    """TEM (0xFF01) has no length and libjpeg steps over it, but DALI's own JPEG parser fails the whole batch on it:
+    the header walk leaves it to Pillow, which refuses it, so such a file is rejected, never stored."""
     data = _jpeg(Image.fromarray(skdata.chelsea()), quality=90)
     tem = data[:2] + b"\xff\x01" + data[2:]
-    header = read_jpeg_header(tem)
-    assert (header.width, header.height, header.complete) == (451, 300, True)
-    cleaned = clean_image(tem, CleanConfig(), "exact")
-    assert cleaned.copied and cleaned.jpeg == tem
+    assert read_jpeg_header(tem) is None
+    with pytest.raises(Rejected) as info:
+        clean_image(tem, CleanConfig(), "exact")
+    assert info.value.reason == "undecodable"

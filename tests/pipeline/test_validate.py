@@ -1,13 +1,13 @@
 """The loader's JPEG header check without Pillow (validate.inspect_image's segment walk) gives Pillow's verdict and
 size on the kinds of JPEG it serves, leaves the rest to Pillow, and lets through only files that Pillow's own parsing
-refuses but libjpeg (DALI's CPU decoder) decodes."""
+refuses but DALI's decoder decodes (checked with DALI itself, on the CPU: its own JPEG parser runs before libjpeg)."""
 
 from __future__ import annotations
 
 import io
 import struct
 
-import simplejpeg
+import numpy as np
 from PIL import Image
 from skimage import data as skdata
 
@@ -38,6 +38,24 @@ def _cut_dqt(data: bytes) -> bytes:
     return data[:pos + 2] + struct.pack(">H", length + 1) + data[pos + 4:pos + 2 + length] + b"\0" + data[pos + 2 + length:]
 
 
+def _dali_decodes(data: bytes) -> bool:
+    """Whether DALI's image decoder (CPU) takes `data`: one pipeline of batch 1 per call (a failed one is broken)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def decode():
+        return fn.decoders.image(fn.external_source(name="x", dtype=types.UINT8, ndim=1), device="cpu")
+
+    pipe = decode()
+    pipe.build()
+    pipe.feed_input("x", [np.frombuffer(data, np.uint8)])
+    try:
+        pipe.run()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _long_scan_header(data: bytes) -> bytes:
     """The start-of-scan segment's length set past the end of the file (libjpeg: "Bogus marker length")."""
     pos = data.index(b"\xff\xda")
@@ -65,10 +83,11 @@ def test_the_jpeg_header_walk_gives_pillows_verdict_and_size():
         "jpg marker": _with_segment(plain, 0xC8, b"ab"),
         "cut quantization table": _cut_dqt(plain),
         "scan header past the end": _long_scan_header(plain),
+        "tem marker": plain[:2] + b"\xff\x01" + plain[2:],  # libjpeg steps over it; DALI's parser refuses it
     }
-    let_through = {  # Pillow's open refuses these, libjpeg decodes them
-        "tem marker": plain[:2] + b"\xff\x01" + plain[2:],
+    let_through = {  # Pillow's open refuses these, DALI decodes them
         "cut adobe segment": _with_segment(plain, 0xEE, b"Adobe"),
+        "cut jfif segment": _with_segment(plain, 0xE0, b"JFIF\0\1"),
     }
     for mode in ("header", "none"):
         for name, (data, size) in walked.items():
@@ -79,11 +98,12 @@ def test_the_jpeg_header_walk_gives_pillows_verdict_and_size():
     for name, data in let_through.items():
         assert _inspect_with_pillow(data, "jpeg", "header") == ("decode_error", None), name
         assert inspect_image(data, "jpeg", "header") == (None, (451, 300)), name
-        assert simplejpeg.decode_jpeg(data).shape == (300, 451, 3), name
-    for name in ("reserved marker", "cut quantization table", "scan header past the end"):  # Pillow's open refuses
+        assert _dali_decodes(data), name
+    for name in ("reserved marker", "cut quantization table", "scan header past the end", "tem marker"):
         assert inspect_image(deferred[name], "jpeg", "header") == ("decode_error", None), name
     # Pillow reads no length after 0xC8 and steps over its bytes as junk: taken, as the walk could not tell
     assert inspect_image(deferred["jpg marker"], "jpeg", "header") == (None, (451, 300))
+    assert _dali_decodes(plain) and not _dali_decodes(deferred["tem marker"])  # why TEM is Pillow's to refuse
     assert inspect_image(plain[:len(plain) // 2], "jpeg", "header") == ("bad_image", None)  # truncated upload
 
 
