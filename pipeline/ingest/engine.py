@@ -45,7 +45,7 @@ from pipeline.ingest.dedup import DedupMapTask, DedupReduceTask, run_map, run_re
 from pipeline.ingest.executor import Failed
 from pipeline.ingest.layout import Layout
 from pipeline.ingest.near import bands, blocks_per_band
-from pipeline.ingest.give_up import UNITS_PER_TASK, give_up_tasks, run_give_up
+from pipeline.ingest.give_up import give_up_tasks, run_give_up
 from pipeline.ingest.phase import RESOURCES, QuarantineError, Run
 from pipeline.ingest.plan import UNIT_KINDS, Plan, build_plan
 from pipeline.ingest.preflight import check_output, write_config
@@ -140,12 +140,12 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
     if quarantined and cfg.give_up_quarantined and not give_up:
         log.warning("--give-up-quarantined: %d unit(s) failed for the first time (or on files that had not failed "
                     "before) are not given up; a rerun retries them and gives up what fails again", len(skip - again))
-    chunks = 0
+    chunks = 0  # the given-up rejects parts this run wrote: any numbered past them are an earlier run's
     if give_up:
-        chunks = -(-len(quarantined) // UNITS_PER_TASK)
         failures = []
-        for chunk, result in run.engine.run(run_give_up, give_up_tasks(plan, quarantined, layout, so),
+        for chunk, result in run.engine.run(run_give_up, give_up_tasks(plan, quarantined, layout, so, policy),
                                             RESOURCES["give_up"]):
+            chunks = max(chunks, chunk + 1)
             if isinstance(result, Failed):
                 failures.append((chunk, result))
             else:

@@ -11,6 +11,7 @@ from pipeline.ingest import give_up
 from pipeline.ingest.executor import Failed
 from pipeline.ingest.layout import Layout
 from pipeline.ingest.plan import Plan
+from pipeline.ingest.retry import RetryPolicy
 from pipeline.ingest.sources import ENTRY_SCHEMA, PART_ROW_GROUP, read_part_rows
 
 
@@ -35,8 +36,12 @@ def test_given_up_units_are_written_by_tasks_in_chunks(tmp_path, monkeypatch):
     layout = Layout(str(tmp_path / "out"))
     quarantined = [(4, Failed("TransientFailure: parquet", "x")), (1, Failed("TransientFailure: one", "x")),
                    (2, Failed("TransientFailure: two", "x"))]
+    policy = RetryPolicy(2, 0.0)
+    monkeypatch.setattr(give_up, "ROWS_PER_TASK", 1100)  # units 1 and 2 (1,000 and 200 rows) do not fit one task
+    assert [len(t.units) for _, t in give_up.give_up_tasks(plan, quarantined, layout, {}, policy)] == [1, 2]
+    monkeypatch.setattr(give_up, "ROWS_PER_TASK", 250_000)
     monkeypatch.setattr(give_up, "UNITS_PER_TASK", 2)
-    tasks = list(give_up.give_up_tasks(plan, quarantined, layout, {}))
+    tasks = list(give_up.give_up_tasks(plan, quarantined, layout, {}, policy))
     assert [(chunk, len(t.units)) for chunk, t in tasks] == [(0, 2), (1, 1)]
     assert sum(give_up.run_give_up(t)["rows"] for _, t in tasks) == 1000 + 200 + 1
     got = [r for chunk in range(2) for r in pq.read_table(layout.rejects_given_up(chunk)).to_pylist()]
@@ -49,3 +54,20 @@ def test_given_up_units_are_written_by_tasks_in_chunks(tmp_path, monkeypatch):
     assert [(r["source"], r["detail"]) for r in got] == expected
     assert {r["reason"] for r in got} == {"quarantined"} and len({r["key"] for r in got}) == len(got)
     assert got[-1]["source"] == "s3://b/b/table.parquet#rows=250-500"
+
+
+def test_given_up_parts_of_an_earlier_run_past_this_runs_go(tmp_path):
+    """An interrupted run gave up more units (4 parts; or an older version's single quarantined.parquet) than the
+    run that finished (2 parts, or none when nothing is given up): only this run's parts stay."""
+    from pipeline.ingest.engine import _remove_stale_outputs
+    from pipeline.ingest.atomic import url_to_fs
+
+    layout = Layout(str(tmp_path / "out"))
+    rejects = tmp_path / "out/rejects.parquet"
+    for kept, expected in ((2, ["part-000000.parquet", "quarantined-000000.parquet", "quarantined-000001.parquet"]),
+                           (0, ["part-000000.parquet"])):
+        rejects.mkdir(parents=True, exist_ok=True)
+        for name in ["part-000000.parquet", "quarantined.parquet", *(f"quarantined-{i:06d}.parquet" for i in range(4))]:
+            (rejects / name).write_bytes(b"x")
+        _remove_stale_outputs(url_to_fs(layout.output)[0], layout, 0, 1, kept)
+        assert sorted(p.name for p in rejects.iterdir()) == expected
