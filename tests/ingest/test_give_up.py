@@ -71,3 +71,23 @@ def test_given_up_parts_of_an_earlier_run_past_this_runs_go(tmp_path):
             (rejects / name).write_bytes(b"x")
         _remove_stale_outputs(url_to_fs(layout.output)[0], layout, 0, 1, kept)
         assert sorted(p.name for p in rejects.iterdir()) == expected
+
+
+def test_a_give_up_read_that_fails_once_is_retried(tmp_path, monkeypatch):
+    """A transient fault reading a listing part (a reset connection) is retried, not turned into a failed task."""
+    part = _part(tmp_path / "p0.parquet", 100, "a")
+    plan = Plan((part,), np.asarray([100]), np.zeros(1, np.int8), np.zeros(1, np.int32), np.zeros(1, np.int64),
+                np.zeros(1, np.int32), np.asarray([100]), np.zeros((1, 2), np.int64), (), "f")
+    layout = Layout(str(tmp_path / "out"))
+    real, calls = give_up.read_part_spans, []
+
+    def flaky(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 1:
+            raise ConnectionResetError("reset by peer")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(give_up, "read_part_spans", flaky)
+    [(_, task)] = give_up.give_up_tasks(plan, [(0, Failed("TransientFailure: x", "x"))], layout, {},
+                                        RetryPolicy(3, 0.0))
+    assert give_up.run_give_up(task) == {"rows": 100} and calls == [part, part]
