@@ -100,6 +100,7 @@ def build_plan(run: Run, first: list[ListTask], policy: RetryPolicy, unit_size: 
 def _forget_listing(run: Run) -> None:
     """Delete the listing tasks' records (sources.run_listing): the next listing lists every task again."""
     fs, records = url_to_fs(f"{run.layout.work}/done/list", run.cfg.storage_options)
+    fs.invalidate_cache(records)  # the tasks wrote them, maybe on other nodes: no cached listing of ours may hide them
     if fs.exists(records):
         fs.rm(records, recursive=True)
 
