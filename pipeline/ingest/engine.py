@@ -142,16 +142,8 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
                     "before) are not given up; a rerun retries them and gives up what fails again", len(skip - again))
     chunks = 0  # the given-up rejects parts this run wrote: any numbered past them are an earlier run's
     if give_up:
-        failures = []
-        for chunk, result in run.engine.run(run_give_up, give_up_tasks(plan, quarantined, layout, so, policy),
-                                            RESOURCES["give_up"]):
-            chunks = max(chunks, chunk + 1)
-            if isinstance(result, Failed):
-                failures.append((chunk, result))
-            else:
-                verdicts["quarantined"] += result["rows"]
-        if failures:
-            raise QuarantineError("give_up", failures)
+        rows, chunks = _give_up(run, plan, quarantined, policy)
+        verdicts["quarantined"] += rows
     names = [layout.shard_file(i) for i in range(num_shards)]
     put_table(layout.shard_index, pa.table({"shard": names, "samples": shards["samples"], "bytes": shards["bytes"]}),
               so)
@@ -245,6 +237,22 @@ def _shard_tasks(kept: np.ndarray, per_shard: int, layout: Layout, so: dict):
                 slices.append((g, int(a), int(b)))
             g += 1
         yield i, ShardTask(i, tuple(slices), layout, so)
+
+
+def _give_up(run: Run, plan: Plan, quarantined: list[tuple[int, Failed]], policy: RetryPolicy) -> tuple[int, int]:
+    """The units given up whole, as rejects written by give-up tasks (give_up.py): (rows written, parts written).
+    A task that fails stops the run (QuarantineError) once the others are done; the rerun writes every part again."""
+    rows, chunks, failures = 0, 0, []
+    tasks = give_up_tasks(plan, quarantined, run.layout, run.cfg.storage_options, policy)
+    for chunk, result in run.engine.run(run_give_up, tasks, RESOURCES["give_up"]):
+        chunks = max(chunks, chunk + 1)
+        if isinstance(result, Failed):
+            failures.append((chunk, result))
+        else:
+            rows += result["rows"]
+    if failures:
+        raise QuarantineError("give_up", failures)
+    return rows, chunks
 
 
 def _remove_stale_outputs(fs, layout: Layout, num_shards: int, num_groups: int, given_up_chunks: int) -> None:

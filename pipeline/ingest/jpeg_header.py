@@ -100,7 +100,7 @@ def _tables_fit(data: bytes, start: int, end: int) -> bool:
     pos = start
     while pos < end:
         pos += 1 + 64 * (1 if data[pos] < 16 else 2)  # 8-bit or 16-bit entries, as the table's first byte says
-    return pos == end and end <= len(data)
+    return pos == end
 
 
 def _pillow_reads_more(data: bytes, app1: list[tuple[int, int]], orientation: int | None, mpf: bool) -> bool:

@@ -78,15 +78,13 @@ class Layout:
         big listing cut into key ranges: the range's path in the tree of splits (its parent's part, then its
         children, 1, 2, ...). Sorting the names gives input order: "_" sorts after ".", so a part comes before
         its children, and the children in turn."""
-        ranges = "".join(f"_{i:04d}" for i in branch)
-        return f"{self.work}/plan/list-{task:06d}-{sub:08d}{ranges}.parquet"
+        return f"{self.work}/plan/{_list_name(task, sub, branch)}.parquet"
 
     def list_done(self, task: int, sub: int = 0, branch: tuple[int, ...] = ()) -> str:
         """A listing task's result (list_part's numbering), written after its parts. A rerun after a kill during
         listing reuses it; once the plan is saved, the folder goes, so a later rerun lists everything again (to see
         whether the sources changed)."""
-        ranges = "".join(f"_{i:04d}" for i in branch)
-        return f"{self.work}/done/list/list-{task:06d}-{sub:08d}{ranges}.json"
+        return f"{self.work}/done/list/{_list_name(task, sub, branch)}.json"
 
     @property
     def plan(self) -> str:
@@ -121,3 +119,8 @@ class Layout:
 
     def phase_done(self, phase: str) -> str:
         return f"{self.work}/done/{phase}.parquet"
+
+
+def _list_name(task: int, sub: int, branch: tuple[int, ...]) -> str:
+    """list-TASK-SUB[_RANGE...]: a listing task's name, for its part and its record."""
+    return f"list-{task:06d}-{sub:08d}" + "".join(f"_{i:04d}" for i in branch)

@@ -317,13 +317,7 @@ def _parquet_rows(url: str, storage_options: dict, policy: RetryPolicy) -> int:
 
 def read_part_rows(part_url: str, start: int, end: int, storage_options: dict) -> list[dict]:
     """Rows [start, end) of a listing part, reading only the row groups that hold them."""
-    fs, path = url_to_fs(part_url, storage_options)
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        first, last = start // PART_ROW_GROUP, (end - 1) // PART_ROW_GROUP
-        table = pf.read_row_groups(list(range(first, last + 1)))
-    offset = first * PART_ROW_GROUP
-    return table.slice(start - offset, end - start).to_pylist()
+    return read_part_spans(part_url, [(start, end)], storage_options)[0]
 
 
 def read_part_spans(part_url: str, spans: list[tuple[int, int]], storage_options: dict) -> list[list[dict]]:

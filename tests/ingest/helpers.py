@@ -1,4 +1,5 @@
-"""Read an ingest output back: every kept sample through Pillow, tarfile, webdataset and DALI (with the .idx)."""
+"""Read an ingest output back: every kept sample through Pillow, tarfile, webdataset and DALI (with the .idx); and
+an in-process stand-in for the kill hook."""
 
 from __future__ import annotations
 
@@ -70,3 +71,15 @@ def _dali_read(shard: Path) -> list[tuple[bytes, bytes]]:
     p.build()
     jpgs, metas = p.run()
     return [(np.array(jpgs.at(i)).tobytes(), np.array(metas.at(i)).tobytes()) for i in range(n)]
+
+
+class Killed(Exception):
+    """Raised in-process by kill_at's hook where the CLI's test hook would SIGKILL the run."""
+
+
+def kill_at(phase: str, at: int):
+    """A stand-in for phase.maybe_kill / plan.maybe_kill: raises Killed after `at` completed tasks of `phase`."""
+    def kill(name: str, completed: int) -> None:
+        if name == phase and completed == at:
+            raise Killed
+    return kill

@@ -23,7 +23,7 @@ from pipeline.ingest.engine import run_ingest
 from pipeline.ingest.retry import RetryPolicy
 from pipeline.ingest.sources import IngestError
 from tests.ingest.faults import FaultServer
-from tests.ingest.helpers import shard_contents, verdicts
+from tests.ingest.helpers import Killed, kill_at, shard_contents, verdicts
 
 CAP = 7
 
@@ -77,10 +77,6 @@ def _plan(out: Path) -> tuple[dict, list[list[str]], dict[str, int]]:
     return plan, inputs, {Path(p).name: len(r) for p, r in rows.items()}
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_split_listing_equals_unsplit_and_a_kill_during_listing_keeps_what_was_listed(s3_bucket, tmp_path,
                                                                                          monkeypatch):
     """Then the split listing is killed after 25 tasks (the kill hook's point, raising in-process); the rerun lists
@@ -103,13 +99,9 @@ def test_split_listing_equals_unsplit_and_a_kill_during_listing_keeps_what_was_l
     fresh = len(ranges_listed)
     assert not (tmp_path / "split/_ingest/done/list").exists()  # gone with the plan saved: a rerun lists again
 
-    def kill(phase: str, completed: int) -> None:
-        if phase == "list" and completed == 25:
-            raise _Killed
-
     with monkeypatch.context() as m:
-        m.setattr(plan_module, "maybe_kill", kill)
-        with pytest.raises(_Killed):
+        m.setattr(plan_module, "maybe_kill", kill_at("list", 25))
+        with pytest.raises(Killed):
             _run(sources, tmp_path / "killed")
     records = [p.name for p in (tmp_path / "killed/_ingest/done/list").iterdir()]
     s3_records = [n for n in records if not n.startswith("list-000002-")]  # source 2 is the local folder

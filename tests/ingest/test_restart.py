@@ -22,7 +22,7 @@ from PIL import Image
 from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.engine import run_ingest
 from pipeline.ingest.phase import KILL_HOOK_ENV
-from tests.ingest.helpers import check_readable, shard_contents
+from tests.ingest.helpers import Killed, check_readable, kill_at, shard_contents
 
 _ARGS = ["--unit-size", "10", "--samples-per-shard", "8", "--quiet"]
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -76,17 +76,6 @@ def test_kill_in_every_phase_then_resume(dump, reference, tmp_path):
     check_readable(out)
 
 
-class _Killed(Exception):
-    pass
-
-
-def _kill_at(phase: str, at: int):
-    def kill(name: str, completed: int) -> None:
-        if name == phase and completed == at:
-            raise _Killed
-    return kill
-
-
 def test_a_relisting_killed_before_a_source_changed_does_not_hide_the_change(tmp_path, monkeypatch):
     """Run 1 saves its plan and stages some units, killed; run 2, listing again to compare, is killed after one
     listing task; then a file of that task's folder changes. Run 3 must list it again (not take run 2's record of
@@ -106,13 +95,13 @@ def test_a_relisting_killed_before_a_source_changed_does_not_hide_the_change(tmp
     cfg = IngestConfig(sources=(str(tmp_path / "a"), str(tmp_path / "b")), output=str(tmp_path / "out"), workers=1,
                        unit_size=1, dedup="none", quiet=True)
     with monkeypatch.context() as m:
-        m.setattr(phase_module, "maybe_kill", _kill_at("stage", 4))
-        with pytest.raises(_Killed):
+        m.setattr(phase_module, "maybe_kill", kill_at("stage", 4))
+        with pytest.raises(Killed):
             run_ingest(cfg)
     assert (tmp_path / "out/_ingest/plan/plan.json").exists()
     with monkeypatch.context() as m:
-        m.setattr(plan_module, "maybe_kill", _kill_at("list", 1))
-        with pytest.raises(_Killed):
+        m.setattr(plan_module, "maybe_kill", kill_at("list", 1))
+        with pytest.raises(Killed):
             run_ingest(cfg)
     assert list((tmp_path / "out/_ingest/done/list").iterdir())  # run 2 recorded what it listed
     old = (tmp_path / "a/0.jpg").read_bytes()
