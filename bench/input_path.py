@@ -16,8 +16,10 @@ from local files: moto is a Python server, and on a 2-core machine it takes one 
    processes (pipeline/worker_pool.py, batches handed over in shared memory). Nothing is decoded. The ratio of W
    processes to W threads is the scaling the GIL took away.
 2. the whole loader (worker processes + DALI decoding and augmenting on the CPU), and the CPU time its thread in the
-   training process spends per batch (feeding DALI views of the shared memory, handing outputs to torch): the
-   input_cpu_s counter, DALI's own threads excluded. The goal is under 1 ms per batch of 64.
+   training process spends per batch (feeding DALI views of the shared memory, handing outputs to torch), DALI's own
+   threads excluded: by the kernel's accounting of that thread, and by the loader's input_cpu_s counter. The goal is
+   under 1 ms per batch of 64. --shuffle-buffer (default 5000, the production configs') sizes the stream state that
+   travels with every batch.
 Each figure is the median of --passes timed passes after a warm-up pass.
 """
 
@@ -140,27 +142,38 @@ def time_source(batches, samples: int, passes: int) -> list[float]:
 
 
 def time_loader(prefix: str, workers: int, batch: int, samples: int, threads: int, step_s: float = 0.0,
-                img_size: int = SIZE) -> tuple[float, float, float]:
-    """(samples/s of the whole loader, the loader thread's CPU ms per batch, the training process's CPU ms per batch
-    with DALI's threads) over `samples` samples; step_s: the consumer sleeps that long per batch, as a trainer whose
-    step is the bottleneck (then DALI's outputs are ready when the loader's thread asks: no waiting in DALI's calls,
-    which costs that thread CPU too)."""
-    cfg = DataConfig(shards=prefix, batch_size=batch, img_size=img_size, shuffle_buffer=0, workers=workers,
-                     dali_threads=threads, device="cpu")
+                img_size: int = SIZE, shuffle_buffer: int = 0) -> tuple[float, float, float, float]:
+    """(samples/s of the whole loader, the loader thread's CPU ms per batch by the kernel's accounting of that thread,
+    the same by the loader's input_cpu_s counter, the training process's CPU ms per batch with DALI's threads) over
+    `samples` samples; step_s: the consumer sleeps that long per batch, as a trainer whose step is the bottleneck
+    (then DALI's outputs are ready when the loader's thread asks: no waiting in DALI's calls, which costs that thread
+    CPU too). The kernel's figure counts all the thread does, whatever the loader's own accounting leaves out (before
+    this bench read it, the counter missed the thread's wait for room in the trainer's queue)."""
+    cfg = DataConfig(shards=prefix, batch_size=batch, img_size=img_size, shuffle_buffer=shuffle_buffer,
+                     workers=workers, dali_threads=threads, device="cpu")
     loader = build_loader(cfg, 0, 1, torch.device("cpu"))
     it = iter(loader)
     for _ in range(2):  # warm-up: workers started, DALI's pipeline built and filled
         next(it)
-    c0, p0, t0 = loader.counters()["input_cpu_s"], time.process_time(), time.perf_counter()
+    tid = loader._active.native_id  # the loader's thread in this process (a bench may look inside)
+    c0, k0, p0, t0 = (loader.counters()["input_cpu_s"], _thread_cpu_s(tid), time.process_time(),
+                      time.perf_counter())
     n = 0
     while n < samples:
         n += len(next(it)["keys"])
         time.sleep(step_s)
     dt, batches = time.perf_counter() - t0, n / batch
+    kernel_ms = 1e3 * (_thread_cpu_s(tid) - k0) / batches
     cpu_ms = 1e3 * (loader.counters()["input_cpu_s"] - c0) / batches
     process_ms = 1e3 * (time.process_time() - p0) / batches
     loader.close()
-    return n / dt, cpu_ms, process_ms
+    return n / dt, kernel_ms, cpu_ms, process_ms
+
+
+def _thread_cpu_s(tid: int) -> float:
+    """CPU seconds a thread of this process has run, from the kernel's scheduler statistics."""
+    with open(f"/proc/self/task/{tid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
 
 
 SOURCES = {"threads": batches_from_threads, "processes": batches_from_processes}
@@ -216,6 +229,9 @@ def main() -> None:
     ap.add_argument("--step-ms", type=float, default=0.0,
                     help="whole-loader rows: a trainer step per batch (sleep); with small --side and --img-size, "
                          "DALI on the CPU keeps ahead, as a GPU decoder does for a trainer that is the bottleneck")
+    ap.add_argument("--shuffle-buffer", type=int, default=5000,
+                    help="whole-loader rows: samples per worker's shuffle buffer (can_vit_large.yaml's; its indices "
+                         "travel with every batch's stream state)")
     ap.add_argument("--loader-batches", type=int, default=0,
                     help="batches timed per whole-loader pass (default: one pass over the images)")
     args = ap.parse_args()
@@ -247,13 +263,14 @@ def main() -> None:
                   f"{w} processes / 1 thread: {statistics.median(rows[('processes', w)]) / statistics.median(rows[('threads', min(args.workers))]):.2f}x")
         timed = args.loader_batches * args.batch or samples  # train mode: the loader goes on into further epochs
         for w in [] if args.reading_only else args.workers:
-            runs = [time_loader(prefix, w, args.batch, timed, args.dali_threads, args.step_ms / 1e3, args.img_size)
-                    for _ in range(args.passes)]
-            rate, cpu, proc = (statistics.median(r[i] for r in runs) for i in range(3))
+            runs = [time_loader(prefix, w, args.batch, timed, args.dali_threads, args.step_ms / 1e3, args.img_size,
+                                args.shuffle_buffer) for _ in range(args.passes)]
+            rate, kernel, cpu, proc = (statistics.median(r[i] for r in runs) for i in range(4))
             step = f", a {args.step_ms:.0f} ms trainer step per batch" if args.step_ms else ""
             print(f"whole loader, {w} worker processes, DALI on the CPU ({args.dali_threads} thread){step}, "
-                  f"{args.img_size} px views: {rate:.0f} "
-                  f"two-view images/s; the loader thread's CPU {cpu:.2f} ms per batch of {args.batch}; the training "
+                  f"{args.img_size} px views, shuffle buffer {args.shuffle_buffer}: {rate:.0f} "
+                  f"two-view images/s; the loader thread's CPU {kernel:.2f} ms per batch of {args.batch} (its "
+                  f"input_cpu_s counter {cpu:.2f}); the training "
                   f"process's CPU with DALI's threads {proc:.1f} ms per batch", flush=True)
     finally:
         tmp.cleanup()

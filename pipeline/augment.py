@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 from nvidia.dali import fn, types
+from nvidia.dali.backend import TensorListCPU
 from nvidia.dali.pipeline import Pipeline
 
 from pipeline import mscn_graph
@@ -40,8 +41,28 @@ PARAMS_INPUT = "view_params"  # every view's parameters, one row per sample (fee
 def feed_images(pipe: Pipeline, images: np.ndarray | list[np.ndarray], lengths: np.ndarray) -> None:
     """Feed one batch's encoded images: an [n, stride] uint8 array whose row i is image i followed by padding (one
     array: the cheap feed, shm_ring.py), or a list of n uint8 arrays; lengths: the n images' sizes in bytes."""
-    pipe.feed_input(IMAGE_INPUT, images)
-    pipe.feed_input(LENGTH_INPUT, np.asarray(lengths, np.int32).reshape(-1, 1))
+    if isinstance(images, list):
+        pipe.feed_input(IMAGE_INPUT, images)
+    else:
+        feed_array(pipe, IMAGE_INPUT, images)
+    feed_array(pipe, LENGTH_INPUT, np.asarray(lengths, np.int32).reshape(-1, 1))
+
+
+def feed_array(pipe: Pipeline, name: str, array: np.ndarray) -> None:
+    """Pipeline.feed_input(name, array) for one host array whose rows are the batch's samples (made dense), through
+    the backend call feed_input ends in, with the TensorList feed_input would build. The public call first scans the
+    pipeline's operators for `name` and probes the array for torch, CuPy, MXNet and DLPack: ~70 us of the calling
+    thread's CPU per call on this VM, three calls per batch, on the training process's thread (bench/input_path.py).
+    A DALI without that backend call gets the public one."""
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)  # DALI takes dense rows only (feed_input refuses strides too)
+    backend = getattr(pipe, "_pipe", None)
+    if backend is None or not hasattr(backend, "SetExternalTLInput"):
+        pipe.feed_input(name, array)
+        return
+    if len(array) > pipe.max_batch_size:  # the backend would take it and fail the next run obscurely
+        raise ValueError(f"feeding {len(array)} samples to '{name}' of a pipeline of batch size {pipe.max_batch_size}")
+    backend.SetExternalTLInput(name, TensorListCPU(array, ""), None, False)
 
 
 def _decode(device_id: int | None):
@@ -93,7 +114,7 @@ def feed_params(pipe: Pipeline, packed: np.ndarray) -> None:
     """Feed one batch's packed parameters ([V, n, K], pack_params) before the pipeline runs it: as one [n, V x K]
     array, one feed_input for every view (each call costs the training thread tens of microseconds)."""
     views, n, k = packed.shape
-    pipe.feed_input(PARAMS_INPUT, packed.transpose(1, 0, 2).reshape(n, views * k))
+    feed_array(pipe, PARAMS_INPUT, packed.transpose(1, 0, 2).reshape(n, views * k))
 
 
 def _pipeline(batch_size: int, device_id: int | None, num_threads: int, prefetch: int) -> Pipeline:

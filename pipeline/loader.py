@@ -86,10 +86,15 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor:
     return t if t.device == device else t.to(device, non_blocking=True)
 
 
-def _host_to(x: np.ndarray | list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A small host array to `device`: pinned and non-blocking on CUDA (the copy queues on the current stream)."""
+def _host_to(x: np.ndarray | list, device: torch.device, dtype: torch.dtype | None = None,
+             copy: bool = False) -> torch.Tensor:
+    """A small host array to `device`: pinned and non-blocking on CUDA (the copy queues on the current stream).
+    copy: `x` is a view of memory that will be written again (a shared-memory slot): on the CPU the tensor gets its
+    own copy (on CUDA the pinned buffer is one)."""
     t = torch.as_tensor(x, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.clone() if copy else t
 
 
 class Loader:
@@ -195,7 +200,6 @@ class _Producer(threading.Thread):
         self._built = threading.Event()  # set once the thread has built the pipeline (or failed to)
         self._build_error: Exception | None = None
         self.inflight: collections.deque[tuple[Batch, dict]] = collections.deque()  # fed to DALI, outputs not taken
-        self.cpu_s = 0.0
         self._blind_drops = 0  # batches dropped in a row for a DALI failure no Pillow decode explains
         self.start()
 
@@ -214,9 +218,12 @@ class _Producer(threading.Thread):
                                      cfg.prefetch)
 
     def _put(self, item) -> bool:
+        # A trainer that is the bottleneck keeps the queue full: this thread waits here once per batch. A short
+        # timeout would wake it every 0.1 s to look at the stop event (~0.15 ms of CPU per batch on this VM); close()
+        # makes room in the queue instead, so a blocked put returns at once.
         while not self._stop_event.is_set():
             try:
-                self.out.put(item, timeout=0.1)
+                self.out.put(item, timeout=1.0)
                 return True
             except queue.Full:
                 continue
@@ -272,13 +279,14 @@ class _Producer(threading.Thread):
             batch, state = self.inflight.popleft()
             if state is None:  # padding: its slot went back with the batch it repeats
                 continue
+            result = self._to_batch(batch, outputs)  # first: it copies the mask keys out of the batch's slot
             self.pool.release(batch)
-            result = self._to_batch(batch, outputs)
             if result is not None:
                 self._blind_drops = 0
-            self.cpu_s = time.thread_time() - t0
-            self.loader._counters.add("input_cpu_s", self.cpu_s)
-            if result is not None and not self._put((result, state)):
+            delivered = result is None or self._put((result, state))
+            # The wait for room in the queue counts too: its wake-ups are this thread's CPU.
+            self.loader._counters.add("input_cpu_s", time.thread_time() - t0)
+            if not delivered:
                 return
 
     def _record(self, batch: Batch) -> dict:
@@ -359,9 +367,10 @@ class _Producer(threading.Thread):
             batch["view1"] = _to_torch(outputs[0], device)
             return batch
         views = len(enc.params)
+        mask_keys = _host_to(enc.mask_keys, device, copy=True)  # [V, B, L]: one copy for every view
         for v in range(views):
             batch[f"view{v + 1}"] = _to_torch(outputs[v], device)
-            batch[f"mask_keys{v + 1}"] = _host_to(enc.mask_keys[v], device)
+            batch[f"mask_keys{v + 1}"] = mask_keys[v]
         if enc.masks:
             keeps = [_to_torch(o, device) for o in outputs[views:]]
             batch.update(mscn_batch_fields([batch[f"view{v + 1}"] for v in range(views)], keeps, enc.masks, mscn))
@@ -376,6 +385,11 @@ class _Producer(threading.Thread):
     def close(self) -> None:
         self._stop_event.set()
         self.pool.stop.set()
+        while True:  # room in the queue: a put blocked in _put returns, sees the stop event and the thread ends
+            try:
+                self.out.get_nowait()
+            except queue.Empty:
+                break
         if threading.current_thread() is not self:
             self.join(timeout=10)
         # DALI and the in-flight batches hold views of the shared-memory slots: drop them before the slots close.

@@ -104,11 +104,12 @@ class SlotRing:
     def _tail_start(self, nbytes: int) -> int:
         return max(0, (self.slot_bytes - nbytes) // 64 * 64)
 
-    def read_tail(self, slot: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """A copy of the array write() put at the slot's end (the slot is written again once given back)."""
+    def tail(self, slot: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """The array write() put at the slot's end, as a view (no copy): valid until the slot is written again, so a
+        caller keeps a copy of what it needs before giving the slot back."""
         count = math.prod(shape)  # (np.prod costs ~10 us a call here, on the training process's thread)
         return np.frombuffer(self.segments[slot].buf, dtype, count=count,
-                             offset=self._tail_start(count * np.dtype(dtype).itemsize)).reshape(shape).copy()
+                             offset=self._tail_start(count * np.dtype(dtype).itemsize)).reshape(shape)
 
     def views(self, slot: int, lengths: np.ndarray, stride: int) -> np.ndarray | list[np.ndarray]:
         """The images in `slot`, no copy, valid until the slot is written again: an [n, stride] uint8 array whose row

@@ -86,7 +86,7 @@ class Batch:
     images: list[bytes] | None
     params: np.ndarray | None  # train: the views' augmentation parameters, [V, B, K] float32 (pack_params); eval: None
     # train: [V, B, L] float32 U[0, 1); eval: None. Travels in the slot's tail (shape in mask_keys_shape, the field
-    # None on the pipe) unless the batch is inline; WorkerPool.next_batch puts it back.
+    # None on the pipe) unless the batch is inline; WorkerPool.next_batch puts it back as a view of the tail.
     mask_keys: np.ndarray | None
     masks: list[list[MaskParams]]  # MSCN: per view, one per masked copy; else []
     state: dict[str, Any]  # the worker's stream state after this batch

@@ -201,7 +201,7 @@ class WorkerPool:
                 continue
             self.rr = (self.active.index(w) + 1) % len(self.active)
             if msg.mask_keys_shape is not None:
-                msg.mask_keys = self.rings[w].read_tail(msg.slot, msg.mask_keys_shape, np.float32)
+                msg.mask_keys = self.rings[w].tail(msg.slot, msg.mask_keys_shape, np.float32)  # a view: see release
             return msg
         return None
 
@@ -209,8 +209,8 @@ class WorkerPool:
         return self.arrivals[0] if self.arrivals else None
 
     def release(self, batch: Batch) -> None:
-        """The loader is done with `batch` (DALI has produced its outputs): its worker's credit, and with it its slot if
-        it had one, comes back. Inline batches hold a credit too, so a worker whose batches do not fit its slots
+        """The loader is done with `batch` (DALI has produced its outputs, and the mask keys, a view of the slot's
+        tail, have been copied out): its worker's credit, and with it its slot if it had one, comes back. Inline batches hold a credit too, so a worker whose batches do not fit its slots
         still runs at most `slots` batches ahead."""
         self.free[batch.worker].release()
 
