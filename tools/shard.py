@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
                    help="concurrent fetches of loose files and URLs per task")
     p.add_argument("--retries", type=int, default=IngestConfig.retries,
                    help="attempts per read on a transient fault (then the unit is quarantined until a rerun)")
+    p.add_argument("--http-timeout", type=float, default=IngestConfig.http_timeout_s,
+                   help="seconds a web URL may take to connect, and between bytes, per attempt")
     p.add_argument("--give-up-quarantined", action="store_true",
                    help="finalize the output without what failed in this run and an earlier one (an object that "
                         "keeps failing: 5xx, resets): a loose file that failed its retries in both becomes a reject "
@@ -72,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
         labels_from_folders=a.labels_from_folders, image_column=a.image_column, label_column=a.label_column,
         workers=a.workers, engine=a.engine, ray_address=a.ray_address, storage_options=a.storage_options,
         overwrite=a.overwrite, keep_staging=a.keep_staging, quiet=a.quiet, download_threads=a.download_threads,
-        retries=a.retries, give_up_quarantined=a.give_up_quarantined,
+        retries=a.retries, http_timeout_s=a.http_timeout, give_up_quarantined=a.give_up_quarantined,
     )
 
 

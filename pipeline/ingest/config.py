@@ -15,8 +15,8 @@ WORK_FORMAT = 3
 # Fields that change how the run executes but not which bytes it produces: left out of the fingerprint, so a rerun
 # with more workers, another engine or a quieter log resumes the same output.
 _EXECUTION_ONLY = ("workers", "engine", "ray_address", "quiet", "overwrite", "storage_options", "keep_staging",
-                   "download_threads", "retries", "retry_base_s", "give_up_quarantined", "group_inputs",
-                   "bucket_records")
+                   "download_threads", "retries", "retry_base_s", "http_timeout_s", "give_up_quarantined",
+                   "group_inputs", "bucket_records")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class IngestConfig:
     download_threads: int = 16  # concurrent fetches of loose files / URLs per task (img2dataset uses 16-64)
     retries: int = 5  # attempts per read on a transient fault, the first included; then the unit is quarantined
     retry_base_s: float = 0.5  # first backoff; doubles per attempt (full jitter, capped at 30 s)
+    http_timeout_s: float = 10.0  # a web URL's connect and read timeout, per attempt (img2dataset's default)
     # Finalize without what failed its retries in this run and an earlier one: those loose files (or whole units:
     # an archive, a parquet file) become "quarantined" rejects, staging is removed, and reruns are no-ops (an object
     # that fails forever no longer blocks the dataset).
@@ -70,8 +71,8 @@ class IngestConfig:
             raise ValueError("samples_per_shard and unit_size must be positive")
         if not 0 <= self.near_threshold <= 30:
             raise ValueError("near_threshold must be in [0, 30]")  # 64 / (t + 2) bits per block must stay >= 2
-        if self.download_threads < 1 or self.retries < 1:
-            raise ValueError("download_threads and retries must be positive")
+        if self.download_threads < 1 or self.retries < 1 or not self.http_timeout_s > 0:
+            raise ValueError("download_threads, retries and http_timeout_s must be positive")
 
     def public_dict(self) -> dict:
         """All fields, with storage_options values redacted: safe to write to config.json and report.json."""

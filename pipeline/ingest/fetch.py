@@ -1,9 +1,9 @@
 """Fetch many files or URLs with a pool of threads, in order, with a bounded read-ahead and retries.
 
 Downloading is latency-bound, not CPU-bound: img2dataset runs 16-64 threads per process for the same reason. Here
-`threads` requests are in flight while the caller cleans the images already fetched, and at most 2 x threads
-results wait in memory. Results come back in input order, so the output does not depend on which request finishes
-first.
+`threads` requests are in flight while the caller cleans the images already fetched, up to LOOKAHEAD results ahead
+of the caller and at most WINDOW_BYTES of them in memory. Results come back in input order, so the output does not
+depend on which request finishes first.
 
 Outcome of one fetch: bytes, or a reject (reason, detail) for a deterministic fault: a missing file, an HTTP 4xx,
 a file over max_bytes. A transient fault (reset, timeout, 5xx, 429, SlowDown) is retried with backoff; if it
@@ -17,6 +17,7 @@ is given up, not the unit's other inputs, nor an object failing for the first ti
 from __future__ import annotations
 
 import http.client
+import threading
 import urllib.request
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ from typing import Iterable, Iterator
 from pipeline.ingest.atomic import url_to_fs
 from pipeline.ingest.retry import RetryPolicy, TransientFailure, http_status, retry
 
-HTTP_TIMEOUT_S = 20.0
+HTTP_TIMEOUT_S = 10.0  # a caller without a configured timeout (IngestConfig.http_timeout_s)
 _USER_AGENT = "canvit-ingest/0.1 (+tools/shard.py)"
 
 
@@ -45,24 +46,64 @@ def is_web(url: str) -> bool:
 
 
 def fetch_all(urls: Iterable[str], max_bytes: int, storage_options: dict, policy: RetryPolicy,
-              threads: int, give_up: frozenset[str] = frozenset()) -> Iterator[Fetched]:
+              threads: int, give_up: frozenset[str] = frozenset(), http_timeout_s: float | None = None
+              ) -> Iterator[Fetched]:
     """Fetched for every URL, in order (a non-web URL that kept failing: lost, or the reject "quarantined" if it is
-    in give_up)."""
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        window: deque = deque()
+    in give_up). Up to LOOKAHEAD fetches run or wait ahead of the one the caller is given, while their bytes stay
+    under WINDOW_BYTES: a URL that hangs through its retries (a host that accepts and never answers, ~1-3% of a web
+    dump) holds up the caller, but not the fetches behind it, which finish meanwhile and are cleaned at once after
+    it (bench/ingest_stragglers.py: with 2 x threads ahead, as before, each hanging URL cost the run its whole
+    retry chain, one after the other)."""
+    held = _Held()
+    pool = ThreadPoolExecutor(max_workers=threads)
+    window: deque = deque()
+
+    def take() -> Fetched:
+        fetched = window.popleft().result()
+        held.add(-len(fetched.data or b""))
+        return fetched
+
+    try:
         for url in urls:
-            window.append(pool.submit(fetch_one, url, max_bytes, storage_options, policy, give_up))
-            if len(window) >= 2 * threads:
-                yield window.popleft().result()
+            while window and (len(window) >= max(LOOKAHEAD, 2 * threads) or held.bytes >= WINDOW_BYTES):
+                yield take()
+            future = pool.submit(fetch_one, url, max_bytes, storage_options, policy, give_up, http_timeout_s)
+            future.add_done_callback(held.count)
+            window.append(future)
         while window:
-            yield window.popleft().result()
+            yield take()
+    finally:
+        # A caller that stops early (an outage: readers._guard_fetches) must not wait for every queued fetch to run
+        # through its retries: those not started are dropped, the `threads` running finish their current one.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+LOOKAHEAD = 256  # fetches started ahead of the one the caller waits for (a unit is 250 loose files by default)
+WINDOW_BYTES = 128 << 20  # fetched bytes not yet taken by the caller above which no new fetch starts
+
+
+class _Held:
+    """Bytes of finished fetches the caller has not taken yet (added by the fetching threads, taken by the caller:
+    briefly negative when the caller takes a result before its callback ran)."""
+
+    def __init__(self) -> None:
+        self.bytes, self._lock = 0, threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.bytes += n
+
+    def count(self, future) -> None:
+        if future.exception() is None:
+            self.add(len(future.result().data or b""))
 
 
 def fetch_one(url: str, max_bytes: int, storage_options: dict, policy: RetryPolicy,
-              give_up: frozenset[str] = frozenset()) -> Fetched:
+              give_up: frozenset[str] = frozenset(), http_timeout_s: float | None = None) -> Fetched:
     try:
         if is_web(url):
-            data = retry(lambda: _http_get(url, max_bytes), policy, f"GET {url}")
+            timeout = HTTP_TIMEOUT_S if http_timeout_s is None else http_timeout_s
+            data = retry(lambda: _http_get(url, max_bytes, timeout), policy, f"GET {url}")
         else:
             data = retry(lambda: _fs_get(url, max_bytes, storage_options), policy, f"read {url}")
     except TransientFailure as e:
@@ -84,9 +125,9 @@ class _TooLarge(Exception):
     pass
 
 
-def _http_get(url: str, max_bytes: int) -> bytes:
+def _http_get(url: str, max_bytes: int, timeout: float) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
-    with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         data = response.read(max_bytes + 1)
         expected = response.headers.get("Content-Length")
     if len(data) > max_bytes:

@@ -60,6 +60,7 @@ class ReadOptions:
     storage_options: dict
     policy: RetryPolicy
     threads: int  # concurrent fetches of loose files / URLs per task
+    http_timeout_s: float  # a web URL's timeout per attempt
     # Loose files (URLs) that failed their retries in an earlier run as well: if they fail again they are the
     # reject "quarantined" instead of failing the unit (--give-up-quarantined, engine.py).
     give_up: frozenset[str] = frozenset()
@@ -67,9 +68,13 @@ class ReadOptions:
 
 def read_files(urls: list[str], labels: list[int], opts: ReadOptions) -> Iterator[RawItem]:
     """Loose files or URLs (a listed folder or a text list), fetched ahead by threads."""
-    fetched = fetch_all(urls, opts.max_bytes, opts.storage_options, opts.policy, opts.threads, opts.give_up)
-    yield from _guard_fetches(((RawItem(f.url, f.data, label, reject=f.reject), f)
-                               for f, label in zip(fetched, labels)), opts.policy.attempts)
+    fetched = fetch_all(urls, opts.max_bytes, opts.storage_options, opts.policy, opts.threads, opts.give_up,
+                        opts.http_timeout_s)
+    try:
+        yield from _guard_fetches(((RawItem(f.url, f.data, label, reject=f.reject), f)
+                                   for f, label in zip(fetched, labels)), opts.policy.attempts)
+    finally:
+        fetched.close()  # a unit stopped early (an outage) drops its queued fetches now, not when collected
 
 
 def read_archive(url: str, opts: ReadOptions) -> Iterator[RawItem]:
@@ -265,10 +270,14 @@ def _download_rows(records, link: str, caption: str | None, label: str | None, o
     """url + caption rows: the images are fetched by threads, in row order; each URL's outcome is kept or a reject."""
     rows = list(records)  # one parquet file's metadata: ~100 bytes a row, a few MB
     urls = [str(rec[link] or "") for _, rec in rows]
-    fetched = fetch_all(urls, opts.max_bytes, opts.storage_options, opts.policy, opts.threads, opts.give_up)
+    fetched = fetch_all(urls, opts.max_bytes, opts.storage_options, opts.policy, opts.threads, opts.give_up,
+                        opts.http_timeout_s)
     items = ((RawItem(source, f.data, _int_or(rec.get(label), -1), _text(rec, caption), f.reject,
                       {"url": f.url}), f) for (source, rec), f in zip(rows, fetched))
-    yield from _guard_fetches(items, opts.policy.attempts)
+    try:
+        yield from _guard_fetches(items, opts.policy.attempts)
+    finally:
+        fetched.close()
 
 
 def _records(url: str, pf: pq.ParquetFile, columns: list[str], ident: str | None, lo: int, hi: int

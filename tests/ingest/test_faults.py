@@ -47,8 +47,7 @@ def _samples_by_source(out) -> dict[str, dict[str, bytes]]:
     return {json.loads(p["json"])["source"]: p for p in shard_contents(out).values()}
 
 
-def test_url_caption_parquet_and_url_list_through_web_faults(tmp_path, monkeypatch):
-    monkeypatch.setattr(fetch, "HTTP_TIMEOUT_S", 1.0)
+def test_url_caption_parquet_and_url_list_through_web_faults(tmp_path):
     files = {f"/img/{i}.jpg": _jpeg(i) for i in range(12)}
     with FaultServer(files, slow_s=1.5) as web:
         urls = [f"{web.url}/img/{i}.jpg" for i in range(10)] + [f"{web.url}/img/missing.jpg", f"{web.url}/img/dead.jpg"]
@@ -59,8 +58,9 @@ def test_url_caption_parquet_and_url_list_through_web_faults(tmp_path, monkeypat
                              "/img/3.jpg": ["slow"], "/img/10.jpg": ["reset"], "/img/dead.jpg": ["503"] * 100}.items():
             web.fail(path, faults)
         report = run_ingest(_cfg([tmp_path / "laion.parquet", tmp_path / "more.txt"], tmp_path / "out",
-                                 download_threads=4, unit_size=5, keep_staging=True))
+                                 download_threads=4, unit_size=5, keep_staging=True, http_timeout_s=1.0))
         assert web.requests["/img/0.jpg"] == 3 and web.requests["/img/dead.jpg"] == 3  # retried, then given up
+        assert web.requests["/img/3.jpg"] == 2  # timed out at --http-timeout, then fetched
     got = verdicts(tmp_path / "out")
     rejected = {s: v for s, v in got.items() if v != "keep"}
     parquet = str(tmp_path / "laion.parquet")

@@ -1,0 +1,118 @@
+"""What URLs that hang (a host that accepts and never answers: a web dump's common dead link) cost tools/shard.py.
+
+    python -m bench.ingest_stragglers                       # 400 URLs, 0% and 2% hanging, 2 s timeout, 1 worker
+    python -m bench.ingest_stragglers --count 400 --hang 0 0.01 0.02 --timeout 2 --retries 5 2
+
+A LAION-style parquet (url, caption) of the bench's 1-3 MP JPEGs, served over loopback HTTP by a threaded server in
+a process of its own; a fraction of the URLs (every k-th, the same ones in every run) point at a path whose request
+the server holds for --hold seconds without a byte of answer. tools/shard.py runs on it with one worker and its
+default 16 download threads; the time is wall-clock, the rate kept images per second, next to the same run with no
+hanging URL. A hanging URL costs its thread `retries` timeouts and the backoffs between them: what it costs the run
+depends on whether the other threads, and the cleaning, go on meanwhile. Scale the timeout: tools/shard.py's default
+--http-timeout of 10 s makes every stall 5x the one at 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bench.ingest import generate
+
+_REPO = Path(__file__).resolve().parent.parent
+
+_SERVER = r"""
+import http.server, os, sys, time
+folder, hold = sys.argv[1], float(sys.argv[2])
+class H(http.server.SimpleHTTPRequestHandler):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, directory=folder, **kw)
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        if self.path.startswith("/hang/"):
+            time.sleep(hold)  # accepted, never answered (the client times out first)
+            return
+        super().do_GET()
+http.server.ThreadingHTTPServer.daemon_threads = True
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[3])), H).serve_forever()
+"""
+
+
+def serve(folder: Path, hold_s: float) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(folder), str(hold_s), str(port)])
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def url_table(files: list[Path], base: str, hang: float, path: Path) -> tuple[Path, int]:
+    """Every k-th URL hangs (k = 1 / hang); returns the parquet and how many hang."""
+    every = round(1 / hang) if hang > 0 else 0
+    urls = [f"{base}/{'hang/' if every and i % every == every // 2 else ''}{f.name}" for i, f in enumerate(files)]
+    pq.write_table(pa.table({"url": urls, "caption": [f"image {f.stem}" for f in files]}), path)
+    return path, sum("/hang/" in u for u in urls)
+
+
+def run(urls: Path, out: Path, timeout: float, retries: int, workers: int) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "tools/shard.py", str(urls), "--output", str(out), "--workers", str(workers),
+           "--http-timeout", str(timeout), "--retries", str(retries), "--quiet"]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=_REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--count", type=int, default=400)
+    ap.add_argument("--hang", type=float, nargs="+", default=[0.0, 0.02], help="fractions of URLs that hang")
+    ap.add_argument("--timeout", type=float, default=2.0, help="tools/shard.py --http-timeout, s")
+    ap.add_argument("--retries", type=int, nargs="+", default=[5], help="tools/shard.py --retries")
+    ap.add_argument("--hold", type=float, default=600.0, help="how long the server holds a hanging request, s")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--dump", type=Path, default=Path("/tmp/ingest_bench/dump"))
+    a = ap.parse_args()
+    files = generate(a.dump, a.count)
+    print(f"{len(files)} JPEGs of 1-3 MP over loopback HTTP; tools/shard.py --workers {a.workers}, 16 download "
+          f"threads, --http-timeout {a.timeout:g}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
+          flush=True)
+    server, base = serve(a.dump, a.hold)
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        for retries in a.retries:
+            base_wall = None
+            for hang in a.hang:
+                urls, hanging = url_table(files, base, hang, tmp / f"urls-{hang}.parquet")
+                wall = run(urls, tmp / "out", a.timeout, retries, a.workers)
+                kept = len(files) - hanging
+                base_wall = wall if base_wall is None else base_wall
+                extra = wall - base_wall
+                per = f"; {extra / hanging:.1f} s more per hanging URL" if hanging else ""
+                print(f"--retries {retries}, {hang:.1%} hanging ({hanging} URLs): {wall:.1f} s, {kept / wall:.1f} "
+                      f"kept images/s ({wall / base_wall:.2f}x the run without{per})", flush=True)
+    finally:
+        server.terminate()
+        server.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
