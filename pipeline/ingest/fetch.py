@@ -6,8 +6,8 @@ of the caller and at most WINDOW_BYTES of them in memory. Results come back in i
 depend on which request finishes first.
 
 Outcome of one fetch: bytes, or a reject (reason, detail) for a deterministic fault: a missing file, an HTTP 4xx,
-a file over max_bytes. A transient fault (reset, timeout, 5xx, 429, SlowDown) is retried with backoff; if it
-persists, a web URL gets the reject "download_failed" (a dead web server is the web's normal state, not ours),
+a file over max_bytes. A transient fault (reset, timeout, 5xx, 429, SlowDown) is retried with backoff (a web URL
+that timed out, once only: WEB_TIMEOUT_ATTEMPTS); if it persists, a web URL gets the reject "download_failed" (a dead web server is the web's normal state, not ours),
 while an object of a store or a local file comes back `lost`: its unit is then quarantined, naming it, and a rerun
 retries it (readers.py). With `give_up` (the objects that had failed in an earlier run, rerun under
 --give-up-quarantined) such an object that fails again gets the reject "quarantined" instead: only that object
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from pipeline.ingest.atomic import url_to_fs
-from pipeline.ingest.retry import RetryPolicy, TransientFailure, http_status, retry
+from pipeline.ingest.retry import RetryPolicy, TransientFailure, http_status, is_timeout, retry
 
 HTTP_TIMEOUT_S = 10.0  # a caller without a configured timeout (IngestConfig.http_timeout_s)
 _USER_AGENT = "canvit-ingest/0.1 (+tools/shard.py)"
@@ -103,7 +103,7 @@ def fetch_one(url: str, max_bytes: int, storage_options: dict, policy: RetryPoli
     try:
         if is_web(url):
             timeout = HTTP_TIMEOUT_S if http_timeout_s is None else http_timeout_s
-            data = retry(lambda: _http_get(url, max_bytes, timeout), policy, f"GET {url}")
+            data = retry(lambda: _http_get(url, max_bytes, timeout), policy, f"GET {url}", _web_attempts)
         else:
             data = retry(lambda: _fs_get(url, max_bytes, storage_options), policy, f"read {url}")
     except TransientFailure as e:
@@ -119,6 +119,15 @@ def fetch_one(url: str, max_bytes: int, storage_options: dict, policy: RetryPoli
         reason = f"http_{status}" if status is not None else "unreadable"
         return Fetched(url, None, (reason, f"{type(e).__name__}: {e}"[:300]))
     return Fetched(url, data)
+
+
+# Tries of a web URL whose request timed out: a host silent for a whole timeout is almost always a dead one (img2dataset
+# does not retry at all), and each try holds a download thread for the timeout. Resets, 5xx and 429 get --retries.
+WEB_TIMEOUT_ATTEMPTS = 2
+
+
+def _web_attempts(error: BaseException) -> int:
+    return WEB_TIMEOUT_ATTEMPTS if is_timeout(error) else 1 << 30
 
 
 class _TooLarge(Exception):

@@ -46,6 +46,13 @@ class RetryPolicy:
         return random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2**attempt))
 
 
+def is_timeout(error: BaseException) -> bool:
+    """A connect or read that timed out (urllib wraps a connect timeout in URLError)."""
+    if isinstance(error, urllib.error.URLError) and not isinstance(error, urllib.error.HTTPError):
+        error = error.reason if isinstance(error.reason, BaseException) else error
+    return isinstance(error, (TimeoutError, socket.timeout))
+
+
 def http_status(error: BaseException) -> int | None:
     """The HTTP status an exception carries (urllib's HTTPError, aiohttp's ClientResponseError), or None."""
     for name in ("code", "status"):
@@ -85,15 +92,18 @@ def _is_client_library_transient(error: BaseException) -> bool:
     return False
 
 
-def retry(fn: Callable[[], T], policy: RetryPolicy, what: str) -> T:
-    """fn() with up to policy.attempts tries on transient faults; a permanent fault is raised at once."""
+def retry(fn: Callable[[], T], policy: RetryPolicy, what: str,
+          attempts_for: Callable[[BaseException], int] | None = None) -> T:
+    """fn() with up to policy.attempts tries on transient faults (fewer for a fault that attempts_for(fault) gives
+    fewer); a permanent fault is raised at once."""
     for attempt in range(policy.attempts):
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 - classified below, never swallowed
             if not is_transient(e):
                 raise
-            if attempt == policy.attempts - 1:
-                raise TransientFailure(what, policy.attempts, e) from e
+            limit = policy.attempts if attempts_for is None else min(policy.attempts, attempts_for(e))
+            if attempt >= limit - 1:
+                raise TransientFailure(what, attempt + 1, e) from e
             time.sleep(policy.delay(attempt))
     raise AssertionError("unreachable")

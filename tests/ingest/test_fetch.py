@@ -49,3 +49,16 @@ def test_a_unit_stopped_by_an_outage_drops_its_queued_fetches():
     assert threading.active_count() < 20  # the pool's threads are gone
     assert later == at_stop  # nothing ran on after the stop
     assert at_stop < 300 * 3 / 2  # far from every queued URL's 3 attempts
+
+
+def test_a_web_url_that_times_out_is_tried_twice_other_transient_faults_get_every_retry():
+    files = {"/slow.jpg": b"s" * 10, "/busy.jpg": b"b" * 10, "/reset.jpg": b"r" * 10}
+    with FaultServer(files, slow_s=0.6) as web:
+        web.fail("/slow.jpg", ["slow"] * 5)
+        web.fail("/busy.jpg", ["503"] * 3)
+        web.fail("/reset.jpg", ["reset"] * 3)
+        got = list(fetch.fetch_all([f"{web.url}/slow.jpg", f"{web.url}/busy.jpg", f"{web.url}/reset.jpg"], 1 << 20,
+                                   {}, RetryPolicy(attempts=5, base_delay_s=0.01), threads=3, http_timeout_s=0.2))
+    assert got[0].reject is not None and got[0].reject[0] == "download_failed" and web.requests["/slow.jpg"] == 2
+    assert got[1].data == files["/busy.jpg"] and web.requests["/busy.jpg"] == 4
+    assert got[2].data == files["/reset.jpg"] and web.requests["/reset.jpg"] == 4
