@@ -57,6 +57,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.ingest.clean import RESAMPLE, target_size
+from tools.local_s3 import free_port
 
 _REPO = Path(__file__).resolve().parent.parent
 _MAX_SHORTER_SIDE = 512
@@ -184,23 +185,29 @@ _IMG2DATASET = "img2dataset==1.47.0"
 @contextmanager
 def http_server(folder: Path) -> Iterator[str]:
     """`python -m http.server` (threaded) on a free loopback port, serving `folder`; yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
                              str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _LONG_LIVED.add(proc.pid)  # serves both tools; its CPU is neither's
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_listening(port)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait()
+
+
+def wait_listening(port: int, timeout_s: float = 10.0) -> None:
+    """Return once something accepts connections on the loopback port (a server just started)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def url_parquet(files: list[Path], base_url: str, path: Path) -> Path:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.ingest import generate
+from bench.ingest import generate, wait_listening
+from tools.local_s3 import free_port
 
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -50,16 +50,9 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[3])), H).serve_foreve
 
 
 def serve(folder: Path, hold_s: float) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(folder), str(hold_s), str(port)])
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    wait_listening(port)
     return proc, f"http://127.0.0.1:{port}"
 
 
