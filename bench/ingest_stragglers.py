@@ -7,7 +7,8 @@ A LAION-style parquet (url, caption) of the bench's 1-3 MP JPEGs, served over lo
 a process of its own; a fraction of the URLs (every k-th, the same ones in every run) point at a path whose request
 the server holds for --hold seconds without a byte of answer. tools/shard.py runs on it with one worker and its
 default 16 download threads; the time is wall-clock, the rate kept images per second, next to the same run with no
-hanging URL. A hanging URL costs its thread `retries` timeouts and the backoffs between them: what it costs the run
+hanging URL, and the peak RSS of the shard.py process (one worker: the tasks run in it). A hanging URL costs its
+thread two timeouts and a backoff (a timed-out web URL is tried twice, whatever --retries): what it costs the run
 depends on whether the other threads, and the cleaning, go on meanwhile. Scale the timeout: tools/shard.py's default
 --http-timeout of 10 s makes every stall 5x the one at 2 s.
 """
@@ -64,13 +65,25 @@ def url_table(files: list[Path], base: str, hang: float, path: Path) -> tuple[Pa
     return path, sum("/hang/" in u for u in urls)
 
 
-def run(urls: Path, out: Path, timeout: float, retries: int, workers: int) -> float:
+# tools/shard.py in a process that reports its peak RSS when it exits (with one worker the tasks run in it).
+_PEAK = ("import resource, runpy, sys\n"
+         "sys.argv = sys.argv[1:]\n"
+         "try:\n"
+         "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+         "finally:\n"
+         "    print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+
+
+def run(urls: Path, out: Path, timeout: float, retries: int, workers: int) -> tuple[float, float]:
+    """(wall seconds, peak RSS of the shard.py process in MiB)."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "tools/shard.py", str(urls), "--output", str(out), "--workers", str(workers),
-           "--http-timeout", str(timeout), "--retries", str(retries), "--quiet"]
+    cmd = [sys.executable, "-c", _PEAK, "tools/shard.py", str(urls), "--output", str(out), "--workers",
+           str(workers), "--http-timeout", str(timeout), "--retries", str(retries), "--quiet"]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=_REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    done = subprocess.run(cmd, check=True, cwd=_REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - start
+    peak = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("peak_rss_kb")]
+    return wall, int(peak[-1]) / 1024
 
 
 def main() -> None:
@@ -94,13 +107,14 @@ def main() -> None:
             base_wall = None
             for hang in a.hang:
                 urls, hanging = url_table(files, base, hang, tmp / f"urls-{hang}.parquet")
-                wall = run(urls, tmp / "out", a.timeout, retries, a.workers)
+                wall, peak = run(urls, tmp / "out", a.timeout, retries, a.workers)
                 kept = len(files) - hanging
                 base_wall = wall if base_wall is None else base_wall
                 extra = wall - base_wall
                 per = f"; {extra / hanging:.1f} s more per hanging URL" if hanging else ""
                 print(f"--retries {retries}, {hang:.1%} hanging ({hanging} URLs): {wall:.1f} s, {kept / wall:.1f} "
-                      f"kept images/s ({wall / base_wall:.2f}x the run without{per})", flush=True)
+                      f"kept images/s ({wall / base_wall:.2f}x the run without{per}); peak RSS {peak:.0f} MiB",
+                      flush=True)
     finally:
         server.terminate()
         server.wait()

@@ -210,8 +210,9 @@ class WorkerPool:
 
     def release(self, batch: Batch) -> None:
         """The loader is done with `batch` (DALI has produced its outputs, and the mask keys, a view of the slot's
-        tail, have been copied out): its worker's credit, and with it its slot if it had one, comes back. Inline batches hold a credit too, so a worker whose batches do not fit its slots
-        still runs at most `slots` batches ahead."""
+        tail, have been copied out): its worker's credit, and with it its slot if it had one, comes back. Inline
+        batches hold a credit too, so a worker whose batches do not fit its slots still runs at most `slots` batches
+        ahead."""
         self.free[batch.worker].release()
 
     def views(self, batch: Batch) -> np.ndarray | list[np.ndarray]:

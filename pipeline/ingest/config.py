@@ -6,6 +6,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+from pipeline.ingest.fetch import HTTP_TIMEOUT_S
+
 # The version of the work files' formats (staged tables, shuffle files, summaries) and of the pixel hash: bumped when
 # one changes (2: Arrow IPC shuffle files and the OpenCV decode path's hash order; 3: the pixel hash is BLAKE3, not
 # SHA-256; both 2026-11-30), so that an output interrupted under an older version is refused with the reason instead
@@ -52,7 +54,7 @@ class IngestConfig:
     download_threads: int = 16  # concurrent fetches of loose files / URLs per task (img2dataset uses 16-64)
     retries: int = 5  # attempts per read on a transient fault, the first included; then the unit is quarantined
     retry_base_s: float = 0.5  # first backoff; doubles per attempt (full jitter, capped at 30 s)
-    http_timeout_s: float = 10.0  # a web URL's connect and read timeout, per attempt (img2dataset's default)
+    http_timeout_s: float = HTTP_TIMEOUT_S  # a web URL's connect and read timeout, per attempt
     # Finalize without what failed its retries in this run and an earlier one: those loose files (or whole units:
     # an archive, a parquet file) become "quarantined" rejects, staging is removed, and reruns are no-ops (an object
     # that fails forever no longer blocks the dataset).

@@ -7,11 +7,12 @@ depend on which request finishes first.
 
 Outcome of one fetch: bytes, or a reject (reason, detail) for a deterministic fault: a missing file, an HTTP 4xx,
 a file over max_bytes. A transient fault (reset, timeout, 5xx, 429, SlowDown) is retried with backoff (a web URL
-that timed out, once only: WEB_TIMEOUT_ATTEMPTS); if it persists, a web URL gets the reject "download_failed" (a dead web server is the web's normal state, not ours),
-while an object of a store or a local file comes back `lost`: its unit is then quarantined, naming it, and a rerun
-retries it (readers.py). With `give_up` (the objects that had failed in an earlier run, rerun under
---give-up-quarantined) such an object that fails again gets the reject "quarantined" instead: only that object
-is given up, not the unit's other inputs, nor an object failing for the first time.
+that timed out, once only: WEB_TIMEOUT_ATTEMPTS); if it persists, a web URL gets the reject "download_failed" (a
+dead web server is the web's normal state, not ours), while an object of a store or a local file comes back
+`lost`: its unit is then quarantined, naming it, and a rerun retries it (readers.py). With `give_up` (the objects
+that had failed in an earlier run, rerun under --give-up-quarantined) such an object that fails again gets the
+reject "quarantined" instead: only that object is given up, not the unit's other inputs, nor an object failing for
+the first time.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Iterable, Iterator
 from pipeline.ingest.atomic import url_to_fs
 from pipeline.ingest.retry import RetryPolicy, TransientFailure, http_status, is_timeout, retry
 
-HTTP_TIMEOUT_S = 10.0  # a caller without a configured timeout (IngestConfig.http_timeout_s)
+HTTP_TIMEOUT_S = 10.0  # a web URL's timeout per attempt unless configured (--http-timeout): img2dataset's default
 _USER_AGENT = "canvit-ingest/0.1 (+tools/shard.py)"
 
 
@@ -49,53 +50,96 @@ def fetch_all(urls: Iterable[str], max_bytes: int, storage_options: dict, policy
               threads: int, give_up: frozenset[str] = frozenset(), http_timeout_s: float | None = None
               ) -> Iterator[Fetched]:
     """Fetched for every URL, in order (a non-web URL that kept failing: lost, or the reject "quarantined" if it is
-    in give_up). Up to LOOKAHEAD fetches run or wait ahead of the one the caller is given, while their bytes stay
-    under WINDOW_BYTES: a URL that hangs through its retries (a host that accepts and never answers, ~1-3% of a web
-    dump) holds up the caller, but not the fetches behind it, which finish meanwhile and are cleaned at once after
-    it (bench/ingest_stragglers.py: with 2 x threads ahead, as before, each hanging URL cost the run its whole
-    retry chain, one after the other)."""
-    held = _Held()
+    in give_up). Up to LOOKAHEAD fetches are queued ahead of the one the caller is given, and they start while the
+    bytes fetched and not yet taken stay under WINDOW_BYTES (_Gate): a URL that hangs through its retries (a host
+    that accepts and never answers, ~1-3% of a web dump) holds up the caller, but not the fetches behind it, which
+    finish meanwhile and are cleaned at once after it (bench/ingest_stragglers.py: with 2 x threads ahead, as
+    before, each hanging URL cost the run its whole retry chain, one after the other)."""
+    gate = _Gate()
     pool = ThreadPoolExecutor(max_workers=threads)
     window: deque = deque()
 
     def take() -> Fetched:
         fetched = window.popleft().result()
-        held.add(-len(fetched.data or b""))
+        gate.taken(len(fetched.data or b""))
+        if gate.outage is not None:
+            check_outage(*gate.outage)  # raises: most fetches, in the order they finished, failed transiently
         return fetched
 
     try:
-        for url in urls:
-            while window and (len(window) >= max(LOOKAHEAD, 2 * threads) or held.bytes >= WINDOW_BYTES):
+        for index, url in enumerate(urls):
+            if len(window) >= max(LOOKAHEAD, 2 * threads):
                 yield take()
-            future = pool.submit(fetch_one, url, max_bytes, storage_options, policy, give_up, http_timeout_s)
-            future.add_done_callback(held.count)
-            window.append(future)
+            window.append(pool.submit(_gated, gate, index, url, max_bytes, storage_options, policy, give_up,
+                                      http_timeout_s))
         while window:
             yield take()
     finally:
-        # A caller that stops early (an outage: readers._guard_fetches) must not wait for every queued fetch to run
-        # through its retries: those not started are dropped, the `threads` running finish their current one.
+        gate.stop()  # fetches waiting at the gate return at once
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-LOOKAHEAD = 256  # fetches started ahead of the one the caller waits for (a unit is 250 loose files by default)
+LOOKAHEAD = 256  # fetches queued ahead of the one the caller waits for (a unit is 250 loose files by default)
 WINDOW_BYTES = 128 << 20  # fetched bytes not yet taken by the caller above which no new fetch starts
 
 
-class _Held:
-    """Bytes of finished fetches the caller has not taken yet (added by the fetching threads, taken by the caller:
-    briefly negative when the caller takes a result before its callback ran)."""
+def is_outage(seen: int, failed: int) -> bool:
+    return seen >= 8 and failed * 2 > seen
+
+
+def check_outage(seen: int, failed: int) -> None:
+    """Most of a unit's fetches failing transiently is an outage (the network, DNS, a proxy, the store), not bad
+    objects: raise, naming none, so the unit is retried whole (readers._guard_fetches)."""
+    if is_outage(seen, failed):
+        raise TransientFailure(f"fetches ({failed} of {seen} failed)", seen,
+                               ConnectionError(f"{failed} of {seen} fetches failed transiently"))
+
+
+OUTAGE_CHECK_EVERY = 64  # fetches finished between two outage checks
+
+
+class _Gate:
+    """A fetch starts only while the fetched-not-taken bytes are under WINDOW_BYTES, or when it is the one the caller
+    waits for: at most WINDOW_BYTES + threads x max_bytes in memory. It also counts the fetches as they finish, in
+    any order: once most of a multiple of OUTAGE_CHECK_EVERY have failed transiently (an outage), no fetch starts any
+    more and the caller's next take raises, even while it waits on a URL that hangs ahead of them."""
 
     def __init__(self) -> None:
-        self.bytes, self._lock = 0, threading.Lock()
+        self.bytes = self.next = self.done = self.failed = 0
+        self.stopped = False
+        self.outage: tuple[int, int] | None = None  # (fetches done, failed) when an outage was seen
+        self.cond = threading.Condition()
 
-    def add(self, n: int) -> None:
-        with self._lock:
-            self.bytes += n
+    def admit(self, index: int) -> bool:
+        with self.cond:
+            self.cond.wait_for(lambda: self.stopped or index == self.next or self.bytes < WINDOW_BYTES)
+            return not self.stopped
 
-    def count(self, future) -> None:
-        if future.exception() is None:
-            self.add(len(future.result().data or b""))
+    def fetched(self, fetched: Fetched) -> None:
+        with self.cond:
+            self.bytes += len(fetched.data or b"")
+            self.done, self.failed = self.done + 1, self.failed + fetched.transient
+            if self.done % OUTAGE_CHECK_EVERY == 0 and is_outage(self.done, self.failed) and self.outage is None:
+                self.outage, self.stopped = (self.done, self.failed), True
+                self.cond.notify_all()
+
+    def taken(self, n: int) -> None:
+        with self.cond:
+            self.bytes, self.next = self.bytes - n, self.next + 1
+            self.cond.notify_all()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+
+def _gated(gate: _Gate, index: int, url: str, *args) -> Fetched:
+    if not gate.admit(index):
+        return Fetched(url, None)  # stopped (the caller has, or an outage was seen): never passed on
+    fetched = fetch_one(url, *args)
+    gate.fetched(fetched)
+    return fetched
 
 
 def fetch_one(url: str, max_bytes: int, storage_options: dict, policy: RetryPolicy,

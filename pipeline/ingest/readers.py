@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.ingest.atomic import url_to_fs
-from pipeline.ingest.fetch import Fetched, fetch_all
+from pipeline.ingest.fetch import Fetched, check_outage, fetch_all
 from pipeline.ingest.retry import RetryPolicy, TransientFailure
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
@@ -103,8 +103,9 @@ def _guard_fetches(items: Iterable[tuple[RawItem, Fetched]], attempts: int) -> I
     --give-up-quarantined gives up exactly those if they fail again in a later run.
     If most of a unit's fetches fail (web or store: checked every 64 fetches and at the end), the fault is ours or the
     store's (network, DNS, proxy, an outage), not the objects': raise at once, naming none, so the unit is retried
-    whole (and only given up whole, if a later run fails it whole again); an outage costs a unit at most 64 fetches
-    with their retries."""
+    whole (and only given up whole, if a later run fails it whole again). fetch_all checks the same as fetches finish,
+    in any order: an outage costs a unit about 64 fetches with their retries (plus those running), even when a URL
+    that hangs holds up the items in input order."""
     seen = failed = 0
     buffered: list[RawItem] = []
     lost: list[Fetched] = []
@@ -116,21 +117,15 @@ def _guard_fetches(items: Iterable[tuple[RawItem, Fetched]], attempts: int) -> I
         elif not lost:
             buffered.append(item)
         if seen % 64 == 0:
-            _check_outage(seen, failed)
+            check_outage(seen, failed)
             yield from buffered
             buffered.clear()
-    _check_outage(seen, failed)
+    check_outage(seen, failed)
     if lost:
         more = f" and {len(lost) - 1} other file(s)" if len(lost) > 1 else ""
         raise TransientFailure(f"read {lost[0].url}{more}", attempts, lost[-1].error or ConnectionError(),
                                objects=tuple(f.url for f in lost))  # fewer than half the unit: the guard above
     yield from buffered
-
-
-def _check_outage(seen: int, failed: int) -> None:
-    if seen >= 8 and failed * 2 > seen:
-        raise TransientFailure(f"fetches ({failed} of {seen} failed)", seen,
-                               ConnectionError(f"{failed} of {seen} fetches failed transiently"))
 
 
 def _tar_members(url: str, opts: ReadOptions) -> Iterator[tuple[str, bytes | None, tuple[str, str] | None]]:

@@ -16,11 +16,11 @@ from tests.ingest.faults import FaultServer
 
 def test_a_hanging_url_does_not_hold_up_the_fetches_behind_it():
     files = {f"/img/{i}.jpg": bytes([i]) * 100 for i in range(100)}
-    with FaultServer(files, slow_s=1.0) as web:
-        web.fail("/img/0.jpg", ["slow", "slow"])  # times out twice: its whole retry chain, ~0.6 s
+    with FaultServer(files, slow_s=3.0) as web:
+        web.fail("/img/0.jpg", ["slow", "slow"])  # times out twice: its whole retry chain, ~2 s
         urls = [f"{web.url}/img/{i}.jpg" for i in range(100)]
         got = fetch.fetch_all(urls, 1 << 20, {}, RetryPolicy(attempts=2, base_delay_s=0.01), threads=4,
-                              http_timeout_s=0.3)
+                              http_timeout_s=1.0)
         first = next(got)
         with web.lock:
             served_meanwhile = sum(n for path, n in web.requests.items() if path != "/img/0.jpg")
@@ -32,11 +32,30 @@ def test_a_hanging_url_does_not_hold_up_the_fetches_behind_it():
     assert [f.data for f in rest] == [files[f"/img/{i}.jpg"] for i in range(1, 100)]
 
 
+def test_fetches_wait_to_start_while_the_caller_holds_a_window_of_bytes(monkeypatch):
+    """The look-ahead is bounded by bytes too: no fetch starts while WINDOW_BYTES of results wait for the caller,
+    except the one the caller waits for (before, only new submissions stopped, and the 256 queued all ran)."""
+    monkeypatch.setattr(fetch, "WINDOW_BYTES", 1 << 20)
+    files = {f"/img/{i}.jpg": bytes([i]) * (256 << 10) for i in range(100)}
+    with FaultServer(files) as web:
+        got = fetch.fetch_all([f"{web.url}/img/{i}.jpg" for i in range(100)], 1 << 20, {},
+                              RetryPolicy(attempts=2, base_delay_s=0.01), threads=4, http_timeout_s=5.0)
+        next(got)
+        time.sleep(1.0)  # a caller busy cleaning: the fetches behind run until 1 MiB waits, then stop
+        with web.lock:
+            served = sum(web.requests.values())
+        rest = list(got)
+    assert served <= 1 + 4 + 4  # the one taken, 1 MiB of 256 KiB results, and the 4 that had started
+    assert [f.data for f in rest] == [files[f"/img/{i}.jpg"] for i in range(1, 100)]
+
+
 def test_a_unit_stopped_by_an_outage_drops_its_queued_fetches():
-    """300 URLs that all fail (503): the outage check stops the unit after 64; the fetches queued ahead of it are
-    dropped, only the ones running finish their retries (before, a look-ahead of 256 would have run them all)."""
-    with FaultServer({}) as web:
-        for i in range(300):
+    """300 URLs that all fail (503) behind one that hangs: the fetches are counted as they finish, so the outage is
+    seen after 64 of them, although the caller is still waiting for the first URL; then no fetch starts any more and
+    the queued ones are dropped (before: the unit ran all its fetches with their retries)."""
+    with FaultServer({}, slow_s=3.0) as web:
+        web.fail("/img/0.jpg", ["slow", "slow"])
+        for i in range(1, 300):
             web.fail(f"/img/{i}.jpg", ["503"] * 10)
         opts = ReadOptions(1 << 20, None, None, {}, RetryPolicy(attempts=3, base_delay_s=0.05), 4, 1.0)
         with pytest.raises(TransientFailure, match="failed transiently"):
@@ -48,7 +67,7 @@ def test_a_unit_stopped_by_an_outage_drops_its_queued_fetches():
             later = sum(web.requests.values())
     assert threading.active_count() < 20  # the pool's threads are gone
     assert later == at_stop  # nothing ran on after the stop
-    assert at_stop < 300 * 3 / 2  # far from every queued URL's 3 attempts
+    assert at_stop <= 2 + (64 + 4) * 3  # the hanging URL's 2 tries, 64 failed fetches and those running, 3 tries each
 
 
 def test_a_web_url_that_times_out_is_tried_twice_other_transient_faults_get_every_retry():
