@@ -40,7 +40,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,7 +56,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.ingest.clean import RESAMPLE, target_size
-from tools.local_s3 import free_port
+from tools.local_s3 import free_port, wait_until_up
 
 _REPO = Path(__file__).resolve().parent.parent
 _MAX_SHORTER_SIDE = 512
@@ -190,24 +189,11 @@ def http_server(folder: Path) -> Iterator[str]:
                              str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _LONG_LIVED.add(proc.pid)  # serves both tools; its CPU is neither's
     try:
-        wait_listening(port)
+        wait_until_up("127.0.0.1", port)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait()
-
-
-def wait_listening(port: int, timeout_s: float = 10.0) -> None:
-    """Return once something accepts connections on the loopback port (a server just started)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 def url_parquet(files: list[Path], base_url: str, path: Path) -> Path:

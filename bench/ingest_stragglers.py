@@ -27,8 +27,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.ingest import generate, wait_listening
-from tools.local_s3 import free_port
+from bench.ingest import generate
+from tools.local_s3 import free_port, wait_until_up
 
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -53,7 +53,7 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[3])), H).serve_foreve
 def serve(folder: Path, hold_s: float) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(folder), str(hold_s), str(port)])
-    wait_listening(port)
+    wait_until_up("127.0.0.1", port)
     return proc, f"http://127.0.0.1:{port}"
 
 

@@ -60,7 +60,8 @@ def _boto_kwargs() -> dict:
     }
 
 
-def _wait_until_up(host: str, port: int, timeout_s: float = 30.0) -> None:
+def wait_until_up(host: str, port: int, timeout_s: float = 30.0) -> None:
+    """Return once a server just started accepts connections on host:port (also used by the benches' HTTP servers)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -68,7 +69,7 @@ def _wait_until_up(host: str, port: int, timeout_s: float = 30.0) -> None:
                 return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"loopback S3 server on {host}:{port} did not start within {timeout_s:.0f} s")
+    raise RuntimeError(f"loopback server on {host}:{port} did not start within {timeout_s:.0f} s")
 
 
 @contextmanager
@@ -81,7 +82,7 @@ def serve(port: int | None = None, set_env: bool = True) -> Iterator[LocalS3]:
     host, port = "127.0.0.1", port or free_port()
     server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
     server.start()
-    _wait_until_up(host, port)
+    wait_until_up(host, port)
     s3 = LocalS3(endpoint_url=f"http://{host}:{port}")
     saved = {k: os.environ.get(k) for k in s3.env}
     if set_env:

@@ -47,7 +47,7 @@ def is_web(url: str) -> bool:
 
 
 def fetch_all(urls: Iterable[str], max_bytes: int, storage_options: dict, policy: RetryPolicy,
-              threads: int, give_up: frozenset[str] = frozenset(), http_timeout_s: float | None = None
+              threads: int, give_up: frozenset[str] = frozenset(), http_timeout_s: float = HTTP_TIMEOUT_S
               ) -> Iterator[Fetched]:
     """Fetched for every URL, in order (a non-web URL that kept failing: lost, or the reject "quarantined" if it is
     in give_up). Up to LOOKAHEAD fetches are queued ahead of the one the caller is given, and they start while the
@@ -143,11 +143,10 @@ def _gated(gate: _Gate, index: int, url: str, *args) -> Fetched:
 
 
 def fetch_one(url: str, max_bytes: int, storage_options: dict, policy: RetryPolicy,
-              give_up: frozenset[str] = frozenset(), http_timeout_s: float | None = None) -> Fetched:
+              give_up: frozenset[str] = frozenset(), http_timeout_s: float = HTTP_TIMEOUT_S) -> Fetched:
     try:
         if is_web(url):
-            timeout = HTTP_TIMEOUT_S if http_timeout_s is None else http_timeout_s
-            data = retry(lambda: _http_get(url, max_bytes, timeout), policy, f"GET {url}", _web_attempts)
+            data = retry(lambda: _http_get(url, max_bytes, http_timeout_s), policy, f"GET {url}", _web_attempts)
         else:
             data = retry(lambda: _fs_get(url, max_bytes, storage_options), policy, f"read {url}")
     except TransientFailure as e:
