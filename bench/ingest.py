@@ -224,6 +224,8 @@ def shard_py_web(urls: Path, count: int, out: Path, workers: int, repo: Path = _
     cmd = [sys.executable, "tools/shard.py", str(urls), "--output", str(out), "--workers", str(workers),
            "--download-threads", "8", "--max-shorter-side", str(_MAX_SHORTER_SIDE), "--quality", str(_QUALITY),
            "--quiet"]
+    if repo == _REPO:  # 250 URLs a unit, as before there was --web-unit-size: one 10,000-URL unit would idle a worker
+        cmd += ["--web-unit-size", "250"]
     return _timed(cmd, count, cwd=repo, env=_checkout_env(repo))
 
 

@@ -2,15 +2,20 @@
 
     python -m bench.ingest_stragglers                       # 400 URLs, 0% and 2% hanging, 2 s timeout, 1 worker
     python -m bench.ingest_stragglers --count 400 --hang 0 0.01 0.02 --timeout 2 --retries 5 2
+    python -m bench.ingest_stragglers --count 1000 --timeout 1 --web-unit-size 250 1000   # production, scaled
 
 A LAION-style parquet (url, caption) of the bench's 1-3 MP JPEGs, served over loopback HTTP by a threaded server in
 a process of its own; a fraction of the URLs (every k-th, the same ones in every run) point at a path whose request
 the server holds for --hold seconds without a byte of answer. tools/shard.py runs on it with one worker and its
-default 16 download threads; the time is wall-clock, the rate kept images per second, next to the same run with no
+default download threads; the time is wall-clock, the rate kept images per second, next to the same run with no
 hanging URL, and the peak RSS of the shard.py process (one worker: the tasks run in it). A hanging URL costs its
 thread two timeouts and a backoff (a timed-out web URL is tried twice, whatever --retries): what it costs the run
-depends on whether the other threads, and the cleaning, go on meanwhile. Scale the timeout: tools/shard.py's default
---http-timeout of 10 s makes every stall 5x the one at 2 s.
+depends on whether the other threads, and the cleaning, go on meanwhile, and on how long a unit cleans against that
+wait (a unit ends with its slowest URL).
+
+Scale: what counts is the ratio of the wait to a unit's cleaning. In production (--http-timeout 10, 10,000 URLs a
+unit at ~15 ms a core each) it is ~20.5 s to ~150 s; here, --timeout 1 (~2.3 s) with 1,000 URLs a unit at ~20 ms
+each (1 worker, the server beside it) is the same ratio.
 """
 
 from __future__ import annotations
@@ -74,11 +79,12 @@ _PEAK = ("import resource, runpy, sys\n"
          "    print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
 
 
-def run(urls: Path, out: Path, timeout: float, retries: int, workers: int) -> tuple[float, float]:
+def run(urls: Path, out: Path, timeout: float, retries: int, workers: int, unit: int | None) -> tuple[float, float]:
     """(wall seconds, peak RSS of the shard.py process in MiB)."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-c", _PEAK, "tools/shard.py", str(urls), "--output", str(out), "--workers",
            str(workers), "--http-timeout", str(timeout), "--retries", str(retries), "--quiet"]
+    cmd += ["--web-unit-size", str(unit)] if unit else []
     start = time.perf_counter()
     done = subprocess.run(cmd, check=True, cwd=_REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
@@ -94,27 +100,29 @@ def main() -> None:
     ap.add_argument("--retries", type=int, nargs="+", default=[5], help="tools/shard.py --retries")
     ap.add_argument("--hold", type=float, default=600.0, help="how long the server holds a hanging request, s")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--web-unit-size", type=int, nargs="+", default=[0], help="tools/shard.py --web-unit-size "
+                    "(0: its default)")
     ap.add_argument("--dump", type=Path, default=Path("/tmp/ingest_bench/dump"))
     a = ap.parse_args()
     files = generate(a.dump, a.count)
-    print(f"{len(files)} JPEGs of 1-3 MP over loopback HTTP; tools/shard.py --workers {a.workers}, 16 download "
-          f"threads, --http-timeout {a.timeout:g}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
-          flush=True)
+    print(f"{len(files)} JPEGs of 1-3 MP over loopback HTTP; tools/shard.py --workers {a.workers}, "
+          f"--http-timeout {a.timeout:g}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
     server, base = serve(a.dump, a.hold)
     tmp = Path(tempfile.mkdtemp())
     try:
-        for retries in a.retries:
-            base_wall = None
-            for hang in a.hang:
-                urls, hanging = url_table(files, base, hang, tmp / f"urls-{hang}.parquet")
-                wall, peak = run(urls, tmp / "out", a.timeout, retries, a.workers)
-                kept = len(files) - hanging
-                base_wall = wall if base_wall is None else base_wall
-                extra = wall - base_wall
-                per = f"; {extra / hanging:.1f} s more per hanging URL" if hanging else ""
-                print(f"--retries {retries}, {hang:.1%} hanging ({hanging} URLs): {wall:.1f} s, {kept / wall:.1f} "
-                      f"kept images/s ({wall / base_wall:.2f}x the run without{per}); peak RSS {peak:.0f} MiB",
-                      flush=True)
+        for unit in a.web_unit_size:
+            for retries in a.retries:
+                base_wall = None
+                for hang in a.hang:
+                    urls, hanging = url_table(files, base, hang, tmp / f"urls-{hang}.parquet")
+                    wall, peak = run(urls, tmp / "out", a.timeout, retries, a.workers, unit)
+                    kept = len(files) - hanging
+                    base_wall = wall if base_wall is None else base_wall
+                    extra = wall - base_wall
+                    per = f"; {extra / hanging:.2f} s more per hanging URL" if hanging else ""
+                    print(f"--web-unit-size {unit or 'default'} --retries {retries}, {hang:.1%} hanging ({hanging} "
+                          f"URLs): {wall:.1f} s, {kept / wall:.1f} kept images/s ({wall / base_wall:.2f}x the run "
+                          f"without{per}); peak RSS {peak:.0f} MiB", flush=True)
     finally:
         server.terminate()
         server.wait()

@@ -40,7 +40,11 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
     p.add_argument("--quality", type=int, default=c.quality)
     p.add_argument("--reencode", action="store_true", help="re-encode JPEGs that could be copied byte for byte")
     p.add_argument("--samples-per-shard", type=int, default=5000)
-    p.add_argument("--unit-size", type=int, default=IngestConfig.unit_size, help="loose files per work unit")
+    p.add_argument("--unit-size", type=int, default=IngestConfig.unit_size,
+                   help="loose files (or rows of a parquet file of image bytes) per work unit")
+    p.add_argument("--web-unit-size", type=int, default=IngestConfig.web_unit_size,
+                   help="URLs per work unit (a text list of URLs, a url + caption parquet): a unit waits for its "
+                        "slowest URL, so it must clean for much longer than two --http-timeout")
     p.add_argument("--dedup", choices=("none", "exact", "near"), default="exact")
     p.add_argument("--near-threshold", type=int, default=4, help="max pHash Hamming distance for --dedup near")
     p.add_argument("--labels-from-folders", action="store_true")
@@ -70,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
     clean = CleanConfig(a.min_side, a.max_aspect, a.max_pixels, a.max_bytes, a.max_shorter_side, a.quality, a.reencode)
     return IngestConfig(
         sources=tuple(a.sources), output=a.output, clean=clean, samples_per_shard=a.samples_per_shard,
-        unit_size=a.unit_size, dedup=a.dedup, near_threshold=a.near_threshold,
+        unit_size=a.unit_size, web_unit_size=a.web_unit_size, dedup=a.dedup, near_threshold=a.near_threshold,
         labels_from_folders=a.labels_from_folders, image_column=a.image_column, label_column=a.label_column,
         workers=a.workers, engine=a.engine, ray_address=a.ray_address, storage_options=a.storage_options,
         overwrite=a.overwrite, keep_staging=a.keep_staging, quiet=a.quiet, download_threads=a.download_threads,

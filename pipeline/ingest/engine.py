@@ -93,7 +93,7 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
     policy = RetryPolicy(cfg.retries, cfg.retry_base_s)
 
     try:
-        plan = build_plan(run, listing, policy, cfg.unit_size)
+        plan = build_plan(run, listing, policy, cfg.unit_size, cfg.web_unit_size)
     except IngestError:  # e.g. a glob the range tasks found matched nothing
         _forget_config_if_nothing_staged(run)
         raise

@@ -1,9 +1,10 @@
-"""Fetch many files or URLs with a pool of threads, in order, with a bounded read-ahead and retries.
+"""Fetch many files or URLs with a pool of threads, in the order they finish, with a bounded read-ahead and retries.
 
-Downloading is latency-bound, not CPU-bound: img2dataset runs 16-64 threads per process for the same reason. Here
-`threads` requests are in flight while the caller cleans the images already fetched, up to LOOKAHEAD results ahead
-of the caller and at most WINDOW_BYTES of them in memory. Results come back in input order, so the output does not
-depend on which request finishes first.
+Downloading is latency-bound, not CPU-bound: img2dataset runs 256 threads per process by default for the same
+reason. Here `threads` requests are in flight while the caller cleans the images already fetched, up to LOOKAHEAD
+results queued and at most WINDOW_BYTES of them in memory. Results come back in the order the fetches finish, each
+with its position: the caller puts them back in input order (stage.py), so the output does not depend on which
+request finishes first, and a dead host costs one thread its timeouts, not the caller its CPU.
 
 Outcome of one fetch: bytes, or a reject (reason, detail) for a deterministic fault: a missing file, an HTTP 4xx,
 a file over max_bytes. A transient fault (reset, timeout, 5xx, 429, SlowDown) is retried with backoff (a web URL
@@ -18,9 +19,9 @@ the first time.
 from __future__ import annotations
 
 import http.client
+import queue
 import threading
 import urllib.request
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -48,31 +49,38 @@ def is_web(url: str) -> bool:
 
 def fetch_all(urls: Iterable[str], max_bytes: int, storage_options: dict, policy: RetryPolicy,
               threads: int, give_up: frozenset[str] = frozenset(), http_timeout_s: float = HTTP_TIMEOUT_S
-              ) -> Iterator[Fetched]:
-    """Fetched for every URL, in order (a non-web URL that kept failing: lost, or the reject "quarantined" if it is
-    in give_up). Up to LOOKAHEAD fetches are queued ahead of the one the caller is given, and they start while the
-    bytes fetched and not yet taken stay under WINDOW_BYTES (_Gate): a URL that hangs through its retries (a host
-    that accepts and never answers, ~1-3% of a web dump) holds up the caller, but not the fetches behind it, which
-    finish meanwhile and are cleaned at once after it (bench/ingest_stragglers.py: with 2 x threads ahead, as
-    before, each hanging URL cost the run its whole retry chain, one after the other)."""
+              ) -> Iterator[tuple[int, Fetched]]:
+    """(position in `urls`, Fetched) for every URL, in the order the fetches finish (a non-web URL that kept
+    failing: lost, or the reject "quarantined" if it is in give_up). Up to LOOKAHEAD fetches are queued and not yet
+    taken, and they start while the bytes fetched and not yet taken stay under WINDOW_BYTES (_Gate).
+
+    Completion order, not input order: a URL that hangs through its retries (a host that accepts and never answers,
+    ~1-3% of a web dump; two timeouts and a backoff, ~20 s at the default timeout) holds one thread and one place of
+    the look-ahead, and the caller cleans what the other threads fetch meanwhile. In input order the caller waited
+    for it with the CPU idle (bench/ingest_stragglers.py). The caller puts its results back in input order."""
     gate = _Gate()
     pool = ThreadPoolExecutor(max_workers=threads)
-    window: deque = deque()
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+    pending = 0
 
-    def take() -> Fetched:
-        fetched = window.popleft().result()
+    def take() -> tuple[int, Fetched]:
+        nonlocal pending
+        index, fetched = finished.get().result()  # re-raises a bug in the fetch itself
+        pending -= 1
         gate.taken(len(fetched.data or b""))
         if gate.outage is not None:
-            check_outage(*gate.outage)  # raises: most fetches, in the order they finished, failed transiently
-        return fetched
+            check_outage(*gate.outage)  # raises: most fetches failed transiently (an outage)
+        return index, fetched
 
     try:
         for index, url in enumerate(urls):
-            if len(window) >= max(LOOKAHEAD, 2 * threads):
+            if pending >= max(LOOKAHEAD, 2 * threads):
                 yield take()
-            window.append(pool.submit(_gated, gate, index, url, max_bytes, storage_options, policy, give_up,
-                                      http_timeout_s))
-        while window:
+            future = pool.submit(_gated, gate, index, url, max_bytes, storage_options, policy, give_up,
+                                 http_timeout_s)
+            future.add_done_callback(finished.put)
+            pending += 1
+        while pending:
             yield take()
     finally:
         gate.stop()  # fetches waiting at the gate return at once
@@ -99,20 +107,20 @@ OUTAGE_CHECK_EVERY = 64  # fetches finished between two outage checks
 
 
 class _Gate:
-    """A fetch starts only while the fetched-not-taken bytes are under WINDOW_BYTES, or when it is the one the caller
-    waits for: at most WINDOW_BYTES + threads x max_bytes in memory. It also counts the fetches as they finish, in
-    any order: once most of a multiple of OUTAGE_CHECK_EVERY have failed transiently (an outage), no fetch starts any
-    more and the caller's next take raises, even while it waits on a URL that hangs ahead of them."""
+    """A fetch starts only while the fetched-not-taken bytes are under WINDOW_BYTES: at most WINDOW_BYTES + threads
+    x max_bytes in memory. (No deadlock: bytes over the window are fetches that finished, which the caller can take.)
+    It also counts the fetches as they finish: once most of a multiple of OUTAGE_CHECK_EVERY have failed transiently
+    (an outage), no fetch starts any more and the caller's next take raises."""
 
     def __init__(self) -> None:
-        self.bytes = self.next = self.done = self.failed = 0
+        self.bytes = self.done = self.failed = 0
         self.stopped = False
         self.outage: tuple[int, int] | None = None  # (fetches done, failed) when an outage was seen
         self.cond = threading.Condition()
 
-    def admit(self, index: int) -> bool:
+    def admit(self) -> bool:
         with self.cond:
-            self.cond.wait_for(lambda: self.stopped or index == self.next or self.bytes < WINDOW_BYTES)
+            self.cond.wait_for(lambda: self.stopped or self.bytes < WINDOW_BYTES)
             return not self.stopped
 
     def fetched(self, fetched: Fetched) -> None:
@@ -125,7 +133,7 @@ class _Gate:
 
     def taken(self, n: int) -> None:
         with self.cond:
-            self.bytes, self.next = self.bytes - n, self.next + 1
+            self.bytes -= n
             self.cond.notify_all()
 
     def stop(self) -> None:
@@ -134,12 +142,12 @@ class _Gate:
             self.cond.notify_all()
 
 
-def _gated(gate: _Gate, index: int, url: str, *args) -> Fetched:
-    if not gate.admit(index):
-        return Fetched(url, None)  # stopped (the caller has, or an outage was seen): never passed on
+def _gated(gate: _Gate, index: int, url: str, *args) -> tuple[int, Fetched]:
+    if not gate.admit():
+        return index, Fetched(url, None)  # stopped (the caller has, or an outage was seen): never passed on
     fetched = fetch_one(url, *args)
     gate.fetched(fetched)
-    return fetched
+    return index, fetched
 
 
 def fetch_one(url: str, max_bytes: int, storage_options: dict, policy: RetryPolicy,

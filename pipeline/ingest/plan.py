@@ -60,7 +60,7 @@ class Plan:
         return tuple((self.parts[p], a, b) for p, a, b in spans if b > a)
 
 
-def build_plan(run: Run, first: list[ListTask], policy: RetryPolicy, unit_size: int) -> Plan:
+def build_plan(run: Run, first: list[ListTask], policy: RetryPolicy, unit_size: int, web_unit_size: int) -> Plan:
     """Phase 0: list every source in parallel (top levels, then their sub-folders), cut units, and compare with the
     plan of an interrupted run."""
     fs, saved_plan = url_to_fs(run.layout.plan, run.cfg.storage_options)
@@ -85,7 +85,7 @@ def build_plan(run: Run, first: list[ListTask], policy: RetryPolicy, unit_size: 
         indexed = [(p, parts[ordered[p]][1]) for p in members]
         rows, total = sum(part.rows for _, part in indexed), sum(part.digest for _, part in indexed) % 2**256
         digest.update(f"{segment[0]}\t{segment[1]}\t{rows}\t{total:064x}\n".encode())
-        units.append(np.asarray(cut_units(indexed, unit_size), np.int64).reshape(-1, 7))
+        units.append(np.asarray(cut_units(indexed, unit_size, web_unit_size), np.int64).reshape(-1, 7))
     u = np.concatenate(units)
     plan = Plan(tuple(ordered), np.asarray([parts[p][1].rows for p in ordered], np.int64), u[:, 0].astype(np.int8),
                 u[:, 1].astype(np.int32), u[:, 2], u[:, 3].astype(np.int32), u[:, 4], u[:, 5:7],
@@ -105,13 +105,17 @@ def _forget_listing(run: Run) -> None:
         fs.rm(records, recursive=True)
 
 
-def cut_units(parts: list[tuple[int, ListedPart]], unit_size: int) -> list[tuple[int, int, int, int, int, int, int]]:
+def cut_units(parts: list[tuple[int, ListedPart]], unit_size: int, web_unit_size: int
+              ) -> list[tuple[int, int, int, int, int, int, int]]:
     """A segment's units, over its parts (index, part) in order, as (kind, first part, first row, last part, end
     row, parquet lo, parquet hi): runs of up to unit_size loose files (across part boundaries); each archive a
-    unit of its own; each parquet file runs of unit_size of its rows. Units depend on the listing alone, never on
-    the worker count or where the ranges were cut: that is what makes output independent of --workers."""
+    unit of its own; each parquet file runs of unit_size of its rows. Inputs downloaded from the web (a text list's
+    URLs, a parquet file of URLs) are cut at web_unit_size instead: a unit ends with its slowest URL, a dead host's
+    timeouts, which a long unit hides behind its cleaning. Units depend on the listing alone, never on the worker
+    count or where the ranges were cut: that is what makes output independent of --workers."""
     units = []
     run_start, run_files, run_end = None, 0, None  # the open run of loose files: first (part, row), count, end
+    run_kind, size = None, unit_size
 
     def close_run() -> None:
         nonlocal run_start, run_files
@@ -122,20 +126,26 @@ def cut_units(parts: list[tuple[int, ListedPart]], unit_size: int) -> list[tuple
     for p, part in parts:
         row = 0
         for kind, n, file_rows in part.runs:
-            if kind == "file":
+            if kind in ("file", "web"):
+                if kind != run_kind:
+                    close_run()
+                    run_kind, size = kind, web_unit_size if kind == "web" else unit_size
                 while n:
                     if run_start is None:
                         run_start = (p, row)
-                    take = min(n, unit_size - run_files)
+                    take = min(n, size - run_files)
                     run_files, row, n = run_files + take, row + take, n - take
                     run_end = (p, row)
-                    if run_files == unit_size:
+                    if run_files == size:
                         close_run()
                 continue
             close_run()
+            run_kind = None
+            rows = web_unit_size if kind == "web_parquet" else unit_size
+            kind = "parquet" if kind == "web_parquet" else kind
             if kind == "parquet" and file_rows > 0:
-                units += [(UNIT_KINDS.index(kind), p, row, p, row + 1, lo, min(file_rows, lo + unit_size))
-                          for lo in range(0, file_rows, unit_size)]
+                units += [(UNIT_KINDS.index(kind), p, row, p, row + 1, lo, min(file_rows, lo + rows))
+                          for lo in range(0, file_rows, rows)]
             else:
                 units.append((UNIT_KINDS.index(kind), p, row, p, row + 1, -1, -1))
             row += 1

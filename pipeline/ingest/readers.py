@@ -1,6 +1,7 @@
-"""Read the raw inputs of one unit as a stream of RawItem, in input order; bad content never raises.
+"""Read the raw inputs of one unit as a stream of (position in the unit, RawItem); bad content never raises.
 
-Loose files and URLs are fetched by a pool of threads (fetch.py). Archives are read as streams (tar: `r|*`, one
+Loose files and URLs are fetched by a pool of threads (fetch.py) and come in the order their fetches finish, so a
+host that never answers holds up no other input; everything else comes in input order. Archives are read as streams (tar: `r|*`, one
 pass; zip: through the seekable fsspec file, member by member); nothing is extracted to disk and member names are
 only used as identities, so `../x` or `/etc/x` members cannot write anywhere. Members are grouped by WebDataset key
 (the path up to the first dot of the basename; consecutive members): each image member is one input, and the
@@ -66,37 +67,44 @@ class ReadOptions:
     give_up: frozenset[str] = frozenset()
 
 
-def read_files(urls: list[str], labels: list[int], opts: ReadOptions) -> Iterator[RawItem]:
-    """Loose files or URLs (a listed folder or a text list), fetched ahead by threads."""
+Item = tuple[int, RawItem]  # (position in the unit's input order, the input)
+
+
+def read_files(urls: list[str], labels: list[int], opts: ReadOptions) -> Iterator[Item]:
+    """Loose files or URLs (a listed folder or a text list), fetched ahead by threads, as they arrive."""
     fetched = fetch_all(urls, opts.max_bytes, opts.storage_options, opts.policy, opts.threads, opts.give_up,
                         opts.http_timeout_s)
     try:
-        yield from _guard_fetches(((RawItem(f.url, f.data, label, reject=f.reject), f)
-                                   for f, label in zip(fetched, labels)), opts.policy.attempts)
+        yield from _guard_fetches((((i, RawItem(f.url, f.data, labels[i], reject=f.reject)), f) for i, f in fetched),
+                                  opts.policy.attempts)
     finally:
         fetched.close()  # a unit stopped early (an outage) drops its queued fetches now, not when collected
 
 
-def read_archive(url: str, opts: ReadOptions) -> Iterator[RawItem]:
+def read_archive(url: str, opts: ReadOptions) -> Iterator[Item]:
     reader = _zip_members if url.lower().endswith(".zip") else _tar_members
+    count = 0
     try:
-        yield from _group_samples(url, reader(url, opts))
+        for count, item in enumerate(_group_samples(url, reader(url, opts)), 1):
+            yield count - 1, item
     except _CORRUPT as e:  # a corrupt archive ends its stream; what was read so far stays
-        yield RawItem(f"{url}::", None, reject=("corrupt_archive", f"{type(e).__name__}: {e}"))
+        yield count, RawItem(f"{url}::", None, reject=("corrupt_archive", f"{type(e).__name__}: {e}"))
 
 
-def read_parquet(url: str, opts: ReadOptions, lo: int = -1, hi: int = -1) -> Iterator[RawItem]:
+def read_parquet(url: str, opts: ReadOptions, lo: int = -1, hi: int = -1) -> Iterator[Item]:
     """Rows [lo, hi) of a parquet file (-1, -1: all): a unit is a run of rows, so one big file spreads over tasks."""
     fs, path = url_to_fs(url, opts.storage_options)
+    end = 0  # after every row passed on so far
     try:
         with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            yield from _parquet_rows(url, pf, opts, lo, hi)
+            for i, item in _parquet_rows(url, pq.ParquetFile(f), opts, lo, hi):
+                end = max(end, i + 1)
+                yield i, item
     except _CORRUPT as e:
-        yield RawItem(f"{url}#", None, reject=("corrupt_parquet", f"{type(e).__name__}: {e}"))
+        yield end, RawItem(f"{url}#", None, reject=("corrupt_parquet", f"{type(e).__name__}: {e}"))
 
 
-def _guard_fetches(items: Iterable[tuple[RawItem, Fetched]], attempts: int) -> Iterator[RawItem]:
+def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int) -> Iterator[Item]:
     """Pass the fetched items through until one is lost (a store object or local file that outlasted its retries).
     Then the unit will not be staged: nothing more is passed on (nothing more cleaned), but the rest of the unit is
     still fetched, so that the TransientFailure raised at the end names every file of the unit that failed, and
@@ -107,7 +115,7 @@ def _guard_fetches(items: Iterable[tuple[RawItem, Fetched]], attempts: int) -> I
     in any order: an outage costs a unit about 64 fetches with their retries (plus those running), even when a URL
     that hangs holds up the items in input order."""
     seen = failed = 0
-    buffered: list[RawItem] = []
+    buffered: list[Item] = []
     lost: list[Fetched] = []
     for item, fetched in items:
         seen, failed = seen + 1, failed + fetched.transient
@@ -238,7 +246,14 @@ def _pick(names: list[str], explicit: str | None, candidates: tuple[str, ...]) -
     return next((lower[c.lower()] for c in candidates if c.lower() in lower), None)
 
 
-def _parquet_rows(url: str, pf: pq.ParquetFile, opts: ReadOptions, lo: int, hi: int) -> Iterator[RawItem]:
+def holds_urls(schema: pa.Schema) -> bool:
+    """Whether a parquet file's rows are URLs to download (as _parquet_rows reads it without --image-column)."""
+    names = schema.names
+    return (_pick(names, None, _IMAGE_COLUMNS) or _first_binary(schema)) is None and \
+        _pick(names, None, _URL_COLUMNS) is not None
+
+
+def _parquet_rows(url: str, pf: pq.ParquetFile, opts: ReadOptions, lo: int, hi: int) -> Iterator[Item]:
     schema = pf.schema_arrow
     names = schema.names
     image = _pick(names, opts.image_column, _IMAGE_COLUMNS) or _first_binary(schema)
@@ -250,25 +265,26 @@ def _parquet_rows(url: str, pf: pq.ParquetFile, opts: ReadOptions, lo: int, hi: 
     columns = list(dict.fromkeys(c for c in (image or link, ident, caption, label) if c is not None))
     records = _records(url, pf, columns, ident, lo, hi)
     if image is not None:
-        for source, rec in records:
+        for i, (source, rec) in enumerate(records):
             value = rec[image]
             if isinstance(value, dict):  # Hugging Face image struct {"bytes": ..., "path": ...}
                 value = value.get("bytes")
-            yield RawItem(source, value if isinstance(value, bytes) else b"", _int_or(rec.get(label), -1),
-                          _text(rec, caption))
+            yield i, RawItem(source, value if isinstance(value, bytes) else b"", _int_or(rec.get(label), -1),
+                             _text(rec, caption))
         return
     yield from _download_rows(records, link, caption, label, opts)
 
 
 def _download_rows(records, link: str, caption: str | None, label: str | None, opts: ReadOptions
-                   ) -> Iterator[RawItem]:
-    """url + caption rows: the images are fetched by threads, in row order; each URL's outcome is kept or a reject."""
-    rows = list(records)  # one parquet file's metadata: ~100 bytes a row, a few MB
+                   ) -> Iterator[Item]:
+    """url + caption rows: the images are fetched by threads, as they arrive; each URL's outcome is kept or a
+    reject."""
+    rows = list(records)  # the unit's rows of the file: ~100 bytes a row
     urls = [str(rec[link] or "") for _, rec in rows]
     fetched = fetch_all(urls, opts.max_bytes, opts.storage_options, opts.policy, opts.threads, opts.give_up,
                         opts.http_timeout_s)
-    items = ((RawItem(source, f.data, _int_or(rec.get(label), -1), _text(rec, caption), f.reject,
-                      {"url": f.url}), f) for (source, rec), f in zip(rows, fetched))
+    items = (((i, RawItem(rows[i][0], f.data, _int_or(rows[i][1].get(label), -1), _text(rows[i][1], caption),
+                          f.reject, {"url": f.url})), f) for i, f in fetched)
     try:
         yield from _guard_fetches(items, opts.policy.attempts)
     finally:

@@ -39,8 +39,10 @@ import pyarrow.parquet as pq
 
 from pipeline.ingest.atomic import put_bytes, url_to_fs
 from pipeline.ingest import key_ranges
+from pipeline.ingest.fetch import is_web
 from pipeline.ingest.key_ranges import lister, list_range, range_listable
 from pipeline.ingest.layout import Layout
+from pipeline.ingest.readers import holds_urls
 from pipeline.ingest.retry import RetryPolicy, TransientFailure, retry
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
@@ -89,8 +91,9 @@ class ListedPart:
     url: str
     rows: int
     digest: int  # sum of the rows' hashes mod 2**256: a segment's sum is the same however it was cut into parts
-    # The rows as runs: ("file", n, 0) for n consecutive loose files, ("archive", 1, 0), ("parquet", 1, rows of the
-    # file from its footer, -1 if unreadable). plan.py cuts units from them.
+    # The rows as runs: ("file", n, 0) for n consecutive loose files, ("web", n, 0) for n consecutive web URLs (of a
+    # text list), ("archive", 1, 0), ("parquet", 1, rows of the file from its footer, -1 if unreadable), or
+    # ("web_parquet", 1, rows) for a parquet of URLs to download. plan.py cuts units from them.
     runs: tuple[tuple[str, int, int], ...]
 
 
@@ -291,28 +294,35 @@ def _write_part(task: ListTask, extra: int, rows: list[tuple], line: int | None,
     put_bytes(url, _parquet_bytes(table), task.storage_options)
     runs: list[tuple[str, int, int]] = []
     for kind, entry_url, *_ in rows:
-        if kind == "file" and runs and runs[-1][0] == "file":
-            runs[-1] = ("file", runs[-1][1] + 1, 0)
-        else:
-            file_rows = _parquet_rows(entry_url, task.storage_options, policy) if kind == "parquet" else 0
-            runs.append((kind, 1, file_rows))
+        if kind == "file":
+            kind = "web" if is_web(entry_url) else "file"
+            if runs and runs[-1][0] == kind:
+                runs[-1] = (kind, runs[-1][1] + 1, 0)
+                continue
+        file_rows = 0
+        if kind == "parquet":
+            file_rows, urls = _parquet_footer(entry_url, task.storage_options, policy)
+            kind = "web_parquet" if urls else kind
+        runs.append((kind, 1, file_rows))
     return ListedPart(url, len(rows), digest % 2**256, tuple(runs))
 
 
-def _parquet_rows(url: str, storage_options: dict, policy: RetryPolicy) -> int:
-    """Rows of a parquet file from its footer; -1 if it is not readable parquet (its stage task then rejects it)."""
+def _parquet_footer(url: str, storage_options: dict, policy: RetryPolicy) -> tuple[int, bool]:
+    """(rows of a parquet file, whether they are URLs to download), from its footer; (-1, False) if it is not
+    readable parquet (its stage task then rejects it)."""
     fs, path = url_to_fs(url, storage_options)
 
-    def read() -> int:
+    def read() -> tuple[int, bool]:
         with fs.open(path, "rb") as f:
-            return pq.ParquetFile(f).metadata.num_rows
+            pf = pq.ParquetFile(f)
+            return pf.metadata.num_rows, holds_urls(pf.schema_arrow)
 
     try:
         return retry(read, policy, f"read the footer of {url}")
     except TransientFailure:
         raise
     except Exception:  # noqa: BLE001 - corrupt or not parquet: a content fault, rejected by the stage task
-        return -1
+        return -1, False
 
 
 def read_part_rows(part_url: str, start: int, end: int, storage_options: dict) -> list[dict]:

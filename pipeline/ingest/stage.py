@@ -16,6 +16,7 @@ import io
 import json
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,7 +25,7 @@ from pipeline.ingest.atomic import put_bytes, url_to_fs
 from pipeline.ingest.clean import Rejected, clean_image
 from pipeline.ingest.config import CleanConfig
 from pipeline.ingest.layout import Layout
-from pipeline.ingest.readers import RawItem, ReadOptions, read_archive, read_files, read_parquet
+from pipeline.ingest.readers import Item, RawItem, ReadOptions, read_archive, read_files, read_parquet
 from pipeline.ingest.retry import TransientFailure, is_transient
 from pipeline.ingest.sources import read_part_rows
 from pipeline.ingest.writer import write_shard
@@ -75,30 +76,31 @@ def run_stage(task: StageTask) -> dict:
 
 
 def _stage_unit(task: StageTask) -> list[dict]:
-    """Clean every input, streaming the kept candidates into the stage tar (memory: one sample, not the unit);
-    returns one row per input, with where its members lie in the tar."""
-    rows: list[dict] = []
+    """Clean every input as it arrives (fetched inputs in the order their fetches finish), streaming the kept
+    candidates into the stage tar (memory: one sample, not the unit); returns one row per input, in input order,
+    with where its members lie in the tar. An identity listed twice in the unit is staged twice, like one listed in
+    two units: dedup's source records keep the earliest that was kept (dedup.py), whichever was cleaned first."""
+    rows: dict[int, dict] = {}
+    written: list[int] = []  # positions of the staged samples, in tar order
 
     def samples():
-        keys: set[str] = set()
-        for item in _items(task):
+        for index, item in _items(task):
             row, parts = _process(item, task.clean, task.dedup)
-            if row["status"] == OK and row["key"] in keys:
-                row.update(status="duplicate_source", detail="same source identity listed twice")
-            rows.append(row)
+            rows[index] = row
             if row["status"] == OK:
-                keys.add(row["key"])
+                written.append(index)
                 yield row["key"], parts
 
-    info = write_shard(task.layout.stage_tar(task.unit), samples(), task.read.storage_options, write_index=False)
-    offsets = {key: [{"ext": c.ext, "offset": c.offset, "size": c.size} for c in comps]
-               for key, comps in zip(info.keys, info.components)}
-    for row in rows:
-        row["members"] = offsets.get(row["key"], []) if row["status"] == OK else []
-    return rows
+    info = write_shard(task.layout.stage_tar(task.unit), samples(), task.read.storage_options, write_index=False,
+                       unique_keys=False)
+    for row in rows.values():
+        row["members"] = []
+    for index, comps in zip(written, info.components):
+        rows[index]["members"] = [{"ext": c.ext, "offset": c.offset, "size": c.size} for c in comps]
+    return [rows[i] for i in sorted(rows)]
 
 
-def _items(task: StageTask):
+def _items(task: StageTask) -> Iterator[Item]:
     entries = [e for part, a, b in task.rows for e in read_part_rows(part, a, b, task.read.storage_options)]
     if task.kind == "files":
         index = {c: i for i, c in enumerate(task.classes)}

@@ -49,14 +49,16 @@ def write_shard(
     samples: Iterable[tuple[str, dict[str, bytes]]],
     storage_options: dict | None = None,
     write_index: bool = True,
+    unique_keys: bool = True,
 ) -> ShardInfo:
-    """Write `samples` (key -> {ext: bytes}) as one tar at `url`; raises ValueError on bad or repeated keys."""
+    """Write `samples` (key -> {ext: bytes}) as one tar at `url`; raises ValueError on bad or repeated keys.
+    unique_keys=False lets a key repeat: for ingest's stage tars, read by member offset, never by name."""
     keys: list[str] = []
     components: list[tuple[Component, ...]] = []
     seen: set[str] = set()
     with atomic_writer(url, storage_options) as f:
         for key, parts in samples:
-            if not _KEY_RE.match(key) or key in seen:
+            if not _KEY_RE.match(key) or (unique_keys and key in seen):
                 raise ValueError(f"bad or repeated shard key {key!r}")
             if not parts:
                 raise ValueError(f"sample {key!r} has no components")

@@ -58,7 +58,7 @@ def test_url_caption_parquet_and_url_list_through_web_faults(tmp_path):
                              "/img/3.jpg": ["slow"], "/img/10.jpg": ["reset"], "/img/dead.jpg": ["503"] * 100}.items():
             web.fail(path, faults)
         report = run_ingest(_cfg([tmp_path / "laion.parquet", tmp_path / "more.txt"], tmp_path / "out",
-                                 download_threads=4, unit_size=5, keep_staging=True, http_timeout_s=1.0))
+                                 download_threads=4, web_unit_size=5, keep_staging=True, http_timeout_s=1.0))
         assert web.requests["/img/0.jpg"] == 3 and web.requests["/img/dead.jpg"] == 3  # retried, then given up
         assert web.requests["/img/3.jpg"] == 2  # timed out at --http-timeout, then fetched
     got = verdicts(tmp_path / "out")
@@ -66,12 +66,38 @@ def test_url_caption_parquet_and_url_list_through_web_faults(tmp_path):
     parquet = str(tmp_path / "laion.parquet")
     assert rejected == {f"file://{parquet}#id=r10": "http_404", f"file://{parquet}#id=r11": "download_failed"}
     assert report["kept"] == 12
-    # The parquet file was cut into units of 5 of its rows (across its row groups of 4), the list is a fourth unit.
+    # The parquet file of URLs was cut into units of 5 of its rows (web_unit_size, across its row groups of 4), the
+    # list of URLs is a fourth unit.
     assert len(list((tmp_path / "out/_ingest/stage").glob("*.parquet"))) == 4
     samples = _samples_by_source(tmp_path / "out")
     first = samples[f"file://{parquet}#id=r0"]
     assert first["txt"] == b"caption 0" and json.loads(first["json"])["source_meta"]["url"] == urls[0]
     assert samples[f"{web.url}/img/10.jpg"]["jpg"] == files["/img/10.jpg"]  # a JPEG within limits is copied
+
+
+def test_a_unit_cleans_urls_as_they_arrive_yet_keeps_input_order(tmp_path):
+    """A URL parquet whose first row times out once: the unit cleans the rows behind it meanwhile (they lie before
+    it in the stage tar), yet its stage table is in input order. Of two rows with one identity (id r0, another URL),
+    the first listed is kept although the second was fetched and staged first: dedup's source rule, as across
+    units."""
+    files = {f"/img/{i}.jpg": _jpeg(i) for i in range(6)}
+    parquet, out = tmp_path / "laion.parquet", tmp_path / "out"
+    with FaultServer(files, slow_s=1.5) as web:
+        web.fail("/img/0.jpg", ["slow"])
+        urls = [f"{web.url}/img/{i}.jpg" for i in range(6)]
+        pq.write_table(pa.table({"url": urls, "caption": [f"c{i}" for i in range(6)],
+                                 "id": ["r0", "r1", "r2", "r0", "r4", "r5"]}), parquet)
+        report = run_ingest(_cfg([parquet], out, keep_staging=True, http_timeout_s=1.0))
+    source = f"file://{parquet}#id="
+    stage = pq.read_table(out / "_ingest/stage/unit-00000000.parquet").to_pylist()
+    assert [r["source"] for r in stage] == [source + i for i in ("r0", "r1", "r2", "r0", "r4", "r5")]
+    offsets = [r["members"][0]["offset"] for r in stage]
+    assert offsets[0] == max(offsets)  # staged last: the others were cleaned while it waited for its retry
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    assert [(r["source"], r["reason"]) for r in rejects] == [(source + "r0", "duplicate_source")]
+    assert report["kept"] == 5
+    kept = _samples_by_source(out)[source + "r0"]
+    assert kept["txt"] == b"c0" and json.loads(kept["json"])["source_meta"]["url"] == urls[0]
 
 
 def _wds_tar(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
@@ -208,7 +234,7 @@ def _fetches(n: int, lost: set[int], consumed: list[int]):
         consumed.append(i)
         f = fetch.Fetched(f"s3://b/{i}.jpg", None if i in lost else b"x", ("quarantined", "503") if i in lost else None,
                           transient=i in lost, lost=i in lost, error=ConnectionError("503") if i in lost else None)
-        yield RawItem(f.url, f.data, reject=f.reject), f
+        yield (i, RawItem(f.url, f.data, reject=f.reject)), f
 
 
 def test_a_unit_names_every_file_it_lost_and_an_outage_stops_it_early():
@@ -218,7 +244,7 @@ def test_a_unit_names_every_file_it_lost_and_an_outage_stops_it_early():
     consumed, passed = [], []
     lost = set(range(70, 300, 3))
     with pytest.raises(TransientFailure) as failure:
-        passed.extend(item.source for item in _guard_fetches(_fetches(300, lost, consumed), 3))
+        passed.extend(item.source for _, item in _guard_fetches(_fetches(300, lost, consumed), 3))
     assert failure.value.objects == tuple(f"s3://b/{i}.jpg" for i in sorted(lost)) and len(consumed) == 300
     assert passed == [f"s3://b/{i}.jpg" for i in range(64)]  # the first 64, before the first loss (at 70)
     consumed.clear()

@@ -273,3 +273,19 @@ def test_a_glob_is_listed_by_range_tasks_as_the_driver_would_expand_it(s3_bucket
     assert not (tmp_path / "none/_ingest/config.json").exists()
     fs.pipe({f"{bucket}/glob/new.gif": _image(7)})  # the corrected bucket: the same command now finds it
     assert _run([f"s3://{bucket}/glob/*.gif"], tmp_path / "none")["kept"] == 1
+
+
+def test_web_inputs_are_cut_into_longer_units():
+    """Loose files and a parquet of image bytes at unit_size; web URLs (a text list's, a url parquet's rows) at
+    web_unit_size, a run of each kind closed where the kind changes, and carried on across parts."""
+    from pipeline.ingest.plan import cut_units
+    from pipeline.ingest.sources import ListedPart
+
+    parts = [(0, ListedPart("p0", 9, 0, (("file", 3, 0), ("web_parquet", 1, 9), ("web", 5, 0)))),
+             (1, ListedPart("p1", 4, 0, (("web", 2, 0), ("parquet", 1, 5), ("file", 1, 0))))]
+    assert cut_units(parts, 2, 4) == [
+        (0, 0, 0, 0, 2, 0, 0), (0, 0, 2, 0, 3, 0, 0),  # 3 files: 2 + 1
+        (2, 0, 3, 0, 4, 0, 4), (2, 0, 3, 0, 4, 4, 8), (2, 0, 3, 0, 4, 8, 9),  # 9 URL rows: 4 + 4 + 1
+        (0, 0, 4, 0, 8, 0, 0), (0, 0, 8, 1, 2, 0, 0),  # 7 URLs over both parts: 4 + 3, until the parquet
+        (2, 1, 2, 1, 3, 0, 2), (2, 1, 2, 1, 3, 2, 4), (2, 1, 2, 1, 3, 4, 5),  # 5 image rows: 2 + 2 + 1
+        (0, 1, 3, 1, 4, 0, 0)]
