@@ -3,11 +3,12 @@
     python -m bench.ingest_stragglers                       # 400 URLs, 0% and 2% hanging, 2 s timeout, 1 worker
     python -m bench.ingest_stragglers --count 400 --hang 0 0.01 0.02 --timeout 2 --retries 5 2
     python -m bench.ingest_stragglers --count 1000 --timeout 1 --web-unit-size 250 1000   # production, scaled
+    python -m bench.ingest_stragglers --count 10000 --distinct 1000 --timeout 10          # production, as is
 
 A LAION-style parquet (url, caption) of the bench's 1-3 MP JPEGs, served over loopback HTTP by a threaded server in
 a process of its own; a fraction of the URLs (every k-th, the same ones in every run) point at a path whose request
 the server holds for --hold seconds without a byte of answer. tools/shard.py runs on it with one worker and its
-default download threads; the time is wall-clock, the rate kept images per second, next to the same run with no
+default download threads; the time is wall-clock, the rate URLs per second, next to the same run with no
 hanging URL, and the peak RSS of the shard.py process (one worker: the tasks run in it). A hanging URL costs its
 thread two timeouts and a backoff (a timed-out web URL is tried twice, whatever --retries): what it costs the run
 depends on whether the other threads, and the cleaning, go on meanwhile, and on how long a unit cleans against that
@@ -15,7 +16,8 @@ wait (a unit ends with its slowest URL).
 
 Scale: what counts is the ratio of the wait to a unit's cleaning. In production (--http-timeout 10, 10,000 URLs a
 unit at ~15 ms a core each) it is ~20.5 s to ~150 s; here, --timeout 1 (~2.3 s) with 1,000 URLs a unit at ~20 ms
-each (1 worker, the server beside it) is the same ratio.
+each (1 worker, the server beside it) is the same ratio. Or run production's own figures: 10,000 URLs (over 1,000
+distinct files: --distinct) in one unit of the default size, at the default timeout.
 """
 
 from __future__ import annotations
@@ -62,11 +64,13 @@ def serve(folder: Path, hold_s: float) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def url_table(files: list[Path], base: str, hang: float, path: Path) -> tuple[Path, int]:
-    """Every k-th URL hangs (k = 1 / hang); returns the parquet and how many hang."""
+def url_table(files: list[Path], count: int, base: str, hang: float, path: Path) -> tuple[Path, int]:
+    """`count` URLs over the files (a query string tells the copies apart: the server ignores it, shard.py's
+    identities do not); every k-th URL hangs (k = 1 / hang). Returns the parquet and how many hang."""
     every = round(1 / hang) if hang > 0 else 0
-    urls = [f"{base}/{'hang/' if every and i % every == every // 2 else ''}{f.name}" for i, f in enumerate(files)]
-    pq.write_table(pa.table({"url": urls, "caption": [f"image {f.stem}" for f in files]}), path)
+    urls = [f"{base}/{'hang/' if every and i % every == every // 2 else ''}{files[i % len(files)].name}?{i}"
+            for i in range(count)]
+    pq.write_table(pa.table({"url": urls, "caption": [f"image {i}" for i in range(count)]}), path)
     return path, sum("/hang/" in u for u in urls)
 
 
@@ -94,7 +98,9 @@ def run(urls: Path, out: Path, timeout: float, retries: int, workers: int, unit:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--count", type=int, default=400)
+    ap.add_argument("--count", type=int, default=400, help="URLs")
+    ap.add_argument("--distinct", type=int, default=0, help="distinct images behind them (0: --count); the copies "
+                    "are cleaned like the others and then dropped as exact duplicates")
     ap.add_argument("--hang", type=float, nargs="+", default=[0.0, 0.02], help="fractions of URLs that hang")
     ap.add_argument("--timeout", type=float, default=2.0, help="tools/shard.py --http-timeout, s")
     ap.add_argument("--retries", type=int, nargs="+", default=[5], help="tools/shard.py --retries")
@@ -104,8 +110,8 @@ def main() -> None:
                     "(0: its default)")
     ap.add_argument("--dump", type=Path, default=Path("/tmp/ingest_bench/dump"))
     a = ap.parse_args()
-    files = generate(a.dump, a.count)
-    print(f"{len(files)} JPEGs of 1-3 MP over loopback HTTP; tools/shard.py --workers {a.workers}, "
+    files = generate(a.dump, a.distinct or a.count)
+    print(f"{a.count} URLs of {len(files)} JPEGs of 1-3 MP over loopback HTTP; tools/shard.py --workers {a.workers}, "
           f"--http-timeout {a.timeout:g}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
     server, base = serve(a.dump, a.hold)
     tmp = Path(tempfile.mkdtemp())
@@ -114,14 +120,13 @@ def main() -> None:
             for retries in a.retries:
                 base_wall = None
                 for hang in a.hang:
-                    urls, hanging = url_table(files, base, hang, tmp / f"urls-{hang}.parquet")
+                    urls, hanging = url_table(files, a.count, base, hang, tmp / f"urls-{hang}.parquet")
                     wall, peak = run(urls, tmp / "out", a.timeout, retries, a.workers, unit)
-                    kept = len(files) - hanging
                     base_wall = wall if base_wall is None else base_wall
                     extra = wall - base_wall
                     per = f"; {extra / hanging:.2f} s more per hanging URL" if hanging else ""
                     print(f"--web-unit-size {unit or 'default'} --retries {retries}, {hang:.1%} hanging ({hanging} "
-                          f"URLs): {wall:.1f} s, {kept / wall:.1f} kept images/s ({wall / base_wall:.2f}x the run "
+                          f"URLs): {wall:.1f} s, {a.count / wall:.1f} URLs/s ({wall / base_wall:.2f}x the run "
                           f"without{per}); peak RSS {peak:.0f} MiB", flush=True)
     finally:
         server.terminate()

@@ -1,9 +1,9 @@
 """Read the raw inputs of one unit as a stream of (position in the unit, RawItem); bad content never raises.
 
 Loose files and URLs are fetched by a pool of threads (fetch.py) and come in the order their fetches finish, so a
-host that never answers holds up no other input; everything else comes in input order. Archives are read as streams (tar: `r|*`, one
-pass; zip: through the seekable fsspec file, member by member); nothing is extracted to disk and member names are
-only used as identities, so `../x` or `/etc/x` members cannot write anywhere. Members are grouped by WebDataset key
+host that never answers holds up no other input; everything else comes in input order. Archives are read as streams
+(tar: `r|*`, one pass; zip: through the seekable fsspec file, member by member); nothing is extracted to disk and
+member names are only used as identities, so `../x` or `/etc/x` members cannot write anywhere. Members are grouped by WebDataset key
 (the path up to the first dot of the basename; consecutive members): each image member is one input, and the
 group's .txt (caption), .json (source metadata) and .cls (label) members travel with it, which is how
 img2dataset, LAION and DataComp dumps carry captions. A group with no image is one "no_image" reject.
@@ -112,8 +112,8 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int) -> Iter
     If most of a unit's fetches fail (web or store: checked every 64 fetches and at the end), the fault is ours or the
     store's (network, DNS, proxy, an outage), not the objects': raise at once, naming none, so the unit is retried
     whole (and only given up whole, if a later run fails it whole again). fetch_all checks the same as fetches finish,
-    in any order: an outage costs a unit about 64 fetches with their retries (plus those running), even when a URL
-    that hangs holds up the items in input order."""
+    so an outage costs a unit about 64 fetches with their retries (plus those running); the check here also covers a
+    unit's last fetches, fewer than 64."""
     seen = failed = 0
     buffered: list[Item] = []
     lost: list[Fetched] = []
