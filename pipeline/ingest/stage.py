@@ -78,8 +78,10 @@ def run_stage(task: StageTask) -> dict:
 def _stage_unit(task: StageTask) -> list[dict]:
     """Clean every input as it arrives (fetched inputs in the order their fetches finish), streaming the kept
     candidates into the stage tar (memory: one sample, not the unit); returns one row per input, in input order,
-    with where its members lie in the tar. An identity listed twice in the unit is staged twice, like one listed in
-    two units: dedup's source records keep the earliest that was kept (dedup.py), whichever was cleaned first."""
+    with where its members lie in the tar. Of the kept inputs with one identity (listed twice, or a tar that holds a
+    member twice), the first in input order stays, whichever was cleaned first; the others are duplicate_source
+    here, their staged bytes left unreferenced: left to dedup, they could still win its pixel-hash match against a
+    later input with their pixels, which would then be lost with them (review s11)."""
     rows: dict[int, dict] = {}
     written: list[int] = []  # positions of the staged samples, in tar order
 
@@ -97,7 +99,13 @@ def _stage_unit(task: StageTask) -> list[dict]:
         row["members"] = []
     for index, comps in zip(written, info.components):
         rows[index]["members"] = [{"ext": c.ext, "offset": c.offset, "size": c.size} for c in comps]
-    return [rows[i] for i in sorted(rows)]
+    ordered, kept = [rows[i] for i in sorted(rows)], set()
+    for row in ordered:
+        if row["status"] == OK and row["key"] in kept:
+            row.update(status="duplicate_source", detail="same source identity listed twice", members=[])
+        elif row["status"] == OK:
+            kept.add(row["key"])
+    return ordered
 
 
 def _items(task: StageTask) -> Iterator[Item]:
