@@ -68,8 +68,6 @@ def fetch_all(urls: Iterable[str], max_bytes: int, storage_options: dict, policy
         index, fetched = finished.get().result()  # re-raises a bug in the fetch itself
         pending -= 1
         gate.taken(len(fetched.data or b""))
-        if gate.outage is not None:
-            check_outage(*gate.outage)  # raises: most fetches failed transiently (an outage)
         return index, fetched
 
     try:
@@ -87,35 +85,19 @@ def fetch_all(urls: Iterable[str], max_bytes: int, storage_options: dict, policy
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-LOOKAHEAD = 256  # fetches queued ahead of the one the caller waits for (a unit is 250 loose files by default)
+LOOKAHEAD = 256  # fetches queued and not yet taken by the caller (those that hang hold a place each)
 WINDOW_BYTES = 128 << 20  # fetched bytes not yet taken by the caller above which no new fetch starts
-
-
-def is_outage(seen: int, failed: int) -> bool:
-    return seen >= 8 and failed * 2 > seen
-
-
-def check_outage(seen: int, failed: int) -> None:
-    """Most of a unit's fetches failing transiently is an outage (the network, DNS, a proxy, the store), not bad
-    objects: raise, naming none, so the unit is retried whole (readers._guard_fetches)."""
-    if is_outage(seen, failed):
-        raise TransientFailure(f"fetches ({failed} of {seen} failed)", seen,
-                               ConnectionError(f"{failed} of {seen} fetches failed transiently"))
-
-
-OUTAGE_CHECK_EVERY = 64  # fetches finished between two outage checks
 
 
 class _Gate:
     """A fetch starts only while the fetched-not-taken bytes are under WINDOW_BYTES: at most WINDOW_BYTES + threads
     x max_bytes in memory. (No deadlock: bytes over the window are fetches that finished, which the caller can take.)
-    It also counts the fetches as they finish: once most of a multiple of OUTAGE_CHECK_EVERY have failed transiently
-    (an outage), no fetch starts any more and the caller's next take raises."""
+    An outage is the caller's to see (readers._guard_fetches): it stops taking, and closing this generator stops
+    every fetch that has not started."""
 
     def __init__(self) -> None:
-        self.bytes = self.done = self.failed = 0
+        self.bytes = 0
         self.stopped = False
-        self.outage: tuple[int, int] | None = None  # (fetches done, failed) when an outage was seen
         self.cond = threading.Condition()
 
     def admit(self) -> bool:
@@ -126,10 +108,6 @@ class _Gate:
     def fetched(self, fetched: Fetched) -> None:
         with self.cond:
             self.bytes += len(fetched.data or b"")
-            self.done, self.failed = self.done + 1, self.failed + fetched.transient
-            if self.done % OUTAGE_CHECK_EVERY == 0 and is_outage(self.done, self.failed) and self.outage is None:
-                self.outage, self.stopped = (self.done, self.failed), True
-                self.cond.notify_all()
 
     def taken(self, n: int) -> None:
         with self.cond:

@@ -23,6 +23,7 @@ import posixpath
 import tarfile
 import zipfile
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -30,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.ingest.atomic import url_to_fs
-from pipeline.ingest.fetch import Fetched, check_outage, fetch_all
+from pipeline.ingest.fetch import Fetched, fetch_all
 from pipeline.ingest.retry import RetryPolicy, TransientFailure
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
@@ -109,31 +110,52 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int) -> Iter
     Then the unit will not be staged: nothing more is passed on (nothing more cleaned), but the rest of the unit is
     still fetched, so that the TransientFailure raised at the end names every file of the unit that failed, and
     --give-up-quarantined gives up exactly those if they fail again in a later run.
-    If most of a unit's fetches fail (web or store: checked every 64 fetches and at the end), the fault is ours or the
-    store's (network, DNS, proxy, an outage), not the objects': raise at once, naming none, so the unit is retried
-    whole (and only given up whole, if a later run fails it whole again). fetch_all checks the same as fetches finish,
-    so an outage costs a unit about 64 fetches with their retries (plus those running); the check here also covers a
-    unit's last fetches, fewer than 64."""
-    seen = failed = 0
+    If most of the last OUTAGE_WINDOW fetches to finish failed transiently (web or store: checked every 64 and at the
+    end), the fault is ours or the store's (network, a proxy, an outage), not the objects': raise at once, naming
+    none, so the unit is retried whole (and only given up whole, if a later run fails it whole again). The window,
+    not the whole unit: an outage halfway through a 10,000-URL unit would otherwise be seen only after 5,000 more
+    failures, each a permanent download_failed reject of a URL that was fine (review s11). Items pass on 64 at a
+    time, each batch after a check; an item that failed transiently (a reject) is held until OUTAGE_WINDOW more
+    fetches have finished without an outage, so an outage's first failures are not staged as rejects either."""
+    recent: deque[bool] = deque(maxlen=OUTAGE_WINDOW)  # transient failures among the last fetches to finish
+    seen = 0
     buffered: list[Item] = []
+    held: deque[tuple[int, Item]] = deque()  # (fetches seen when it came, item) of the transient failures
     lost: list[Fetched] = []
     for item, fetched in items:
-        seen, failed = seen + 1, failed + fetched.transient
+        seen += 1
+        recent.append(fetched.transient)
         if fetched.lost:
             lost.append(fetched)
             buffered.clear()
+            held.clear()
+        elif fetched.transient and not lost:
+            held.append((seen, item))
         elif not lost:
             buffered.append(item)
         if seen % 64 == 0:
-            check_outage(seen, failed)
+            _check_outage(recent)
             yield from buffered
             buffered.clear()
-    check_outage(seen, failed)
+            while held and held[0][0] <= seen - OUTAGE_WINDOW:
+                yield held.popleft()[1]
+    _check_outage(recent)
     if lost:
         more = f" and {len(lost) - 1} other file(s)" if len(lost) > 1 else ""
         raise TransientFailure(f"read {lost[0].url}{more}", attempts, lost[-1].error or ConnectionError(),
-                               objects=tuple(f.url for f in lost))  # fewer than half the unit: the guard above
+                               objects=tuple(f.url for f in lost))  # not most of the last fetches: the guard above
     yield from buffered
+    yield from (item for _, item in held)
+
+
+OUTAGE_WINDOW = 256  # the last fetches to finish that _guard_fetches looks at for an outage
+
+
+def _check_outage(recent: deque[bool]) -> None:
+    seen, failed = len(recent), sum(recent)
+    if seen >= 8 and failed * 2 > seen:
+        raise TransientFailure(f"fetches ({failed} of the last {seen} failed)", seen,
+                               ConnectionError(f"{failed} of the last {seen} fetches failed transiently"))
 
 
 def _tar_members(url: str, opts: ReadOptions) -> Iterator[tuple[str, bytes | None, tuple[str, str] | None]]:

@@ -49,9 +49,9 @@ def test_fetches_wait_to_start_while_the_caller_holds_a_window_of_bytes(monkeypa
 
 
 def test_a_unit_stopped_by_an_outage_drops_its_queued_fetches():
-    """300 URLs that all fail (503) behind one that hangs: the fetches are counted as they finish, so the outage is
-    seen after 64 of them, although the caller is still waiting for the first URL; then no fetch starts any more and
-    the queued ones are dropped (before: the unit ran all its fetches with their retries)."""
+    """300 URLs that all fail (503) behind one that hangs: results come as they finish, so the outage is seen after
+    64 of them, while the first URL still hangs; then no fetch starts any more and the queued ones are dropped
+    (before: the unit ran all its fetches with their retries)."""
     with FaultServer({}, slow_s=3.0) as web:
         web.fail("/img/0.jpg", ["slow", "slow"])
         for i in range(1, 300):
@@ -81,3 +81,19 @@ def test_a_web_url_that_times_out_is_tried_twice_other_transient_faults_get_ever
     assert got[0].reject is not None and got[0].reject[0] == "download_failed" and web.requests["/slow.jpg"] == 2
     assert got[1].data == files["/busy.jpg"] and web.requests["/busy.jpg"] == 4
     assert got[2].data == files["/reset.jpg"] and web.requests["/reset.jpg"] == 4
+
+
+def test_an_outage_late_in_a_long_unit_is_seen_by_the_last_fetches():
+    """300 URLs served, then an outage (every request a 503): the outage is judged on the last 256 fetches to finish,
+    not the whole unit, so the unit is retried whole instead of staging 200 fine URLs as permanent rejects (review
+    s11: over the whole unit, a 10,000-URL unit's outage halfway was seen only after 5,000 more failures)."""
+    files = {f"/img/{i}.jpg": bytes([i % 256]) * 100 for i in range(300)}
+    with FaultServer(files) as web:
+        for i in range(300, 500):
+            web.fail(f"/img/{i}.jpg", ["503"] * 10)
+        opts = ReadOptions(1 << 20, None, None, {}, RetryPolicy(attempts=2, base_delay_s=0.01), 8, 1.0)
+        passed = []
+        with pytest.raises(TransientFailure, match="of the last 256 failed"):
+            for _, item in read_files([f"{web.url}/img/{i}.jpg" for i in range(500)], [-1] * 500, opts):
+                passed.append(item)
+    assert all(item.reject is None for item in passed)  # no failure of the outage was passed on as a reject
