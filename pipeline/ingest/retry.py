@@ -74,8 +74,11 @@ def is_transient(error: BaseException) -> bool:
                           http.client.RemoteDisconnected)):
         return True
     if isinstance(error, urllib.error.URLError):
-        # DNS failures and refused connections of a web server are how dead links look: permanent for that URL.
-        return isinstance(error.reason, (TimeoutError, socket.timeout, ConnectionResetError))
+        # A name that does not exist and a refused connection are how dead links look: permanent for that URL. A
+        # resolver that could not answer (EAI_AGAIN: ours, or the domain's servers, failing for now) is not.
+        reason = error.reason
+        return isinstance(reason, (TimeoutError, socket.timeout, ConnectionResetError)) or \
+            (isinstance(reason, socket.gaierror) and reason.errno == socket.EAI_AGAIN)
     if isinstance(error, OSError):
         # s3fs maps 5xx / SlowDown to OSError(EBUSY / EREMOTEIO) and unknown service errors to a bare OSError.
         return error.errno not in _PERMANENT_ERRNOS

@@ -97,3 +97,16 @@ def test_an_outage_late_in_a_long_unit_is_seen_by_the_last_fetches():
             for _, item in read_files([f"{web.url}/img/{i}.jpg" for i in range(500)], [-1] * 500, opts):
                 passed.append(item)
     assert all(item.reject is None for item in passed)  # no failure of the outage was passed on as a reject
+
+
+def test_a_name_that_does_not_exist_is_a_dead_link_a_resolver_that_cannot_answer_is_retried():
+    """A dead domain (EAI_NONAME) is a permanent reject; a resolver failing for now (EAI_AGAIN: our DNS down) is
+    transient, so a DNS outage stops the unit instead of rejecting every URL of it (review s11). The resolver's errors
+    are faked: what this machine's resolver answers depends on its setup."""
+    import socket
+    import urllib.error
+
+    from pipeline.ingest.retry import is_transient
+
+    assert is_transient(urllib.error.URLError(socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")))
+    assert not is_transient(urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known")))
