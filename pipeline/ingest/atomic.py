@@ -2,8 +2,9 @@
 
 Local filesystems: the bytes go to a hidden temporary name in the destination folder, are fsynced, then
 `os.replace`d onto the final name (rename is atomic within one filesystem). Object stores (s3, gs, ...): the bytes
-are uploaded as one object at the end; S3 only exposes an object once its (multipart) upload completes, so a killed
-upload leaves nothing at the final name. Temporary local names start with "." and contain ".tmp-", so shard globs
+are streamed (a multipart upload, block by block); S3 only exposes an object once its upload completes at close, so
+a failed write (its upload aborted) or a killed one leaves nothing at the final name. A killed process leaves its
+parts uploaded but invisible: a bucket lifecycle rule (AbortIncompleteMultipartUpload) deletes them. Temporary local names start with "." and contain ".tmp-", so shard globs
 (`shard-*.tar`) never match them; `remove_stale_temporaries` sweeps them on the next run.
 """
 
@@ -32,22 +33,27 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 def atomic_writer(url: str, storage_options: dict | None = None) -> Iterator[BinaryIO]:
     """Yield a binary file; on clean exit its content appears at `url` in one step, on error nothing appears."""
     fs, path = url_to_fs(url, storage_options)
-    if is_local(fs):
-        folder, name = os.path.split(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}{TMP_MARK}", dir=folder)
-    else:
-        # Spool to local disk rather than memory: a 5000-sample shard is hundreds of MB.
-        fd, tmp = tempfile.mkstemp(prefix=f"ingest{TMP_MARK}")
+    if not is_local(fs):
+        # Streamed, one block in memory, nothing on local disk (a 10,000-URL unit's stage tar is ~1 GB, and a node
+        # runs 64 of them): the store exposes the object only when the upload completes, at close.
+        f = fs.open(path, "wb")
+        try:
+            yield f
+        except BaseException:
+            f.discard()  # aborts the multipart upload begun, if any
+            f.closed = True  # and garbage collection must not complete it
+            raise
+        f.close()
+        return
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}{TMP_MARK}", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        if is_local(fs):
-            os.replace(tmp, path)
-        else:
-            fs.put_file(tmp, path)
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

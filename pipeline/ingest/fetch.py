@@ -90,8 +90,10 @@ WINDOW_BYTES = 128 << 20  # fetched bytes not yet taken by the caller above whic
 
 
 class _Gate:
-    """A fetch starts only while the fetched-not-taken bytes are under WINDOW_BYTES: at most WINDOW_BYTES + threads
-    x max_bytes in memory. (No deadlock: bytes over the window are fetches that finished, which the caller can take.)
+    """A fetch starts only while the fetched-not-taken bytes are under WINDOW_BYTES: in memory, at most WINDOW_BYTES
+    plus what the running fetches are receiving (threads x an image, ~64 MB at 128 threads; max_bytes each at
+    worst), plus what the caller took and holds (readers._guard_fetches: up to 64 items). (No deadlock: bytes over
+    the window are fetches that finished, which the caller can take.)
     An outage is the caller's to see (readers._guard_fetches): it stops taking, and closing this generator stops
     every fetch that has not started."""
 

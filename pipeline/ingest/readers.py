@@ -269,7 +269,10 @@ def _pick(names: list[str], explicit: str | None, candidates: tuple[str, ...]) -
 
 
 def holds_urls(schema: pa.Schema) -> bool:
-    """Whether a parquet file's rows are URLs to download (as _parquet_rows reads it without --image-column)."""
+    """Whether a parquet file's rows are URLs to download, as _parquet_rows reads it without --image-column. The
+    listing uses it to cut the file into units of web_unit_size rows; it reads no row, so a url column of store
+    paths (s3://...) counts too, and --image-column naming a non-binary column is not seen: either only changes
+    the unit size, never what is read."""
     names = schema.names
     return (_pick(names, None, _IMAGE_COLUMNS) or _first_binary(schema)) is None and \
         _pick(names, None, _URL_COLUMNS) is not None

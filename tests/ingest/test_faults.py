@@ -58,7 +58,8 @@ def test_url_caption_parquet_and_url_list_through_web_faults(tmp_path):
                              "/img/3.jpg": ["slow"], "/img/10.jpg": ["reset"], "/img/dead.jpg": ["503"] * 100}.items():
             web.fail(path, faults)
         report = run_ingest(_cfg([tmp_path / "laion.parquet", tmp_path / "more.txt"], tmp_path / "out",
-                                 download_threads=4, web_unit_size=5, keep_staging=True, http_timeout_s=1.0))
+                                 download_threads=4, unit_size=1, web_unit_size=5, keep_staging=True,
+                                 http_timeout_s=1.0))
         assert web.requests["/img/0.jpg"] == 3 and web.requests["/img/dead.jpg"] == 3  # retried, then given up
         assert web.requests["/img/3.jpg"] == 2  # timed out at --http-timeout, then fetched
     got = verdicts(tmp_path / "out")
@@ -67,7 +68,7 @@ def test_url_caption_parquet_and_url_list_through_web_faults(tmp_path):
     assert rejected == {f"file://{parquet}#id=r10": "http_404", f"file://{parquet}#id=r11": "download_failed"}
     assert report["kept"] == 12
     # The parquet file of URLs was cut into units of 5 of its rows (web_unit_size, across its row groups of 4), the
-    # list of URLs is a fourth unit.
+    # list of URLs is a fourth unit (unit_size=1 would have cut either into more, taken for image rows or files).
     assert len(list((tmp_path / "out/_ingest/stage").glob("*.parquet"))) == 4
     samples = _samples_by_source(tmp_path / "out")
     first = samples[f"file://{parquet}#id=r0"]

@@ -4,6 +4,7 @@ fetches still queued."""
 
 from __future__ import annotations
 
+import faulthandler
 import threading
 import time
 
@@ -13,6 +14,14 @@ from pipeline.ingest import fetch
 from pipeline.ingest.readers import ReadOptions, read_files
 from pipeline.ingest.retry import RetryPolicy, TransientFailure
 from tests.ingest.faults import FaultServer
+
+
+@pytest.fixture(autouse=True)
+def _watchdog():
+    """A fetch_all that deadlocks (a byte-accounting slip) must fail the run with every thread's stack, not hang it."""
+    faulthandler.dump_traceback_later(120, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 def test_a_hanging_url_holds_up_nothing_results_come_as_they_finish():
