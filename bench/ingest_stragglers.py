@@ -23,6 +23,7 @@ distinct files: --distinct) in one unit of the default size, at the default time
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -53,6 +54,9 @@ class H(http.server.SimpleHTTPRequestHandler):
             return
         super().do_GET()
 http.server.ThreadingHTTPServer.daemon_threads = True
+# A web server's accept queue, not socketserver's 5: 128 download threads connecting at once would overflow 5, and
+# the dropped connections time out as if the host were dead.
+http.server.ThreadingHTTPServer.request_queue_size = 1024
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[3])), H).serve_forever()
 """
 
@@ -83,8 +87,10 @@ _PEAK = ("import resource, runpy, sys\n"
          "    print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
 
 
-def run(urls: Path, out: Path, timeout: float, retries: int, workers: int, unit: int | None) -> tuple[float, float]:
-    """(wall seconds, peak RSS of the shard.py process in MiB)."""
+def run(urls: Path, out: Path, timeout: float, retries: int, workers: int, unit: int | None
+        ) -> tuple[float, float, dict[str, int]]:
+    """(wall seconds, peak RSS of the shard.py process in MiB, rejects by reason but the copies' duplicate_exact):
+    a URL of a live server given up on (download_failed) would make a fast run a lossy one."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-c", _PEAK, "tools/shard.py", str(urls), "--output", str(out), "--workers",
            str(workers), "--http-timeout", str(timeout), "--retries", str(retries), "--quiet"]
@@ -93,7 +99,8 @@ def run(urls: Path, out: Path, timeout: float, retries: int, workers: int, unit:
     done = subprocess.run(cmd, check=True, cwd=_REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
     peak = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("peak_rss_kb")]
-    return wall, int(peak[-1]) / 1024
+    rejected = json.loads((out / "report.json").read_text())["rejected_by_reason"]
+    return wall, int(peak[-1]) / 1024, {k: v for k, v in rejected.items() if k != "duplicate_exact"}
 
 
 def main() -> None:
@@ -121,13 +128,13 @@ def main() -> None:
                 base_wall = None
                 for hang in a.hang:
                     urls, hanging = url_table(files, a.count, base, hang, tmp / f"urls-{hang}.parquet")
-                    wall, peak = run(urls, tmp / "out", a.timeout, retries, a.workers, unit)
+                    wall, peak, rejected = run(urls, tmp / "out", a.timeout, retries, a.workers, unit)
                     base_wall = wall if base_wall is None else base_wall
                     extra = wall - base_wall
                     per = f"; {extra / hanging:.2f} s more per hanging URL" if hanging else ""
                     print(f"--web-unit-size {unit or 'default'} --retries {retries}, {hang:.1%} hanging ({hanging} "
                           f"URLs): {wall:.1f} s, {a.count / wall:.1f} URLs/s ({wall / base_wall:.2f}x the run "
-                          f"without{per}); peak RSS {peak:.0f} MiB", flush=True)
+                          f"without{per}); peak RSS {peak:.0f} MiB; rejects {rejected}", flush=True)
     finally:
         server.terminate()
         server.wait()

@@ -1,15 +1,18 @@
 """Atomic publication of files to any fsspec URL: a reader sees the whole object or nothing.
 
 Local filesystems: the bytes go to a hidden temporary name in the destination folder, are fsynced, then
-`os.replace`d onto the final name (rename is atomic within one filesystem). Object stores (s3, gs, ...): the bytes
-are streamed (a multipart upload, block by block); S3 only exposes an object once its upload completes at close, so
-a failed write (its upload aborted) or a killed one leaves nothing at the final name. A killed process leaves its
-parts uploaded but invisible: a bucket lifecycle rule (AbortIncompleteMultipartUpload) deletes them. Temporary local names start with "." and contain ".tmp-", so shard globs
-(`shard-*.tar`) never match them; `remove_stale_temporaries` sweeps them on the next run.
+`os.replace`d onto the final name (rename is atomic within one filesystem). S3 and GCS: the bytes are streamed (a
+multipart or resumable upload, block by block); the store exposes the object only once its upload completes at
+close, so a failed write (its upload aborted) or a killed one leaves nothing at the final name. A killed process
+leaves its parts uploaded but invisible (and billed): a bucket lifecycle rule (S3: AbortIncompleteMultipartUpload)
+deletes them. Other stores: spooled to local disk, uploaded as one object at the end. Temporary local names start
+with "." and contain ".tmp-", so shard globs (`shard-*.tar`) never match them; `remove_stale_temporaries` sweeps
+them on the next run.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from contextlib import contextmanager
@@ -19,6 +22,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 TMP_MARK = ".tmp-"
+log = logging.getLogger(__name__)
 
 
 def url_to_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -33,30 +37,53 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 def atomic_writer(url: str, storage_options: dict | None = None) -> Iterator[BinaryIO]:
     """Yield a binary file; on clean exit its content appears at `url` in one step, on error nothing appears."""
     fs, path = url_to_fs(url, storage_options)
-    if not is_local(fs):
-        # Streamed, one block in memory, nothing on local disk (a 10,000-URL unit's stage tar is ~1 GB, and a node
-        # runs 64 of them): the store exposes the object only when the upload completes, at close.
-        f = fs.open(path, "wb")
-        try:
-            yield f
-        except BaseException:
-            f.discard()  # aborts the multipart upload begun, if any
-            f.closed = True  # and garbage collection must not complete it
-            raise
-        f.close()
+    if set(_STREAMED) & set(_protocols(fs)):
+        yield from _streamed(fs, path)
         return
-    folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}{TMP_MARK}", dir=folder)
+    if is_local(fs):
+        folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}{TMP_MARK}", dir=folder)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=f"ingest{TMP_MARK}")  # spooled, uploaded whole at the end
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if is_local(fs):
+            os.replace(tmp, path)
+        else:
+            fs.put_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# Stores whose writes stream (block by block, one in memory, nothing on local disk: a 10,000-URL unit's stage tar is
+# ~1 GB, and a node runs 64) and expose the object only when the upload completes at close, with a discard() that
+# aborts it. Others (Azure's adlfs has no discard; memory://, sftp and hdfs show a partial file) are spooled.
+_STREAMED = ("s3", "s3a", "gs", "gcs")
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+def _streamed(fs, path: str) -> Iterator[BinaryIO]:
+    f = fs.open(path, "wb")
+    try:
+        yield f
+    except BaseException:
+        try:
+            f.discard()  # aborts the multipart upload begun, if any
+        except Exception as e:  # noqa: BLE001 - the write's own error is the one to raise
+            log.warning("could not abort the upload of %s (%s): its parts stay, invisible, until the bucket's "
+                        "lifecycle rule removes them", path, e)
+        finally:
+            f.closed = True  # garbage collection must not complete the upload
+        raise
+    f.close()
 
 
 def put_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from pipeline.ingest.atomic import url_to_fs
-from pipeline.ingest.retry import RetryPolicy, TransientFailure, http_status, is_timeout, retry
+from pipeline.ingest.retry import RetryPolicy, TransientFailure, http_status, is_timeout, is_unanswered, retry
 
 HTTP_TIMEOUT_S = 10.0  # a web URL's timeout per attempt unless configured (--http-timeout): img2dataset's default
 _USER_AGENT = "canvit-ingest/0.1 (+tools/shard.py)"
@@ -158,7 +158,7 @@ WEB_TIMEOUT_ATTEMPTS = 2
 
 
 def _web_attempts(error: BaseException) -> int:
-    return WEB_TIMEOUT_ATTEMPTS if is_timeout(error) else 1 << 30
+    return WEB_TIMEOUT_ATTEMPTS if is_timeout(error) or is_unanswered(error) else 1 << 30
 
 
 class _TooLarge(Exception):

@@ -3,9 +3,9 @@
 Loose files and URLs are fetched by a pool of threads (fetch.py) and come in the order their fetches finish, so a
 host that never answers holds up no other input; everything else comes in input order. Archives are read as streams
 (tar: `r|*`, one pass; zip: through the seekable fsspec file, member by member); nothing is extracted to disk and
-member names are only used as identities, so `../x` or `/etc/x` members cannot write anywhere. Members are grouped by WebDataset key
-(the path up to the first dot of the basename; consecutive members): each image member is one input, and the
-group's .txt (caption), .json (source metadata) and .cls (label) members travel with it, which is how
+member names are only used as identities, so `../x` or `/etc/x` members cannot write anywhere. Members are grouped
+by WebDataset key (the path up to the first dot of the basename; consecutive members): each image member is one
+input, and the group's .txt (caption), .json (source metadata) and .cls (label) members travel with it, which is how
 img2dataset, LAION and DataComp dumps carry captions. A group with no image is one "no_image" reject.
 
 Parquet files carry either image bytes (a binary column) or URLs to download (a url column and no image column:
@@ -114,13 +114,12 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int) -> Iter
     end), the fault is ours or the store's (network, a proxy, an outage), not the objects': raise at once, naming
     none, so the unit is retried whole (and only given up whole, if a later run fails it whole again). The window,
     not the whole unit: an outage halfway through a 10,000-URL unit would otherwise be seen only after 5,000 more
-    failures, each a permanent download_failed reject of a URL that was fine (review s11). Items pass on 64 at a
-    time, each batch after a check; an item that failed transiently (a reject) is held until OUTAGE_WINDOW more
-    fetches have finished without an outage, so an outage's first failures are not staged as rejects either."""
+    failures, each a permanent download_failed reject of a URL that was fine (review s11); what the unit passed on
+    before the outage was seen goes with the attempt (stage.run_stage retries the unit whole). An outage that starts
+    in a unit's last ~128 fetches is not seen: those become rejects."""
     recent: deque[bool] = deque(maxlen=OUTAGE_WINDOW)  # transient failures among the last fetches to finish
     seen = 0
     buffered: list[Item] = []
-    held: deque[tuple[int, Item]] = deque()  # (fetches seen when it came, item) of the transient failures
     lost: list[Fetched] = []
     for item, fetched in items:
         seen += 1
@@ -128,24 +127,18 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int) -> Iter
         if fetched.lost:
             lost.append(fetched)
             buffered.clear()
-            held.clear()
-        elif fetched.transient and not lost:
-            held.append((seen, item))
         elif not lost:
             buffered.append(item)
         if seen % 64 == 0:
             _check_outage(recent)
             yield from buffered
             buffered.clear()
-            while held and held[0][0] <= seen - OUTAGE_WINDOW:
-                yield held.popleft()[1]
     _check_outage(recent)
     if lost:
         more = f" and {len(lost) - 1} other file(s)" if len(lost) > 1 else ""
         raise TransientFailure(f"read {lost[0].url}{more}", attempts, lost[-1].error or ConnectionError(),
                                objects=tuple(f.url for f in lost))  # not most of the last fetches: the guard above
     yield from buffered
-    yield from (item for _, item in held)
 
 
 OUTAGE_WINDOW = 256  # the last fetches to finish that _guard_fetches looks at for an outage

@@ -53,6 +53,15 @@ def is_timeout(error: BaseException) -> bool:
     return isinstance(error, (TimeoutError, socket.timeout))
 
 
+def is_unanswered(error: BaseException) -> bool:
+    """No answer, as opposed to a refusal: a resolver that could not answer for now (EAI_AGAIN: ours failing, or a
+    dead domain's lame servers) or a network we cannot reach (ENETUNREACH). Transient, so that our DNS or network
+    failing is seen as an outage; like a timeout, a web URL gets two tries of it (fetch.WEB_TIMEOUT_ATTEMPTS)."""
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    return (isinstance(reason, socket.gaierror) and reason.errno == socket.EAI_AGAIN) or \
+        (isinstance(reason, OSError) and not isinstance(reason, socket.gaierror) and reason.errno == errno.ENETUNREACH)
+
+
 def http_status(error: BaseException) -> int | None:
     """The HTTP status an exception carries (urllib's HTTPError, aiohttp's ClientResponseError), or None."""
     for name in ("code", "status"):
@@ -74,11 +83,9 @@ def is_transient(error: BaseException) -> bool:
                           http.client.RemoteDisconnected)):
         return True
     if isinstance(error, urllib.error.URLError):
-        # A name that does not exist and a refused connection are how dead links look: permanent for that URL. A
-        # resolver that could not answer (EAI_AGAIN: ours, or the domain's servers, failing for now) is not.
-        reason = error.reason
-        return isinstance(reason, (TimeoutError, socket.timeout, ConnectionResetError)) or \
-            (isinstance(reason, socket.gaierror) and reason.errno == socket.EAI_AGAIN)
+        # A name that does not exist and a refused connection are how dead links look: permanent for that URL. No
+        # answer at all (below) is not: it is how our own resolver or network failing looks too.
+        return isinstance(error.reason, (TimeoutError, socket.timeout, ConnectionResetError)) or is_unanswered(error)
     if isinstance(error, OSError):
         # s3fs maps 5xx / SlowDown to OSError(EBUSY / EREMOTEIO) and unknown service errors to a bare OSError.
         return error.errno not in _PERMANENT_ERRNOS

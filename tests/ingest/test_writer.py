@@ -168,27 +168,46 @@ def test_a_stage_tar_in_cleaning_order_is_read_in_a_few_ranged_requests(s3_serve
     assert reads <= 3 * 2  # 3 windows of 256 rows, each one or two merged ranges
 
 
-def test_an_object_store_write_streams_and_a_failed_one_leaves_nothing(s3_bucket):
+def test_an_object_store_write_streams_and_a_failed_one_leaves_nothing(s3_bucket, monkeypatch):
     """Streamed to S3 block by block (nothing spooled to local disk: a 10,000-URL unit's stage tar is ~1 GB): 12 MB
-    in 5 MiB parts appears whole at close; a write that fails after two parts were uploaded leaves no object and no
-    open multipart upload (it was aborted, and garbage collection does not complete it)."""
+    in 5 MiB parts is a multipart upload under way before close, and appears whole at close. A write that fails
+    after two parts leaves no object and no open upload; one whose abort fails too (the same network fault, or no
+    s3:AbortMultipartUpload right) raises its own error and still leaves no object: garbage collection must not
+    complete the upload (review s11b)."""
     import gc
+
+    import s3fs
 
     from pipeline.ingest.atomic import atomic_writer
 
     so = {"default_block_size": 5 << 20}
     fs = fsspec.filesystem("s3", **so)
+    bucket = s3_bucket.removeprefix("s3://")
+
+    def uploads() -> list:
+        return fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
+
     data = os.urandom(12 << 20)
     with atomic_writer(f"{s3_bucket}/ok.bin", so) as f:
         f.write(data)
-        assert f.tell() == len(data) and not fs.exists(f"{s3_bucket}/ok.bin")  # nothing visible before close
-    assert fs.cat_file(f"{s3_bucket}/ok.bin") == data
+        assert f.tell() == len(data) and len(uploads()) == 1 and not fs.exists(f"{s3_bucket}/ok.bin")
+    assert fs.cat_file(f"{s3_bucket}/ok.bin") == data and uploads() == []
     with pytest.raises(RuntimeError, match="cleaning failed"):
         with atomic_writer(f"{s3_bucket}/bad.bin", so) as f:
+            f.write(data)
+            raise RuntimeError("cleaning failed")
+    assert uploads() == []
+
+    def abort_fails(*args, **kwargs):
+        raise ConnectionError("reset during the abort")
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "abort_mpu", abort_fails)
+    with pytest.raises(RuntimeError, match="cleaning failed"):
+        with atomic_writer(f"{s3_bucket}/worse.bin", so) as f:
             f.write(data)
             raise RuntimeError("cleaning failed")
     del f
     gc.collect()
     fs.invalidate_cache()
-    assert not fs.exists(f"{s3_bucket}/bad.bin")
-    assert fs.call_s3("list_multipart_uploads", Bucket=s3_bucket.removeprefix("s3://")).get("Uploads", []) == []
+    assert not fs.exists(f"{s3_bucket}/bad.bin") and not fs.exists(f"{s3_bucket}/worse.bin")
+    assert len(uploads()) == 1  # the one whose abort failed: invisible, for the lifecycle rule
