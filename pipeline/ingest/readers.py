@@ -26,12 +26,13 @@ import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.ingest.atomic import url_to_fs
-from pipeline.ingest.fetch import Fetched, fetch_all
+from pipeline.ingest.fetch import Fetched, fetch_all, is_web
 from pipeline.ingest.retry import RetryPolicy, TransientFailure
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
@@ -112,18 +113,22 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int) -> Iter
     --give-up-quarantined gives up exactly those if they fail again in a later run.
     If most of the last OUTAGE_WINDOW fetches to finish failed transiently (web or store: checked every 64 and at the
     end), the fault is ours or the store's (network, a proxy, an outage), not the objects': raise at once, naming
-    none, so the unit is retried whole (and only given up whole, if a later run fails it whole again). The window,
+    none, so the unit is retried whole (and only given up whole, if a later run fails it whole again). Unless those
+    failures are web URLs of fewer than OUTAGE_HOSTS hosts: a host that fails or throttles (a dump sorted by domain
+    puts hundreds of its URLs together) is that host's fault, and its URLs become rejects, not the whole unit's
+    quarantine (review s11b). The window,
     not the whole unit: an outage halfway through a 10,000-URL unit would otherwise be seen only after 5,000 more
     failures, each a permanent download_failed reject of a URL that was fine (review s11); what the unit passed on
     before the outage was seen goes with the attempt (stage.run_stage retries the unit whole). An outage that starts
     in a unit's last ~128 fetches is not seen: those become rejects."""
-    recent: deque[bool] = deque(maxlen=OUTAGE_WINDOW)  # transient failures among the last fetches to finish
+    # The last fetches to finish: (failed transiently, its web host, or None for a store object or file).
+    recent: deque[tuple[bool, str | None]] = deque(maxlen=OUTAGE_WINDOW)
     seen = 0
     buffered: list[Item] = []
     lost: list[Fetched] = []
     for item, fetched in items:
         seen += 1
-        recent.append(fetched.transient)
+        recent.append((fetched.transient, urlsplit(fetched.url).hostname if is_web(fetched.url) else None))
         if fetched.lost:
             lost.append(fetched)
             buffered.clear()
@@ -142,13 +147,19 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int) -> Iter
 
 
 OUTAGE_WINDOW = 256  # the last fetches to finish that _guard_fetches looks at for an outage
+OUTAGE_HOSTS = 8  # web hosts that must be failing for most failures of web URLs to be an outage
 
 
-def _check_outage(recent: deque[bool]) -> None:
-    seen, failed = len(recent), sum(recent)
-    if seen >= 8 and failed * 2 > seen:
-        raise TransientFailure(f"fetches ({failed} of the last {seen} failed)", seen,
-                               ConnectionError(f"{failed} of the last {seen} fetches failed transiently"))
+def _check_outage(recent: deque[tuple[bool, str | None]]) -> None:
+    failures = [host for failed, host in recent if failed]
+    seen, failed = len(recent), len(failures)
+    if seen < 8 or failed * 2 <= seen:
+        return
+    web = [host for host in failures if host is not None]
+    if web and len(web) * 2 > failed and len(set(web)) < OUTAGE_HOSTS:
+        return  # a few hosts failing: theirs, not ours
+    raise TransientFailure(f"fetches ({failed} of the last {seen} failed)", seen,
+                           ConnectionError(f"{failed} of the last {seen} fetches failed transiently"))
 
 
 def _tar_members(url: str, opts: ReadOptions) -> Iterator[tuple[str, bytes | None, tuple[str, str] | None]]:

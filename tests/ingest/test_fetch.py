@@ -16,6 +16,15 @@ from pipeline.ingest.retry import RetryPolicy, TransientFailure
 from tests.ingest.faults import FaultServer
 
 
+# Names of 127.0.0.1, each a web host of its own to the fetch layer: URLs of many hosts on one loopback server.
+_LOOPBACK = ("127.0.0.1", "localhost", "127.1", "127.0.1", "2130706433", "0x7f000001", "0177.0.0.1", "127.00.00.01",
+             "127.0.0.01")
+
+
+def _spread(base: str, path: str, i: int) -> str:
+    return f"http://{_LOOPBACK[i % len(_LOOPBACK)]}:{base.rsplit(':', 1)[1]}{path}"
+
+
 @pytest.fixture(autouse=True)
 def _watchdog():
     """A fetch_all that deadlocks (a byte-accounting slip) must fail the run with every thread's stack, not hang it."""
@@ -58,16 +67,16 @@ def test_fetches_wait_to_start_while_the_caller_holds_a_window_of_bytes(monkeypa
 
 
 def test_a_unit_stopped_by_an_outage_drops_its_queued_fetches():
-    """300 URLs that all fail (503) behind one that hangs: results come as they finish, so the outage is seen after
-    64 of them, while the first URL still hangs; then no fetch starts any more and the queued ones are dropped
-    (before: the unit ran all its fetches with their retries)."""
+    """300 URLs of 9 hosts that all fail (503) behind one that hangs: results come as they finish, so the outage is
+    seen after 64 of them, while the first URL still hangs; then no fetch starts any more and the queued ones are
+    dropped (before: the unit ran all its fetches with their retries)."""
     with FaultServer({}, slow_s=3.0) as web:
         web.fail("/img/0.jpg", ["slow", "slow"])
         for i in range(1, 300):
             web.fail(f"/img/{i}.jpg", ["503"] * 10)
         opts = ReadOptions(1 << 20, None, None, {}, RetryPolicy(attempts=3, base_delay_s=0.05), 4, 1.0)
         with pytest.raises(TransientFailure, match="failed transiently"):
-            list(read_files([f"{web.url}/img/{i}.jpg" for i in range(300)], [-1] * 300, opts))
+            list(read_files([_spread(web.url, f"/img/{i}.jpg", i) for i in range(300)], [-1] * 300, opts))
         with web.lock:
             at_stop = sum(web.requests.values())
         time.sleep(0.5)
@@ -93,17 +102,24 @@ def test_a_web_url_that_times_out_is_tried_twice_other_transient_faults_get_ever
 
 
 def test_an_outage_late_in_a_long_unit_is_seen_by_the_last_fetches():
-    """300 URLs served, then an outage (every request a 503): the outage is judged on the last 256 fetches to finish,
-    not the whole unit, so the unit fails (and is retried whole) instead of staging 200 fine URLs as permanent
-    rejects (review s11: over the whole unit, a 10,000-URL unit's outage halfway was seen only after 5,000 more
-    failures)."""
+    """300 URLs of 9 hosts served, then an outage (every request a 503): the outage is judged on the last 256 fetches
+    to finish, not the whole unit, so the unit fails (and is retried whole) instead of staging 200 fine URLs as
+    permanent rejects (review s11: over the whole unit, a 10,000-URL unit's outage halfway was seen only after 5,000
+    more failures). The same 200 failures from one host (a dump sorted by domain) are that host's: its URLs are
+    rejects and the unit goes on (review s11b: it quarantined the whole unit)."""
     files = {f"/img/{i}.jpg": bytes([i % 256]) * 100 for i in range(300)}
     with FaultServer(files) as web:
         for i in range(300, 500):
             web.fail(f"/img/{i}.jpg", ["503"] * 10)
         opts = ReadOptions(1 << 20, None, None, {}, RetryPolicy(attempts=2, base_delay_s=0.01), 8, 1.0)
         with pytest.raises(TransientFailure, match="of the last 256 failed"):
-            list(read_files([f"{web.url}/img/{i}.jpg" for i in range(500)], [-1] * 500, opts))
+            list(read_files([_spread(web.url, f"/img/{i}.jpg", i) for i in range(500)], [-1] * 500, opts))
+        one_host = [_spread(web.url, f"/img/{i}.jpg", i) for i in range(300)] + \
+            [f"{web.url}/img/{i}.jpg" for i in range(300, 500)]
+        items = dict(read_files(one_host, [-1] * 500, opts))
+    assert sorted(items) == list(range(500))
+    assert all(items[i].reject is None for i in range(300))
+    assert all(items[i].reject is not None and items[i].reject[0] == "download_failed" for i in range(300, 500))
 
 
 def test_a_name_that_does_not_exist_is_a_dead_link_a_resolver_that_cannot_answer_is_retried():
