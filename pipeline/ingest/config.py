@@ -41,7 +41,7 @@ class IngestConfig:
     unit_size: int = 250  # loose files per work unit (small: balances workers); an archive or parquet file is one
     # Inputs per unit downloaded from the web (a text list's URLs, a url + caption parquet's rows): a unit waits for
     # its slowest URL, two timeouts of a host that never answers (~20 s); 10,000 (img2dataset's shard) clean in
-    # ~150 s, which hides that wait (README, known limits).
+    # ~150 s, of which that wait is a small share (README, known limits).
     web_unit_size: int = 10_000
     dedup: str = "exact"  # "none" | "exact" | "near" (near also drops exact duplicates)
     near_threshold: int = 4  # max Hamming distance between 64-bit pHashes for "near"

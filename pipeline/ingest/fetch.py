@@ -124,7 +124,7 @@ class _Gate:
 
 def _gated(gate: _Gate, index: int, url: str, *args) -> tuple[int, Fetched]:
     if not gate.admit():
-        return index, Fetched(url, None)  # stopped (the caller has, or an outage was seen): never passed on
+        return index, Fetched(url, None)  # the caller has stopped: never passed on
     fetched = fetch_one(url, *args)
     gate.fetched(fetched)
     return index, fetched

@@ -2,10 +2,9 @@
 
 A unit given up whole could not be read, so what it holds comes from its listing rows (up to --unit-size per unit,
 --web-unit-size for a text list's URLs: a loose file or an archive is one row; a run of a parquet file's rows is one
-row, FILE#rows=LO-HI). Tasks of up to
-UNITS_PER_TASK units and ROWS_PER_TASK rows read those rows, each listing part once, and write one rejects part each
-(rejects.parquet/quarantined-NNNNNN.parquet), so the driver holds a few numbers per unit, never the rows: after an
-outage that outlasted two runs, that can be most of the inputs.
+row, FILE#rows=LO-HI). Tasks of up to UNITS_PER_TASK units and ROWS_PER_TASK rows read those rows, each listing
+part once, and write one rejects part each (rejects.parquet/quarantined-NNNNNN.parquet), so the driver holds a few
+numbers per unit, never the rows: after an outage that outlasted two runs, that can be most of the inputs.
 """
 
 from __future__ import annotations

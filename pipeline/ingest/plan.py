@@ -111,7 +111,7 @@ def cut_units(parts: list[tuple[int, ListedPart]], unit_size: int, web_unit_size
     row, parquet lo, parquet hi): runs of up to unit_size loose files (across part boundaries); each archive a
     unit of its own; each parquet file runs of unit_size of its rows. Inputs downloaded from the web (a text list's
     URLs, a parquet file of URLs) are cut at web_unit_size instead: a unit ends with its slowest URL, a dead host's
-    timeouts, which a long unit hides behind its cleaning. Units depend on the listing alone, never on the worker
+    timeouts, a small share of a long unit's cleaning. Units depend on the listing alone, never on the worker
     count or where the ranges were cut: that is what makes output independent of --workers."""
     units = []
     run_start, run_files, run_end = None, 0, None  # the open run of loose files: first (part, row), count, end

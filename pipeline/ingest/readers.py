@@ -25,7 +25,7 @@ import zipfile
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -74,11 +74,15 @@ Item = tuple[int, RawItem]  # (position in the unit's input order, the input)
 
 def read_files(urls: list[str], labels: list[int], opts: ReadOptions) -> Iterator[Item]:
     """Loose files or URLs (a listed folder or a text list), fetched ahead by threads, as they arrive."""
+    return _fetched(urls, opts, lambda i, f: RawItem(f.url, f.data, labels[i], reject=f.reject))
+
+
+def _fetched(urls: list[str], opts: ReadOptions, item_of: Callable[[int, Fetched], RawItem]) -> Iterator[Item]:
+    """item_of(position, fetched) for every URL as its fetch finishes, through _guard_fetches."""
     fetched = fetch_all(urls, opts.max_bytes, opts.storage_options, opts.policy, opts.threads, opts.give_up,
                         opts.http_timeout_s)
     try:
-        yield from _guard_fetches((((i, RawItem(f.url, f.data, labels[i], reject=f.reject)), f) for i, f in fetched),
-                                  opts.policy.attempts)
+        yield from _guard_fetches((((i, item_of(i, f)), f) for i, f in fetched), opts.policy.attempts)
     finally:
         fetched.close()  # a unit stopped early (an outage) drops its queued fetches now, not when collected
 
@@ -116,19 +120,18 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int) -> Iter
     none, so the unit is retried whole (and only given up whole, if a later run fails it whole again). Unless those
     failures are web URLs of fewer than OUTAGE_HOSTS hosts: a host that fails or throttles (a dump sorted by domain
     puts hundreds of its URLs together) is that host's fault, and its URLs become rejects, not the whole unit's
-    quarantine (review s11b). The window,
-    not the whole unit: an outage halfway through a 10,000-URL unit would otherwise be seen only after 5,000 more
-    failures, each a permanent download_failed reject of a URL that was fine (review s11); what the unit passed on
-    before the outage was seen goes with the attempt (stage.run_stage retries the unit whole). An outage that starts
-    in a unit's last ~128 fetches is not seen: those become rejects."""
-    # The last fetches to finish: (failed transiently, its web host, or None for a store object or file).
-    recent: deque[tuple[bool, str | None]] = deque(maxlen=OUTAGE_WINDOW)
+    quarantine (review s11b). The window, not the whole unit: an outage halfway through a 10,000-URL unit would
+    otherwise be seen only after 5,000 more failures, each a permanent download_failed reject of a URL that was fine
+    (review s11); what the unit passed on before the outage was seen goes with the attempt (stage.run_stage retries
+    the unit whole). An outage that starts in a unit's last ~128 fetches is not seen: those become rejects."""
+    # The last fetches to finish: None if it did not fail transiently, else its web host ("" for a store object).
+    recent: deque[str | None] = deque(maxlen=OUTAGE_WINDOW)
     seen = 0
     buffered: list[Item] = []
     lost: list[Fetched] = []
     for item, fetched in items:
         seen += 1
-        recent.append((fetched.transient, urlsplit(fetched.url).hostname if is_web(fetched.url) else None))
+        recent.append(_failing_host(fetched))
         if fetched.lost:
             lost.append(fetched)
             buffered.clear()
@@ -150,12 +153,18 @@ OUTAGE_WINDOW = 256  # the last fetches to finish that _guard_fetches looks at f
 OUTAGE_HOSTS = 8  # web hosts that must be failing for most failures of web URLs to be an outage
 
 
-def _check_outage(recent: deque[tuple[bool, str | None]]) -> None:
-    failures = [host for failed, host in recent if failed]
+def _failing_host(fetched: Fetched) -> str | None:
+    if not fetched.transient:
+        return None
+    return (urlsplit(fetched.url).hostname or "?") if is_web(fetched.url) else ""
+
+
+def _check_outage(recent: deque[str | None]) -> None:
+    failures = [host for host in recent if host is not None]
     seen, failed = len(recent), len(failures)
     if seen < 8 or failed * 2 <= seen:
         return
-    web = [host for host in failures if host is not None]
+    web = [host for host in failures if host]
     if web and len(web) * 2 > failed and len(set(web)) < OUTAGE_HOSTS:
         return  # a few hosts failing: theirs, not ours
     raise TransientFailure(f"fetches ({failed} of the last {seen} failed)", seen,
@@ -310,14 +319,8 @@ def _download_rows(records, link: str, caption: str | None, label: str | None, o
     reject."""
     rows = list(records)  # the unit's rows of the file: ~100 bytes a row
     urls = [str(rec[link] or "") for _, rec in rows]
-    fetched = fetch_all(urls, opts.max_bytes, opts.storage_options, opts.policy, opts.threads, opts.give_up,
-                        opts.http_timeout_s)
-    items = (((i, RawItem(rows[i][0], f.data, _int_or(rows[i][1].get(label), -1), _text(rows[i][1], caption),
-                          f.reject, {"url": f.url})), f) for i, f in fetched)
-    try:
-        yield from _guard_fetches(items, opts.policy.attempts)
-    finally:
-        fetched.close()
+    yield from _fetched(urls, opts, lambda i, f: RawItem(rows[i][0], f.data, _int_or(rows[i][1].get(label), -1),
+                                                         _text(rows[i][1], caption), f.reject, {"url": f.url}))
 
 
 def _records(url: str, pf: pq.ParquetFile, columns: list[str], ident: str | None, lo: int, hi: int

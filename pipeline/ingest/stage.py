@@ -95,16 +95,16 @@ def _stage_unit(task: StageTask) -> list[dict]:
 
     info = write_shard(task.layout.stage_tar(task.unit), samples(), task.read.storage_options, write_index=False,
                        unique_keys=False)
-    for row in rows.values():
-        row["members"] = []
-    for index, comps in zip(written, info.components):
-        rows[index]["members"] = [{"ext": c.ext, "offset": c.offset, "size": c.size} for c in comps]
+    staged = dict(zip(written, info.components))
     ordered, kept = [rows[i] for i in sorted(rows)], set()
-    for row in ordered:
+    for index, row in zip(sorted(rows), ordered):
+        comps = staged.get(index, ())
         if row["status"] == OK and row["key"] in kept:
-            row.update(status="duplicate_source", detail="same source identity listed twice", members=[])
+            row.update(status="duplicate_source", detail="same source identity listed twice")
+            comps = ()
         elif row["status"] == OK:
             kept.add(row["key"])
+        row["members"] = [{"ext": c.ext, "offset": c.offset, "size": c.size} for c in comps]
     return ordered
 
 
