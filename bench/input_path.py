@@ -44,7 +44,7 @@ from PIL import Image
 
 from pipeline.config import AugmentConfig, DataConfig
 from pipeline.counters import Counters
-from pipeline.loader import build_loader, slot_bytes
+from pipeline.loader import build_loader, slot_bytes, worker_slots
 from pipeline.prefetch import RetryPolicy
 from pipeline.readers import ReadSettings
 from pipeline.sampler import BatchStream, StreamClosed
@@ -114,11 +114,12 @@ def batches_from_threads(prefix: str, workers: int, batch: int):
 
 def batches_from_processes(prefix: str, workers: int, batch: int):
     """`workers` worker processes (the loader's own), batches taken from shared memory in turn; yields batch sizes."""
-    cfg = DataConfig(shards=prefix, batch_size=batch, img_size=SIZE, shuffle_buffer=0, workers=workers)
+    cfg = DataConfig(shards=prefix, batch_size=batch, img_size=SIZE, shuffle_buffer=0, workers=workers,
+                     batches_per_iteration=1)  # (the threads' rows make one batch at a time)
     plan, _ = build_plan(cfg.sources, workers, 0, {})
     specs = [WorkerSpec(plan, True, 0, w, workers, read_settings(), batch, 0, 0, cfg.augment, 2, PATCHES, SIZE, None,
                         dict(os.environ), os.getpid()) for w in range(workers)]
-    pool = WorkerPool(specs, cfg.worker_prefetch, slot_bytes(cfg, True), True, None)
+    pool = WorkerPool(specs, worker_slots(cfg), slot_bytes(cfg, True), True, None)
     try:
         while True:
             b = pool.next_batch()
@@ -142,7 +143,8 @@ def time_source(batches, samples: int, passes: int) -> list[float]:
 
 
 def time_loader(prefix: str, workers: int, batch: int, samples: int, threads: int, step_s: float = 0.0,
-                img_size: int = SIZE, shuffle_buffer: int = 0) -> tuple[float, float, float, float]:
+                img_size: int = SIZE, shuffle_buffer: int = 0,
+                per_iteration: int = DataConfig.batches_per_iteration) -> tuple[float, float, float, float]:
     """(samples/s of the whole loader, the loader thread's CPU ms per batch by the kernel's accounting of that thread,
     the same by the loader's input_cpu_s counter, the training process's CPU ms per batch with DALI's threads) over
     `samples` samples; step_s: the consumer sleeps that long per batch, as a trainer whose step is the bottleneck
@@ -150,7 +152,7 @@ def time_loader(prefix: str, workers: int, batch: int, samples: int, threads: in
     CPU too). The kernel's figure counts all the thread does, whatever the loader's own accounting leaves out (before
     this bench read it, the counter missed the thread's wait for room in the trainer's queue)."""
     cfg = DataConfig(shards=prefix, batch_size=batch, img_size=img_size, shuffle_buffer=shuffle_buffer,
-                     workers=workers, dali_threads=threads, device="cpu")
+                     workers=workers, dali_threads=threads, device="cpu", batches_per_iteration=per_iteration)
     loader = build_loader(cfg, 0, 1, torch.device("cpu"))
     it = iter(loader)
     for _ in range(2):  # warm-up: workers started, DALI's pipeline built and filled
@@ -232,6 +234,9 @@ def main() -> None:
     ap.add_argument("--shuffle-buffer", type=int, default=5000,
                     help="whole-loader rows: samples per worker's shuffle buffer (can_vit_large.yaml's; its indices "
                          "travel with every batch's stream state)")
+    ap.add_argument("--batches-per-iteration", type=int, nargs="+", default=[1, 2],
+                    help="whole-loader rows: batches DALI makes per iteration (data.batches_per_iteration); several "
+                         "values are timed in turn, pass by pass")
     ap.add_argument("--loader-batches", type=int, default=0,
                     help="batches timed per whole-loader pass (default: one pass over the images)")
     args = ap.parse_args()
@@ -263,15 +268,20 @@ def main() -> None:
                   f"{w} processes / 1 thread: {statistics.median(rows[('processes', w)]) / statistics.median(rows[('threads', min(args.workers))]):.2f}x")
         timed = args.loader_batches * args.batch or samples  # train mode: the loader goes on into further epochs
         for w in [] if args.reading_only else args.workers:
-            runs = [time_loader(prefix, w, args.batch, timed, args.dali_threads, args.step_ms / 1e3, args.img_size,
-                                args.shuffle_buffer) for _ in range(args.passes)]
-            rate, kernel, cpu, proc = (statistics.median(r[i] for r in runs) for i in range(4))
-            step = f", a {args.step_ms:.0f} ms trainer step per batch" if args.step_ms else ""
-            print(f"whole loader, {w} worker processes, DALI on the CPU ({args.dali_threads} thread){step}, "
-                  f"{args.img_size} px views, shuffle buffer {args.shuffle_buffer}: {rate:.0f} "
-                  f"two-view images/s; the loader thread's CPU {kernel:.2f} ms per batch of {args.batch} (its "
-                  f"input_cpu_s counter {cpu:.2f}); the training "
-                  f"process's CPU with DALI's threads {proc:.1f} ms per batch", flush=True)
+            runs: dict[int, list] = {k: [] for k in args.batches_per_iteration}
+            for _ in range(args.passes):  # the settings alternate, so a change in the machine's load hits all alike
+                for k in args.batches_per_iteration:
+                    runs[k].append(time_loader(prefix, w, args.batch, timed, args.dali_threads, args.step_ms / 1e3,
+                                               args.img_size, args.shuffle_buffer, k))
+            for k, r in runs.items():
+                rate, kernel, cpu, proc = (statistics.median(x[i] for x in r) for i in range(4))
+                step = f", a {args.step_ms:.0f} ms trainer step per batch" if args.step_ms else ""
+                print(f"whole loader, {w} worker processes, {k} batches per DALI iteration, DALI on the CPU "
+                      f"({args.dali_threads} thread){step}, {args.img_size} px views, shuffle buffer "
+                      f"{args.shuffle_buffer}: {rate:.0f} two-view images/s; the loader thread's CPU {kernel:.2f} ms "
+                      f"per batch of {args.batch} (passes {', '.join(f'{x[1]:.2f}' for x in r)}; its input_cpu_s "
+                      f"counter {cpu:.2f}); the training process's CPU with DALI's threads {proc:.1f} ms per batch",
+                      flush=True)
     finally:
         tmp.cleanup()
         if server is not None:

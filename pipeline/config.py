@@ -165,12 +165,21 @@ class DataConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec (e.g. s3fs client_kwargs)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where DALI decodes and augments; auto = the rank's own GPU
     dali_threads: int = 2
-    prefetch: int = 2  # batches in DALI's pipelined executor, and finished device batches queued ahead of the trainer
-    # Encoded batches a worker may have ready ahead of the trainer: its shared-memory slots. A worker that stalls for
-    # longer than this many batches (a retried read) makes an ordered loader wait.
+    prefetch: int = 2  # DALI iterations in its pipelined executor, and device batches queued ahead of the trainer
+    # Train: batches DALI makes in one iteration, from one worker (eval: 1). What the training process's thread pays
+    # per iteration (the worker's message, the feeds, scheduling, taking the outputs: ~1.5 ms on a 2-core VM) is paid
+    # once for all of them; the iteration's outputs are cut into batch_size batches (views, no copy). It changes which
+    # worker's batch comes when, never a batch's content (draws are seeded per batch), and a state saved mid-iteration
+    # resumes exactly under any value (loader.py, _record).
+    batches_per_iteration: int = 2
+    # Encoded batches a worker may have ready ahead of the trainer, in shared-memory slots of one iteration each
+    # (loader.worker_slots: this / batches_per_iteration, rounded up, and one more than DALI can hold of one worker's
+    # iterations). A worker that stalls for longer than this many batches (a retried read) makes an ordered loader
+    # wait.
     worker_prefetch: int = 4
-    # Shared-memory slot per batch = batch_size x this; a batch that does not fit (rare: huge PNGs) goes through the
-    # worker's message queue instead (counted as batches_over_slot).
+    # Shared-memory slot = batch_size x batches_per_iteration x this, reserved when the loader starts; an iteration
+    # that does not fit (rare: huge PNGs) goes through the worker's message queue instead (counted as
+    # batches_over_slot).
     slot_bytes_per_sample: int = 512 << 10
     # True: batches taken round-robin over the workers, so a restart replays the stream exactly; False: whichever
     # worker is ready first (a slow worker never holds the rank up; a restart still loses and repeats nothing, but the
@@ -189,7 +198,7 @@ class DataConfig:
         assert self.mode in ("train", "eval"), self.mode
         assert self.num_views in (1, 2), self.num_views
         assert self.img_size % self.patch_size == 0, (self.img_size, self.patch_size)
-        assert self.batch_size > 0 and self.workers > 0 and self.prefetch > 0 and self.worker_prefetch > 0
+        assert self.batch_size > 0 and self.workers > 0 and self.prefetch > 0 and self.worker_prefetch > 0 and self.batches_per_iteration > 0
 
     @property
     def num_patches(self) -> int:
@@ -200,6 +209,11 @@ class DataConfig:
         if isinstance(self.shards, str):
             return (ShardSource(self.shards),)
         return tuple(s if isinstance(s, ShardSource) else ShardSource(**s) for s in self.shards)
+
+    @property
+    def iteration_batches(self) -> int:
+        """Batches per DALI iteration in this mode: eval batches can be short, and go one at a time."""
+        return self.batches_per_iteration if self.mode == "train" else 1
 
     def with_(self, **changes: Any) -> "DataConfig":
         return replace(self, **changes)

@@ -86,15 +86,25 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor:
     return t if t.device == device else t.to(device, non_blocking=True)
 
 
+def _parts(t: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
+    """t's rows cut into `count` equal parts, as views."""
+    return (t,) if count == 1 else t.chunk(count)
+
+
 def _host_to(x: np.ndarray | list, device: torch.device, dtype: torch.dtype | None = None,
              copy: bool = False) -> torch.Tensor:
     """A small host array to `device`: pinned and non-blocking on CUDA (the copy queues on the current stream).
     copy: `x` is a view of memory that will be written again (a shared-memory slot): on the CPU the tensor gets its
     own copy (on CUDA the pinned buffer is one)."""
-    t = torch.as_tensor(x, dtype=dtype)
+    # from_numpy: as_tensor's checks of what x might be cost ~50 us of the loader's thread here, per call.
+    t = torch.from_numpy(x) if isinstance(x, np.ndarray) and dtype in (None, _TORCH_OF.get(x.dtype.str)) else \
+        torch.as_tensor(x, dtype=dtype)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.clone() if copy else t
+
+
+_TORCH_OF = {np.dtype(np.int64).str: torch.long, np.dtype(np.float32).str: torch.float32}
 
 
 class Loader:
@@ -192,9 +202,18 @@ class _Producer(threading.Thread):
         self.loader, self.cfg = loader, cfg
         saved = loader._state or {}
         self.worker_states: dict[int, Any] = {int(w): s for w, s in saved.get("workers", {}).items()}
-        self.pool = WorkerPool([self._spec(w) for w in range(cfg.workers)], cfg.worker_prefetch,
+        # Per worker, batches of its stream still to drop: those it makes again from worker_states (the state before
+        # an iteration the trainer had taken only part of when the state was saved). See _record.
+        self.skip: dict[int, int] = {int(w): int(n) for w, n in saved.get("skip", {}).items()}
+        self.pool = WorkerPool([self._spec(w) for w in range(cfg.workers)], worker_slots(cfg),
                                slot_bytes(cfg, loader.train), cfg.ordered, saved.get("position"))
-        self.out: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch))
+        # Device batches ready for the trainer, at most cfg.prefetch: a bounded queue made of two C-level queues, the
+        # batches and the free places (queue.Queue's Python-level condition variables cost this thread ~0.1 ms per
+        # batch on this VM; these a few microseconds).
+        self.out: queue.SimpleQueue = queue.SimpleQueue()
+        self.room: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(max(1, cfg.prefetch)):
+            self.room.put(None)
         self._stop_event = threading.Event()
         self.pipe = None
         self._built = threading.Event()  # set once the thread has built the pipeline (or failed to)
@@ -207,12 +226,13 @@ class _Producer(threading.Thread):
         cfg, lo = self.cfg, self.loader
         return WorkerSpec(lo.plan, lo.train, lo.rank, worker, cfg.workers, lo._settings, cfg.batch_size,
                           cfg.shuffle_buffer, cfg.seed, cfg.augment, cfg.num_views, cfg.num_patches, cfg.img_size,
-                          self.worker_states.get(worker), dict(os.environ), os.getpid())
+                          self.worker_states.get(worker), dict(os.environ), os.getpid(),
+                          group=cfg.iteration_batches)
 
     def _build_pipe(self):
         cfg, lo = self.cfg, self.loader
         if lo.train:
-            return augment.train_pipeline(cfg.batch_size, cfg.img_size, cfg.num_views, cfg.augment,
+            return augment.train_pipeline(cfg.batch_size * cfg.iteration_batches, cfg.img_size, cfg.num_views, cfg.augment,
                                           lo.dali_device_id, cfg.dali_threads, cfg.prefetch)
         return augment.eval_pipeline(cfg.batch_size, cfg.img_size, cfg.augment, lo.dali_device_id, cfg.dali_threads,
                                      cfg.prefetch)
@@ -223,10 +243,13 @@ class _Producer(threading.Thread):
         # makes room in the queue instead, so a blocked put returns at once.
         while not self._stop_event.is_set():
             try:
-                self.out.put(item, timeout=1.0)
-                return True
-            except queue.Full:
+                self.room.get(timeout=1.0)
+            except queue.Empty:
                 continue
+            if self._stop_event.is_set():  # the room close() made
+                break
+            self.out.put(item)
+            return True
         return False
 
     def wait_built(self) -> None:
@@ -253,20 +276,21 @@ class _Producer(threading.Thread):
                 self._put(e)
 
     def _run(self) -> None:
-        """Keep cfg.prefetch batches in DALI; take the oldest one's outputs; repeat. DALI's first schedule_run runs
+        """Keep cfg.prefetch iterations in DALI; take the oldest one's outputs; repeat. DALI's first schedule_run runs
         cfg.prefetch iterations, so that many are fed first (an eval pass shorter than that pads with repeats of its
         last batch, whose outputs are dropped)."""
         started = ended = False
         while not self._stop_event.is_set():
             t0 = time.thread_time()
             while not ended and len(self.inflight) < self.cfg.prefetch:
+                before = self.pool.position()
                 batch = self.pool.next_batch()
                 if batch is None:
                     ended = True
                     break
-                self._feed(batch, self._record(batch))
+                self._feed(batch, self._record(batch, before))
                 if started:
-                    self.pipe.schedule_run()
+                    augment.schedule_run(self.pipe)
             if not self.inflight:
                 self._put(None)  # eval: every worker has ended
                 return
@@ -276,32 +300,49 @@ class _Producer(threading.Thread):
                 self.pipe.schedule_run()
                 started = True
             outputs = self._outputs()
-            batch, state = self.inflight.popleft()
-            if state is None:  # padding: its slot went back with the batch it repeats
+            batch, states = self.inflight.popleft()
+            if states is None:  # padding: its slot went back with the batch it repeats
                 continue
-            result = self._to_batch(batch, outputs)  # first: it copies the mask keys out of the batch's slot
+            results = self._to_batches(batch, outputs, states)  # first: it copies the mask keys out of the slot
             self.pool.release(batch)
-            if result is not None:
+            if results:
                 self._blind_drops = 0
-            delivered = result is None or self._put((result, state))
+            delivered = all(self._put(result) for result in results)
             # The wait for room in the queue counts too: its wake-ups are this thread's CPU.
             self.loader._counters.add("input_cpu_s", time.thread_time() - t0)
             if not delivered:
                 return
 
-    def _record(self, batch: Batch) -> dict:
-        """The loader state as of this batch (it becomes the loader's state when the trainer takes the batch)."""
-        self.worker_states[batch.worker] = batch.state
-        return {"workers": dict(self.worker_states), "position": self.pool.position()}
+    def _record(self, batch: Batch, before: dict) -> list[dict | None]:
+        """The loader state as of each part of `batch` (a part's becomes the loader's state when the trainer takes
+        it); None for a part to drop (self.skip). before: the pool's position before it gave `batch`.
 
-    def _feed(self, batch: Batch, state: dict | None) -> None:
+        After the last part: every worker's state as of its last batch taken, as before iterations were grouped. After
+        an earlier part j: the state from before this iteration, with this worker's skip at j + 1. A resume restarts
+        the worker from that state, it makes the same batches again (a batch's draws are seeded by its own number),
+        and the first j + 1 of them are dropped here: exact, whatever batches_per_iteration the resumed run uses."""
+        w = batch.worker
+        earlier = {"workers": dict(self.worker_states), "position": before, "skip": dict(self.skip)}
+        skip = self.skip.pop(w, 0)
+        drop = min(skip, batch.parts)
+        if skip > drop:  # (a state saved under more batches per iteration than this run's)
+            self.skip[w] = skip - drop
+        self.worker_states[w] = batch.state
+        states: list[dict | None] = [None] * drop
+        states += [{**earlier, "skip": {**earlier["skip"], w: j + 1}} for j in range(drop, batch.parts - 1)]
+        if drop < batch.parts:
+            states.append({"workers": dict(self.worker_states), "position": self.pool.position(),
+                           "skip": dict(self.skip)})
+        return states
+
+    def _feed(self, batch: Batch, states: list[dict | None] | None) -> None:
         # no_copy: DALI reads the shared-memory slot itself; the slot is given back after this batch's outputs.
         augment.feed_images(self.pipe, self.pool.views(batch), batch.lengths)
         if batch.params is not None:
             augment.feed_params(self.pipe, batch.params)
         if batch.masks:
             feed_masks(self.pipe, batch.masks)
-        self.inflight.append((batch, state))
+        self.inflight.append((batch, states))
 
     def _outputs(self):
         """The oldest in-flight batch's outputs, bound to the stream that trains. DALI fails a whole iteration on one
@@ -318,7 +359,7 @@ class _Producer(threading.Thread):
         before it delivers that batch: that rank's stream then runs one batch apart from the interrupted run's)."""
         stream = torch.cuda.current_stream(self.loader.device) if self.loader.device.type == "cuda" else None
         try:
-            return self.pipe.share_outputs(stream)
+            return augment.share_outputs(self.pipe, stream)
         except RuntimeError as e:
             error = e
         fed = list(self.inflight)
@@ -335,49 +376,72 @@ class _Producer(threading.Thread):
             bad[0] = list(range(len(images[0])))
             log.warning("DALI rejected a batch whose images all decode with Pillow (%s): batch dropped, keys %s",
                         str(error).splitlines()[0], fed[0][0].keys)
-        for (batch, state), imgs, culprits in zip(fed, images, bad):
+        for (batch, states), imgs, culprits in zip(fed, images, bad):
             if not culprits:
-                self._feed(batch, state)
+                self._feed(batch, states)
                 continue
             bad_set = set(culprits)
             keep = [i for i in range(len(imgs)) if i not in bad_set]
-            counters = self.loader._counters if state is not None else Counters()  # padding repeats count nothing
+            counters = self.loader._counters if states is not None else Counters()  # padding repeats count nothing
             if not blind:
                 log.warning("DALI rejected a batch (%s): undecodable %s", str(error).splitlines()[0],
                             [batch.keys[i] for i in culprits])
             counters.skip("bad_batch" if blind else "decode_error", len(culprits))
             if keep and not self.loader.train:
-                self._feed(_subset(batch, keep, imgs), state)
+                self._feed(_subset(batch, keep, imgs), states)
                 continue
+            if self.loader.train:  # the iteration's other batches go on, each whole or not at all
+                size = len(batch.keys) // batch.parts
+                clean = [j for j in range(batch.parts) if not any(j * size <= i < (j + 1) * size for i in culprits)]
+                if clean:
+                    whole = [i for j in clean for i in range(j * size, (j + 1) * size)]
+                    counters.skip("bad_batch", len(keep) - len(whole))
+                    self._feed(_subset(batch, whole, imgs, clean), [states[j] for j in clean])
+                    continue
             counters.skip("bad_batch", len(keep))
             # DALI takes no empty batch: a stand-in keeps the batch's turn, and its outputs are dropped.
             stand_in = _subset(batch, [0], [_stand_in_jpeg()])
             stand_in.keys, stand_in.labels = [], stand_in.labels[:0]
-            self._feed(stand_in, state)
+            self._feed(stand_in, states)
         self.pipe.schedule_run()
         return self._outputs()
 
-    def _to_batch(self, enc: Batch, outputs) -> dict[str, Any] | None:
-        if not enc.keys:
-            return None  # every sample of the batch was bad
-        self.loader._counters.add("decoded", len(enc.keys))
+    def _to_batches(self, enc: Batch, outputs, states: list[dict | None]) -> list[tuple[dict[str, Any], dict]]:
+        """The iteration's batches to deliver, each with its state: one per part whose state is not None. Each tensor
+        is converted once for the iteration, and a part is a slice of it (a view of DALI's output, no copy)."""
+        parts = [j for j, state in enumerate(states) if state is not None]
+        if not enc.keys or not parts:
+            return []  # every sample of the batch was bad, or the whole iteration is dropped (a resume's skip)
+        n = len(enc.keys) // enc.parts  # train: every part is a full batch; eval: one part
+        self.loader._counters.add("decoded", n * len(parts))
         device, mscn = self.loader.device, self.cfg.augment.mscn
-        batch: dict[str, Any] = {"keys": enc.keys, "labels": _host_to(enc.labels, device, torch.long)}
+        labels = _host_to(enc.labels, device, torch.long)
         if not self.loader.train:
-            batch["view1"] = _to_torch(outputs[0], device)
-            return batch
-        views = len(enc.params)
-        mask_keys = _host_to(enc.mask_keys, device, copy=True)  # [V, B, L]: one copy for every view
-        for v in range(views):
-            batch[f"view{v + 1}"] = _to_torch(outputs[v], device)
-            batch[f"mask_keys{v + 1}"] = mask_keys[v]
-        if enc.masks:
-            keeps = [_to_torch(o, device) for o in outputs[views:]]
-            batch.update(mscn_batch_fields([batch[f"view{v + 1}"] for v in range(views)], keeps, enc.masks, mscn))
-        return batch
+            return [({"keys": enc.keys, "labels": labels, "view1": _to_torch(outputs[0], device)}, states[0])]
+        views, count = len(enc.params), enc.parts
+        # Each tensor cut into its parts by one call (views of it, no copy): per batch and field, a call costs the
+        # thread tens of microseconds here.
+        labels = _parts(labels, count)
+        whole = [_parts(_to_torch(outputs[v], device), count) for v in range(views)]
+        mask_keys = _host_to(enc.mask_keys, device, copy=True)  # [V, n x parts, L]: one copy for every view
+        mask_keys = mask_keys.unflatten(1, (count, n)).flatten(0, 1).unbind(0)  # [n, L] per (view, part)
+        keeps = [_parts(_to_torch(o, device), count) for o in outputs[views:]] if enc.masks else []
+        delivered = []
+        for j in parts:
+            batch: dict[str, Any] = {"keys": enc.keys if count == 1 else enc.keys[j * n:(j + 1) * n],
+                                     "labels": labels[j]}
+            for v in range(views):
+                batch[f"view{v + 1}"] = whole[v][j]
+                batch[f"mask_keys{v + 1}"] = mask_keys[v * count + j]
+            if enc.masks:
+                batch.update(mscn_batch_fields([batch[f"view{v + 1}"] for v in range(views)],
+                                               [k[j] for k in keeps], enc.masks[j], mscn))
+            delivered.append((batch, states[j]))
+        return delivered
 
     def get(self):
         item = self.out.get()
+        self.room.put(None)
         if isinstance(item, Exception):
             raise RuntimeError("data pipeline failed") from item
         return item
@@ -385,11 +449,7 @@ class _Producer(threading.Thread):
     def close(self) -> None:
         self._stop_event.set()
         self.pool.stop.set()
-        while True:  # room in the queue: a put blocked in _put returns, sees the stop event and the thread ends
-            try:
-                self.out.get_nowait()
-            except queue.Empty:
-                break
+        self.room.put(None)  # a put blocked in _put returns, sees the stop event and the thread ends
         if threading.current_thread() is not self:
             self.join(timeout=10)
         # DALI and the in-flight batches hold views of the shared-memory slots: drop them before the slots close.
@@ -411,10 +471,19 @@ def _stand_in_jpeg() -> bytes:
     return buf.getvalue()
 
 
+def worker_slots(cfg: DataConfig) -> int:
+    """A worker's shared-memory slots, one iteration each: cfg.worker_prefetch batches, and one more than DALI can
+    hold of this worker's iterations (cfg.prefetch in flight, taken from the workers in turn), so that the worker
+    always has a slot to fill. Grouping batches into iterations leaves the memory as it was (2 slots of 2 batches
+    where there were 4 of 1)."""
+    return max(-(-cfg.worker_prefetch // cfg.iteration_batches), -(-cfg.prefetch // cfg.workers) + 1)
+
+
 def slot_bytes(cfg: DataConfig, train: bool) -> int:
-    """A worker's shared-memory slot: the batch's images, then (train) its mask keys in the tail (shm_ring.py)."""
-    return cfg.batch_size * cfg.slot_bytes_per_sample + (4 * cfg.num_views * cfg.batch_size * cfg.num_patches
-                                                         if train else 0)
+    """A worker's shared-memory slot: one DALI iteration's images, then (train) its mask keys in the tail
+    (shm_ring.py)."""
+    samples = cfg.batch_size * (cfg.batches_per_iteration if train else 1)
+    return samples * cfg.slot_bytes_per_sample + (4 * cfg.num_views * samples * cfg.num_patches if train else 0)
 
 
 def _plain_stream(state: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -426,13 +495,20 @@ def _plain_stream(state: dict[str, Any] | None) -> dict[str, Any] | None:
     return {**state, "workers": workers}
 
 
-def _subset(batch: Batch, keep: list[int], images: list) -> Batch:
-    """The batch with only the samples `keep`, as inline bytes (its slot, if any, is still released once)."""
+def _subset(batch: Batch, keep: list[int], images: list, parts: list[int] | None = None) -> Batch:
+    """The batch with only the samples `keep`, as inline bytes (its slot, if any, is still released once). parts: the
+    whole parts `keep` holds, in order (a training iteration without its failed batches); None: `keep` lies in part 0
+    (an eval batch, which has one part, without its culprits; a training stand-in of one sample)."""
     train, kept = batch.params is not None, [bytes(images[i]) for i in keep]
+    if parts is None:
+        assert batch.parts == 1 or max(keep) < len(batch.keys) // batch.parts, (batch.parts, keep)
+        masks = [[[m.take(keep) for m in copies] for copies in batch.masks[0]]] if batch.masks else []
+    else:
+        masks = [batch.masks[j] for j in parts] if batch.masks else []
     return Batch(batch.worker, batch.index, [batch.keys[i] for i in keep], batch.labels[keep], batch.slot,
                  byte_lengths(kept), 0, kept, batch.params[:, keep] if train else None,
-                 batch.mask_keys[:, keep] if train else None,
-                 [[m.take(keep) for m in copies] for copies in batch.masks], batch.state, batch.counters)
+                 batch.mask_keys[:, keep] if train else None, masks, batch.state, batch.counters,
+                 parts=1 if parts is None else len(parts))
 
 
 def build_loader(cfg: DataConfig, rank: int, world_size: int, device: torch.device) -> Loader:

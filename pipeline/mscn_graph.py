@@ -12,6 +12,7 @@ view as handed out. The noise fill (view where keep, N(0, std) elsewhere) happen
 
 from __future__ import annotations
 
+import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 
@@ -47,9 +48,12 @@ def keep_masks(cfg: MSCNMaskConfig, num_views: int, size: int, on_gpu: bool) -> 
     return [keep_mask(v, c, size, on_gpu) for v in range(num_views) for c in range(num_copies(cfg, v))]
 
 
-def feed_masks(pipe: Pipeline, masks: list[list[MaskParams]]) -> None:
-    """Feed one batch's host-drawn masks ([view][copy], mscn_params.draw_batch_masks) before pipe.run()."""
-    for v, copies in enumerate(masks):
-        for c, m in enumerate(copies):
+def feed_masks(pipe: Pipeline, parts: list[list[list[MaskParams]]]) -> None:
+    """Feed one iteration's host-drawn masks before pipe.run(): per batch of the iteration, [view][copy] as
+    mscn_params.draw_batch_masks gives them; each input gets the batches' samples one after the other."""
+    for v, copies in enumerate(parts[0]):
+        for c in range(len(copies)):
             for f in _MASK_FIELDS:
-                pipe.feed_input(mask_input_name(v, c, f), getattr(m, f), layout="HWC")
+                arrays = [getattr(part[v][c], f) for part in parts]
+                pipe.feed_input(mask_input_name(v, c, f), arrays[0] if len(arrays) == 1 else np.concatenate(arrays),
+                                layout="HWC")

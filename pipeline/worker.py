@@ -65,6 +65,7 @@ class WorkerSpec:
     trainer_pid: int  # the training process: the worker ends when it is gone (killed with SIGKILL, say)
     slot_names: tuple[str, ...] = ()
     slot_bytes: int = 0
+    group: int = 1  # batches per message (one DALI iteration): DataConfig.iteration_batches
 
     @property
     def reader_id(self) -> int:
@@ -73,11 +74,12 @@ class WorkerSpec:
 
 @dataclass
 class Batch:
-    """One encoded batch. images in shared memory (slot, lengths, stride: SlotRing.write), or inline when they did not
-    fit a slot."""
+    """One DALI iteration's encoded samples: `parts` consecutive batches of one worker, each of batch_size samples
+    (train; eval: one batch, possibly short). images in shared memory (slot, lengths, stride: SlotRing.write), or
+    inline when they did not fit a slot. Arrays run over every part's samples, part by part."""
 
     worker: int
-    index: int  # the rank's batch number: k * workers + worker
+    index: int  # the rank's batch number of the first part: k * workers + worker (part j's: index + j * workers)
     keys: list[str]
     labels: np.ndarray  # int64 [n]
     slot: int | None
@@ -88,10 +90,11 @@ class Batch:
     # train: [V, B, L] float32 U[0, 1); eval: None. Travels in the slot's tail (shape in mask_keys_shape, the field
     # None on the pipe) unless the batch is inline; WorkerPool.next_batch puts it back as a view of the tail.
     mask_keys: np.ndarray | None
-    masks: list[list[MaskParams]]  # MSCN: per view, one per masked copy; else []
-    state: dict[str, Any]  # the worker's stream state after this batch
+    masks: list[list[list[MaskParams]]]  # MSCN: per part, per view, one per masked copy; else []
+    state: dict[str, Any]  # the worker's stream state after the last part
     counters: dict[str, float]  # the worker's raw counters so far
     mask_keys_shape: tuple[int, ...] | None = None
+    parts: int = 1
 
 
 @dataclass
@@ -184,11 +187,14 @@ def run_worker(spec: WorkerSpec, conn: Any, free: Any, stop: StopFlag) -> None:
         stream.start()
         threading.Thread(target=_watch, args=(stop, spec.trainer_pid, halt, stream), daemon=True).start()
         while not halt.is_set():
-            enc = stream.next_batch()
-            if enc is None:
+            encs = []
+            while len(encs) < spec.group and (enc := stream.next_batch()) is not None:
+                encs.append(enc)
+            if encs:
+                out.put(encoder(encs))
+            if len(encs) < spec.group:
                 out.put(End(spec.worker, counters.values()))
                 return
-            out.put(encoder(enc))
     except StreamClosed:
         return
     except Exception:  # a bug or an unusable source: the trainer must see it, not wait on an empty queue
@@ -236,23 +242,29 @@ class _Encoder:
                 return
         raise StreamClosed
 
-    def __call__(self, enc) -> Batch:
+    def __call__(self, encs: list) -> Batch:
+        """encs: consecutive batches of this worker's stream, one DALI iteration. Each batch's draws are seeded by its
+        own rank batch number, so a batch is the same however many share its iteration."""
         spec, mscn = self.spec, self.spec.augment.mscn
-        index = enc.index * spec.workers + spec.worker
+        indices = [enc.index * spec.workers + spec.worker for enc in encs]
         params = mask_keys = None
         if spec.train:
-            views = draw_batch(enc.sizes, spec.augment, spec.num_views, spec.num_patches, spec.seed, spec.rank, index)
-            params, mask_keys = pack_params(spec.augment, views), np.stack([v.mask_keys for v in views])
-        masks = (draw_batch_masks(len(enc.images), spec.img_size, mscn, spec.num_views, spec.seed, spec.rank, index)
-                 if spec.train and mscn is not None else [])
-        batch = Batch(spec.worker, index, enc.keys, np.asarray(enc.labels, np.int64), None, None, 0, None, params,
-                      mask_keys, masks, enc.state, {})
+            drawn = [draw_batch(enc.sizes, spec.augment, spec.num_views, spec.num_patches, spec.seed, spec.rank, i)
+                     for enc, i in zip(encs, indices)]
+            params = _joined([pack_params(spec.augment, views) for views in drawn])  # [V, n, K]
+            mask_keys = _joined([np.stack([v.mask_keys for v in views]) for views in drawn])  # [V, n, L]
+        masks = ([draw_batch_masks(len(enc.images), spec.img_size, mscn, spec.num_views, spec.seed, spec.rank, i)
+                  for enc, i in zip(encs, indices)] if spec.train and mscn is not None else [])
+        images = encs[0].images if len(encs) == 1 else [image for enc in encs for image in enc.images]
+        batch = Batch(spec.worker, indices[0], [k for enc in encs for k in enc.keys],
+                      np.asarray([label for enc in encs for label in enc.labels], np.int64), None, None, 0, None,
+                      params, mask_keys, masks, encs[-1].state, {}, parts=len(encs))
         self._acquire()
-        written = self.ring.write(self.next_slot, enc.images, mask_keys)
+        written = self.ring.write(self.next_slot, images, mask_keys)
         if written is None:  # larger than a slot: inline, pickled through the pipe. It keeps its credit
             self.counters.add("batches_over_slot")  # (the loader gives it back), so inline batches are bounded too
-            batch.images = list(enc.images)
-            batch.lengths = byte_lengths(enc.images)
+            batch.images = list(images)
+            batch.lengths = byte_lengths(images)
         else:
             batch.lengths, batch.stride = written
             if mask_keys is not None:
@@ -262,3 +274,8 @@ class _Encoder:
             batch.slot, self.next_slot = self.next_slot, (self.next_slot + 1) % len(self.ring.segments)
         batch.counters = self.counters.values()
         return batch
+
+
+def _joined(per_batch: list[np.ndarray]) -> np.ndarray:
+    """[V, n_j, ...] arrays of consecutive batches -> [V, sum n_j, ...]."""
+    return per_batch[0] if len(per_batch) == 1 else np.concatenate(per_batch, axis=1)

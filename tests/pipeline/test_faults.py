@@ -15,6 +15,7 @@ from pipeline.loader import build_loader
 from pipeline.sampler import BatchStream, _Buffered
 from pipeline.shards import build_plan
 from pipeline.stream import Sample
+from pipeline.validate import decodes_fully
 from PIL import Image
 
 from tests.pipeline.proxy import FlakyProxy
@@ -80,24 +81,32 @@ def test_dali_failure_costs_only_the_bad_sample(s3_bucket, shard_writer):
 
 def test_a_training_batch_dali_fails_is_dropped_whole_never_delivered_short(s3_bucket, shard_writer, monkeypatch):
     """Every rank's contrastive all-gather needs the same batch size: a training batch that DALI fails goes whole
-    (the culprit counted as decode_error, the rest as bad_batch), also when Pillow decodes every image of it (as
-    when the GPU decoder refuses what Pillow takes: faked here by a Pillow check that passes everything)."""
+    (the culprit counted as decode_error, the rest as bad_batch), and the other batch of its DALI iteration goes on.
+    When Pillow decodes every image (as when the GPU decoder refuses what Pillow takes: faked here by a Pillow check
+    that passes everything) nothing tells which batch failed, and the whole iteration goes."""
     good = _sample_jpeg()
     keys = shard_writer(s3_bucket + "/w", 1, 12, corrupt={"s0_005": good[: len(good) // 2]})
     cfg = _cfg(s3_bucket + "/w", validate="none", workers=1, mode="train", batch_size=4, shuffle_buffer=0)
-    for pillow_decodes_it in (False, True):
-        if pillow_decodes_it:
-            monkeypatch.setattr("pipeline.loader.decodes_fully", lambda data: True)
-        train = build_loader(cfg, 0, 1, torch.device("cpu"))
-        got = [b["keys"] for b in itertools.islice(train, 4)]
-        c = train.counters()
-        train.close()
-        # s0_004..s0_007 go with s0_005; the stream goes on into the next shard-epoch (the same shard, in order)
-        assert got == [keys[0:4], keys[8:12], keys[0:4], keys[8:12]], got
-        if pillow_decodes_it:
-            assert c["skipped_bad_batch"] >= 4 and c["skipped_decode_error"] == 0, c
-        else:
-            assert c["skipped_decode_error"] >= 1 and c["skipped_bad_batch"] >= 3, c
+    # The stream's batches: [0:4], [4:8] (holds s0_005), [8:12], then the next shard-epoch (the same shard, in order).
+    first, bad, last = keys[0:4], keys[4:8], keys[8:12]
+    for per_iteration in (1, 2):
+        for pillow_decodes_it in (False, True):
+            monkeypatch.setattr("pipeline.loader.decodes_fully", (lambda data: True) if pillow_decodes_it else
+                                decodes_fully)
+            train = build_loader(cfg.with_(batches_per_iteration=per_iteration), 0, 1, torch.device("cpu"))
+            got = [b["keys"] for b in itertools.islice(train, 4)]
+            c = train.counters()
+            train.close()
+            assert bad not in got
+            if per_iteration == 2 and pillow_decodes_it:  # iterations ([0:4], [4:8]) and ([4:8], [8:12]) go whole
+                assert got == [last, first, last, first], got
+                assert c["skipped_bad_batch"] >= 8 and c["skipped_decode_error"] == 0, c
+            else:
+                assert got == [first, last, first, last], (per_iteration, pillow_decodes_it, got)
+                if pillow_decodes_it:
+                    assert c["skipped_bad_batch"] >= 4 and c["skipped_decode_error"] == 0, c
+                else:
+                    assert c["skipped_decode_error"] >= 1 and c["skipped_bad_batch"] >= 3, c
 
 
 def test_missing_shard_is_skipped_with_a_warning(dataset, caplog):

@@ -85,9 +85,10 @@ def test_eval_is_deterministic_and_unmasked(dataset):
 
 def test_two_ranks_two_workers_read_disjoint_shards(dataset):
     """4 shards, 2 ranks x 2 worker processes: in train mode's first shard-epoch each worker owns one whole shard and
-    makes whole batches from it, the rank taking its workers' batches in turn."""
+    makes whole batches from it, the rank taking its workers' batches in turn (one batch a turn here: with two a
+    turn, as batches_per_iteration's default, both of a rank's first two batches are worker 0's)."""
     prefix, keys = dataset
-    cfg = _cfg(prefix, shuffle_buffer=0)
+    cfg = _cfg(prefix, shuffle_buffer=0, batches_per_iteration=1)
     shard_of_batch = []
     for rank in range(2):
         loader = build_loader(cfg, rank, 2, torch.device("cpu"))
@@ -174,6 +175,39 @@ def test_train_resume_is_exact(dataset, shuffle_buffer):
         plain = build_loader(cfg.with_(shuffle_buffer=0), 0, 1, torch.device("cpu"))
         assert [b["keys"] for b in _take(plain, 3)] != [b["keys"] for b in uninterrupted[:3]]
         plain.close()
+
+
+def test_batches_per_iteration_changes_which_batch_comes_when_never_a_batch(dataset):
+    """DALI makes batches_per_iteration batches of one worker per iteration. Each batch is the same whatever that
+    number (its draws are seeded by its own number): with one worker the runs are identical, with two they hold the
+    same batches in another order. A state saved in the middle of an iteration resumes exactly, under the same or
+    another number: the worker starts again from before the iteration and the batches already taken are dropped."""
+    prefix, _ = dataset
+    one = _cfg(prefix, workers=1, batches_per_iteration=1)
+    ref = build_loader(one, 0, 1, torch.device("cpu"))
+    uninterrupted = _take(ref, 8)
+    ref.close()
+    two = one.with_(batches_per_iteration=2)
+    first = build_loader(two, 0, 1, torch.device("cpu"))
+    head = _take(first, 3)
+    state = first.state_dict()
+    first.close()
+    _assert_identical(head, uninterrupted[:3])
+    assert state["stream"]["skip"] == {0: 1}  # batch 2 of 0..3 taken: its iteration's first batch is made again
+    for resumed_as in (two, one, one.with_(batches_per_iteration=3)):
+        tail, _ = _resumed(resumed_as, state, 5)
+        _assert_identical(head + tail, uninterrupted)
+    # Two workers: worker w's k-th batch is the same batch; one per turn, or two per turn.
+    taken, by_worker = {}, {}
+    for per_iteration in (1, 2):
+        loader = build_loader(one.with_(workers=2, batches_per_iteration=per_iteration), 0, 1, torch.device("cpu"))
+        taken[per_iteration] = _take(loader, 8)
+        loader.close()
+        # (worker, its batch number) of the rank's i-th batch
+        made = [(i % 2, i // 2) if per_iteration == 1 else (i // 2 % 2, i // 4 * 2 + i % 2) for i in range(8)]
+        by_worker[per_iteration] = [b for _, b in sorted(zip(made, taken[per_iteration]), key=lambda t: t[0])]
+    assert taken[2][1]["keys"] != taken[1][1]["keys"]  # worker 0's second batch, not worker 1's first
+    _assert_identical(by_worker[2], by_worker[1])
 
 
 def test_one_slow_shard_holds_up_only_an_ordered_loader(s3_server, dataset):
@@ -364,3 +398,18 @@ def test_the_signals_slurm_sends_a_whole_job_step_leave_the_loader_running(datas
         assert len(_take(loader, 20)) == 20
     finally:
         loader.close()
+
+
+def test_iterations_of_two_batches_take_the_shared_memory_of_one_batch_slots():
+    """A worker's slots hold one DALI iteration each: production's 4 workers with worker_prefetch 4 get 2 slots of 2
+    batches, the same reserved /dev/shm as 4 slots of 1. One worker gets one slot more than DALI can hold of its
+    iterations (prefetch 2), so it always has one to fill."""
+    from pipeline.loader import slot_bytes, worker_slots
+
+    cfg = DataConfig(shards="s3://b/p", workers=4, worker_prefetch=4)
+    one = cfg.with_(batches_per_iteration=1)
+    assert (worker_slots(cfg), worker_slots(one)) == (2, 4)
+    assert worker_slots(cfg) * slot_bytes(cfg, True) == worker_slots(one) * slot_bytes(one, True)
+    assert worker_slots(cfg.with_(workers=1)) == 3
+    assert worker_slots(cfg.with_(mode="eval")) == 4 and slot_bytes(cfg.with_(mode="eval"), False) == \
+        slot_bytes(one, False)

@@ -107,7 +107,7 @@ def test_dali_highpass_is_zero_on_flat_regions_and_masks_match_the_host():
     jpeg = np.frombuffer(_jpeg(img), np.uint8)
     augment.feed_images(pipe, [jpeg] * 4, [len(jpeg)] * 4)
     augment.feed_params(pipe, pack_params(aug, views))
-    feed_masks(pipe, masks)
+    feed_masks(pipe, [masks])
     out = [np.array(o.as_tensor()) for o in pipe.run()]
     assert len(out) == 2 + 3  # two views, then keep masks: view 1 x 2 copies, view 2 x 1
     for view in out[:2]:  # [4, 3, S, S] float32
