@@ -169,16 +169,18 @@ class DataConfig:
     # Train: batches DALI makes in one iteration, from one worker (eval: 1). What the training process's thread pays
     # per iteration (the worker's message, the feeds, scheduling, taking the outputs: ~1.5 ms on a 2-core VM) is paid
     # once for all of them; the iteration's outputs are cut into batch_size batches (views, no copy). It changes which
-    # worker's batch comes when, never a batch's content (draws are seeded per batch), and a state saved mid-iteration
-    # resumes exactly under any value (loader.py, _record).
+    # worker's batch comes when, not a batch's samples or draws (seeded per batch), and a state saved mid-iteration
+    # resumes exactly under any value (loader.py, _record). (On the GPU, DALI shares an iteration's JPEGs between its
+    # hardware and CUDA decoders by position, so under another value a batch's pixels may differ by decoder rounding.)
+    # Each batch is a view of its iteration's outputs, which stay on the device until both batches are gone.
     batches_per_iteration: int = 2
     # Encoded batches a worker may have ready ahead of the trainer, in shared-memory slots of one iteration each
     # (loader.worker_slots: this / batches_per_iteration, rounded up, and one more than DALI can hold of one worker's
     # iterations). A worker that stalls for longer than this many batches (a retried read) makes an ordered loader
     # wait.
     worker_prefetch: int = 4
-    # Shared-memory slot = batch_size x batches_per_iteration x this, reserved when the loader starts; an iteration
-    # that does not fit (rare: huge PNGs) goes through the worker's message queue instead (counted as
+    # Shared-memory slot = batch_size x this x batches_per_iteration (train), reserved when the loader starts; an
+    # iteration whose images do not fit (rare: huge PNGs) goes through the worker's message queue instead (counted as
     # batches_over_slot).
     slot_bytes_per_sample: int = 512 << 10
     # True: batches taken round-robin over the workers, so a restart replays the stream exactly; False: whichever

@@ -21,9 +21,11 @@ Where the work happens:
   and draw each batch's augmentation parameters and mask keys (view_params.py, from (seed, rank, batch index));
   a batch's encoded images reach this process through shared memory (shm_ring.py).
 - In this process, one producer thread feeds DALI views of those bytes (no copy) and the parameters, with DALI's
-  asynchronous pipelined executor running cfg.prefetch batches ahead (augment.py), and hands DALI's outputs to torch
-  without a copy (DLPack), bound to the stream that trains; labels and mask keys go to the GPU as pinned,
-  non-blocking copies. The trainer's time blocked on the next batch is the wait_s counter.
+  asynchronous pipelined executor running cfg.prefetch iterations ahead (augment.py), and hands DALI's outputs to
+  torch without a copy (DLPack), bound to the stream that trains; labels and mask keys go to the GPU as pinned,
+  non-blocking copies. In training an iteration is cfg.batches_per_iteration batches of one worker, cut into batches
+  here (views): this thread's cost per iteration is paid once for all of them. The trainer's time blocked on the next
+  batch is the wait_s counter.
 Train and eval both resume exactly from state_dict() (pipeline/README.md, "Resume"). With MSCN masking
 (cfg.augment.mscn) the views are high-passed and masked: the workers also draw the masks (mscn_params.py), DALI builds
 them, and the noise fill runs here on `device` from host-drawn seeds (mscn_fill.py).
@@ -45,7 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import augment
+from pipeline import augment, dali_calls
 from pipeline.config import DataConfig
 from pipeline.counters import Counters
 from pipeline.mscn_fill import mscn_batch_fields
@@ -194,7 +196,8 @@ class Loader:
 
 
 class _Producer(threading.Thread):
-    """Owns the worker pool and the DALI pipeline; turns encoded batches into device batches, cfg.prefetch ahead."""
+    """Owns the worker pool and the DALI pipeline; turns encoded batches into device batches, cfg.prefetch DALI
+    iterations ahead."""
 
     def __init__(self, loader: Loader):
         super().__init__(name=f"dali-producer-rank{loader.rank}", daemon=True)
@@ -218,8 +221,9 @@ class _Producer(threading.Thread):
         self.pipe = None
         self._built = threading.Event()  # set once the thread has built the pipeline (or failed to)
         self._build_error: Exception | None = None
-        self.inflight: collections.deque[tuple[Batch, dict]] = collections.deque()  # fed to DALI, outputs not taken
-        self._blind_drops = 0  # batches dropped in a row for a DALI failure no Pillow decode explains
+        # Fed to DALI, outputs not taken: each iteration with its parts' states (_record), or None for eval padding.
+        self.inflight: collections.deque[tuple[Batch, list[dict | None] | None]] = collections.deque()
+        self._blind_drops = 0  # iterations dropped in a row for a DALI failure no Pillow decode explains
         self.start()
 
     def _spec(self, worker: int) -> WorkerSpec:
@@ -290,7 +294,7 @@ class _Producer(threading.Thread):
                     break
                 self._feed(batch, self._record(batch, before))
                 if started:
-                    augment.schedule_run(self.pipe)
+                    dali_calls.schedule_run(self.pipe)
             if not self.inflight:
                 self._put(None)  # eval: every worker has ended
                 return
@@ -345,21 +349,22 @@ class _Producer(threading.Thread):
         self.inflight.append((batch, states))
 
     def _outputs(self):
-        """The oldest in-flight batch's outputs, bound to the stream that trains. DALI fails a whole iteration on one
-        bad image, and then the pipeline: it is rebuilt and the in-flight batches fed again without the culprits,
-        found by a full Pillow decode, dropped and counted (decode_error). In training a batch that had a culprit is
-        dropped whole (its other samples counted as bad_batch), never delivered short: every rank's contrastive
-        all-gather needs the same batch size, and a rank with 63 of 64 would break the collective for all ranks.
-        In evaluation only the culprits go. When Pillow decodes every image (the GPU decoder can refuse what Pillow
-        takes), the oldest batch, whose outputs failed, is dropped whole, its keys logged; a failure that does not go
-        away with the batches (not the data's fault: a device error) is raised after _MAX_BLIND_DROPS such drops with
-        no batch delivered between them (the stand-ins fed in their place may well succeed: they do not count).
-        Either way the drop is deterministic for data faults, so an exact resume that replays the batch drops it
-        again rather than crash-looping on it (after a one-off device failure, which cost a batch, a resume from
-        before it delivers that batch: that rank's stream then runs one batch apart from the interrupted run's)."""
+        """The oldest in-flight iteration's outputs, bound to the stream that trains. DALI fails a whole iteration on
+        one bad image, and then the pipeline: it is rebuilt and the in-flight iterations fed again without the
+        culprits, found by a full Pillow decode, dropped and counted (decode_error). In training a batch that had a
+        culprit is dropped whole (its other samples counted as bad_batch), never delivered short: every rank's
+        contrastive all-gather needs the same batch size, and a rank with 63 of 64 would break the collective for all
+        ranks; the other batches of its iteration go on. In evaluation only the culprits go. When Pillow decodes every
+        image (the GPU decoder can refuse what Pillow takes), nothing tells which batch failed: the oldest iteration,
+        whose outputs failed, is dropped whole, its keys logged; a failure that does not go away with the data (not
+        the data's fault: a device error) is raised after _MAX_BLIND_DROPS such drops with no batch delivered between
+        them (the stand-ins fed in their place may well succeed: they do not count). Either way the drop is
+        deterministic for data faults, so an exact resume that replays the iteration drops it again rather than
+        crash-looping on it (after a one-off device failure, which cost an iteration, a resume from before it
+        delivers it: that rank's stream then runs an iteration apart from the interrupted run's)."""
         stream = torch.cuda.current_stream(self.loader.device) if self.loader.device.type == "cuda" else None
         try:
-            return augment.share_outputs(self.pipe, stream)
+            return dali_calls.share_outputs(self.pipe, stream)
         except RuntimeError as e:
             error = e
         fed = list(self.inflight)
@@ -371,7 +376,7 @@ class _Producer(threading.Thread):
         if blind:
             self._blind_drops += 1
             if self._blind_drops > _MAX_BLIND_DROPS:
-                raise RuntimeError(f"DALI failed {self._blind_drops} batches in a row whose images all decode with "
+                raise RuntimeError(f"DALI failed {self._blind_drops} iterations in a row whose images all decode with "
                                    "Pillow, and delivered none between them: not a data fault") from error
             bad[0] = list(range(len(images[0])))
             log.warning("DALI rejected a batch whose images all decode with Pillow (%s): batch dropped, keys %s",
@@ -452,20 +457,26 @@ class _Producer(threading.Thread):
         self.room.put(None)  # a put blocked in _put returns, sees the stop event and the thread ends
         if threading.current_thread() is not self:
             self.join(timeout=10)
+        while True:  # batches the trainer will not take: their device memory goes now
+            try:
+                self.out.get_nowait()
+            except queue.Empty:
+                break
         # DALI and the in-flight batches hold views of the shared-memory slots: drop them before the slots close.
         self.inflight.clear()
         self.pipe = None
         self.pool.close()
 
 
-# Batches DALI may fail in a row, every image decoding with Pillow and none delivered between them, before the loader
+# Iterations DALI may fail in a row, every image decoding with Pillow and none delivered between them, before the loader
 # calls it a device fault: a rank that would otherwise deliver nothing, for ever, while the others wait for it.
 _MAX_BLIND_DROPS = 16
 
 
 @functools.cache
 def _stand_in_jpeg() -> bytes:
-    """A valid 16 x 16 JPEG, fed in place of a batch none of whose images DALI decodes."""
+    """A valid 16 x 16 JPEG, fed in place of an iteration none of whose batches can go on (DALI takes no empty
+    batch)."""
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (128, 128, 128)).save(buf, format="JPEG")
     return buf.getvalue()
@@ -474,8 +485,10 @@ def _stand_in_jpeg() -> bytes:
 def worker_slots(cfg: DataConfig) -> int:
     """A worker's shared-memory slots, one iteration each: cfg.worker_prefetch batches, and one more than DALI can
     hold of this worker's iterations (cfg.prefetch in flight, taken from the workers in turn), so that the worker
-    always has a slot to fill. Grouping batches into iterations leaves the memory as it was (2 slots of 2 batches
-    where there were 4 of 1)."""
+    always has a slot to fill (with fewer slots than that, a worker with worker_prefetch 1 and prefetch 2 never
+    started: the loader waited for its second batch, the worker for a free slot). With workers >= prefetch grouping
+    batches into iterations leaves the memory as it was (production: 2 slots of 2 batches where there were 4 of 1);
+    one worker gets 3 slots of 2 batches."""
     return max(-(-cfg.worker_prefetch // cfg.iteration_batches), -(-cfg.prefetch // cfg.workers) + 1)
 
 

@@ -17,6 +17,7 @@ from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 
 from pipeline.config import MSCNMaskConfig
+from pipeline.dali_calls import feed_array
 from pipeline.mscn_params import MaskParams, num_copies
 
 _MASK_FIELDS = ("grid", "rows", "cols")  # MaskParams fields fed per copy, all [.., .., 3] uint8 HWC
@@ -55,5 +56,5 @@ def feed_masks(pipe: Pipeline, parts: list[list[list[MaskParams]]]) -> None:
         for c in range(len(copies)):
             for f in _MASK_FIELDS:
                 arrays = [getattr(part[v][c], f) for part in parts]
-                pipe.feed_input(mask_input_name(v, c, f), arrays[0] if len(arrays) == 1 else np.concatenate(arrays),
-                                layout="HWC")
+                feed_array(pipe, mask_input_name(v, c, f), arrays[0] if len(arrays) == 1 else np.concatenate(arrays),
+                           "HWC")

@@ -3,15 +3,16 @@ parameters, and hands the encoded batch to the training process through shared m
 
 Everything per sample happens here, in processes of their own with their own GIL (reading, tar parsing and validation
 cost ~100-400 us per sample, which at 2,500 images/s would fill one GIL, the trainer's): the training process only
-receives one message per batch (its mask keys and parameters: ~100 KB at ViT-B/16 with batch 64), gives DALI views
-of the shared-memory slot, and dispatches GPU work. This module imports no torch, and workers do not import the
+receives one message per DALI iteration (spec.group batches; their mask keys, ~100 KB a batch at ViT-B/16 with batch
+64, lie in the slot), gives DALI views of the shared-memory slot, and dispatches GPU work. This module imports no torch, and workers do not import the
 trainer's __main__ (worker_pool._main_module_hidden), so a worker starts in a fraction of a second (forked from a
 preloaded forkserver) and holds ~90 MB, not ~450.
 
 Worker w of rank r reads shards as reader r * W + w (shards.ShardPlan) and makes that stream's batches k = 0, 1, ...;
 its batch k is the rank's batch k * W + w: the number that seeds the batch's augmentation (view_params.py), so a batch
-is the same whichever order the training process takes them in. The worker's stream state after each batch travels
-with it: the loader's checkpoint holds each worker's state as of the last batch the trainer took.
+is the same whichever order the training process takes them in, and however many share a DALI iteration. The worker's
+stream state after each iteration travels with it: the loader's checkpoint holds each worker's state as of the last
+iteration the trainer took whole, and how many batches of the next it took (loader._Producer._record).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class Batch:
     inline when they did not fit a slot. Arrays run over every part's samples, part by part."""
 
     worker: int
-    index: int  # the rank's batch number of the first part: k * workers + worker (part j's: index + j * workers)
+    index: int  # the rank's batch number of the message's first batch: k * workers + worker (its j-th: + j * workers)
     keys: list[str]
     labels: np.ndarray  # int64 [n]
     slot: int | None
@@ -163,9 +164,10 @@ class _Sender:
 
 def run_worker(spec: WorkerSpec, conn: Any, free: Any, stop: StopFlag) -> None:
     """The worker's main: conn = the writing end of its pipe to the loader (the worker holds the only one, so its
-    death reads as the end of the pipe there), free = a semaphore of this worker's credits, one per batch sent and
-    not yet done with (the loader releases one per batch, slotted or inline, in the order it got them; so at most
-    `slots` batches are in flight, and the slot written next is always free), stop = set when the loader closes."""
+    death reads as the end of the pipe there), free = a semaphore of this worker's credits, one per message (an
+    iteration of spec.group batches) sent and not yet done with (the loader releases one per message, slotted or
+    inline, in the order it got them; so at most `slots` iterations are in flight, and the slot written next is
+    always free), stop = set when the loader closes."""
     for s in IGNORED_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     os.environ.clear()
@@ -262,7 +264,7 @@ class _Encoder:
         self._acquire()
         written = self.ring.write(self.next_slot, images, mask_keys)
         if written is None:  # larger than a slot: inline, pickled through the pipe. It keeps its credit
-            self.counters.add("batches_over_slot")  # (the loader gives it back), so inline batches are bounded too
+            self.counters.add("batches_over_slot", len(encs))  # (the loader gives it back): inline ones are bounded
             batch.images = list(images)
             batch.lengths = byte_lengths(images)
         else:
@@ -270,7 +272,7 @@ class _Encoder:
             if mask_keys is not None:
                 batch.mask_keys, batch.mask_keys_shape = None, mask_keys.shape
             if batch.stride == 0:  # one image far above the rest: a list feed, ~0.4 ms more of the trainer's CPU
-                self.counters.add("batches_packed")
+                self.counters.add("batches_packed", len(encs))
             batch.slot, self.next_slot = self.next_slot, (self.next_slot + 1) % len(self.ring.segments)
         batch.counters = self.counters.values()
         return batch

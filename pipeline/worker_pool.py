@@ -218,8 +218,8 @@ class WorkerPool:
     def release(self, batch: Batch) -> None:
         """The loader is done with `batch` (DALI has produced its outputs, and the mask keys, a view of the slot's
         tail, have been copied out): its worker's credit, and with it its slot if it had one, comes back. Inline
-        batches hold a credit too, so a worker whose batches do not fit its slots still runs at most `slots` batches
-        ahead."""
+        messages hold a credit too, so a worker whose iterations do not fit its slots still runs at most `slots`
+        iterations ahead."""
         self.free[batch.worker].release()
 
     def views(self, batch: Batch) -> np.ndarray | list[np.ndarray]:
@@ -247,6 +247,9 @@ class WorkerPool:
                 log.warning("loader worker %s did not stop in time: killed", p.name)
                 p.kill()  # workers ignore SIGTERM (worker.IGNORED_SIGNALS)
                 p.join(timeout=5)
+        for fd in self.by_fd:  # a poll left running elsewhere must not see a closed pipe's fd number reused
+            self.poller.unregister(fd)
+        self.by_fd.clear()
         for conn in self.conns:
             conn.close()
         for ring in self.rings:

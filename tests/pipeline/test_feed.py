@@ -1,4 +1,4 @@
-"""augment.feed_array, schedule_run and share_outputs: DALI's backend calls without the public calls' per-call Python
+"""dali_calls.feed_array, schedule_run and share_outputs: DALI's backend calls without the public calls' per-call Python
 (feed_input's checks, a class defined per scheduled call). They must do what the public calls do, and refuse what the
 backend would accept and fail on later."""
 
@@ -7,8 +7,8 @@ import pytest
 from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 
-from pipeline import augment
-from pipeline.augment import feed_array
+from pipeline import dali_calls
+from pipeline.dali_calls import feed_array
 
 
 def _pipe(batch: int) -> Pipeline:
@@ -27,7 +27,7 @@ def _run(feed, batches: list[tuple[np.ndarray, np.ndarray]], schedule=Pipeline.s
     pipe, out = pipe or _pipe(4), []
     for x, n in batches[:2]:
         feed(pipe, "x", x), feed(pipe, "n", n)
-    pipe.schedule_run()  # the first one prefetches: always the public call (augment.schedule_run passes it on)
+    pipe.schedule_run()  # the first one prefetches: always the public call (dali_calls.schedule_run passes it on)
     for i in range(len(batches)):
         (tl,) = share(pipe)
         out.append([np.array(t) for t in tl])
@@ -73,20 +73,20 @@ def test_direct_schedule_run_and_share_outputs_do_what_the_public_calls_do():
     batches = [(rng.random((4, 6), dtype=np.float32), rng.integers(1, 7, (4, 1)).astype(np.int32)) for _ in range(5)]
     public = _run(feed_array, batches)
     pipe = _pipe(4)
-    direct = _run(feed_array, batches, augment.schedule_run, augment.share_outputs, pipe)
-    assert augment._direct(pipe)  # the direct calls really ran
+    direct = _run(feed_array, batches, dali_calls.schedule_run, dali_calls.share_outputs, pipe)
+    assert dali_calls._direct(pipe)  # the direct calls really ran
     for got, want in zip(direct, public, strict=True):
         for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(g, w)
     # The bookkeeping is the public calls': every iteration consumed, and one more is refused as the public call does.
     assert pipe._batches_to_consume == 0
     with pytest.raises(StopIteration):
-        augment.share_outputs(pipe)
+        dali_calls.share_outputs(pipe)
     with pytest.raises(StopIteration):
         pipe.share_outputs()
     # Mixed in either order, the two keep one count.
-    mixed = _run(feed_array, batches, augment.schedule_run, Pipeline.share_outputs)
-    mixed2 = _run(feed_array, batches, Pipeline.schedule_run, augment.share_outputs)
+    mixed = _run(feed_array, batches, dali_calls.schedule_run, Pipeline.share_outputs)
+    mixed2 = _run(feed_array, batches, Pipeline.schedule_run, dali_calls.share_outputs)
     for got in (mixed, mixed2):
         for g, w in zip(got, public, strict=True):
             np.testing.assert_array_equal(g[0], w[0])
@@ -94,8 +94,8 @@ def test_direct_schedule_run_and_share_outputs_do_what_the_public_calls_do():
 
 def test_a_pipeline_not_yet_started_gets_the_public_calls():
     pipe = _pipe(4)
-    assert not augment._direct(pipe)  # before its first schedule_run, which prefetches
+    assert not dali_calls._direct(pipe)  # before its first schedule_run, which prefetches
     for _ in range(2):
         feed_array(pipe, "x", np.ones((4, 3), np.float32)), feed_array(pipe, "n", np.full((4, 1), 2, np.int32))
-    augment.schedule_run(pipe)  # passed on to the public call: it runs both fed iterations
-    assert pipe._batches_to_consume == 2 and augment._direct(pipe)
+    dali_calls.schedule_run(pipe)  # passed on to the public call: it runs both fed iterations
+    assert pipe._batches_to_consume == 2 and dali_calls._direct(pipe)

@@ -4,6 +4,7 @@ augmentation give the CPU path's batches, pixel for pixel up to decoder and resa
 from __future__ import annotations
 
 import io
+import itertools
 
 import numpy as np
 import pytest
@@ -42,10 +43,11 @@ def photo_shards(tmp_path_factory) -> str:
     return str(root) + "/"
 
 
-def _first(cfg: DataConfig, device: torch.device) -> tuple[dict, dict]:
+def _first(cfg: DataConfig, device: torch.device, n: int = 1) -> tuple[dict | list[dict], dict]:
     loader = build_loader(cfg, 0, 1, device)
     try:
-        return next(iter(loader)), loader.counters()
+        batches = list(itertools.islice(loader, n))
+        return (batches[0] if n == 1 else batches), loader.counters()
     finally:
         loader.close()
 
@@ -53,19 +55,24 @@ def _first(cfg: DataConfig, device: torch.device) -> tuple[dict, dict]:
 def test_train_batches_on_cuda_equal_the_cpu_ones(photo_shards):
     """Every random number of a batch is host-drawn from (seed, rank, batch index), so the GPU pipeline crops, jitters,
     blurs and flips exactly as the CPU one: the views agree pixel for pixel up to rounding (the colour twist and the
-    blur amplify the decoders' differences a little), in the rank's own GPU, as DLPack tensors torch owns."""
+    blur amplify the decoders' differences a little), in the rank's own GPU, as DLPack tensors torch owns. Both
+    batches of the first DALI iteration (batches_per_iteration 2): the second is a slice of the iteration's outputs."""
     cfg = DataConfig(shards=photo_shards, batch_size=8, img_size=64, patch_size=8, workers=1, dali_threads=2,
-                     shuffle_buffer=0, device="cuda")
-    gpu, counters = _first(cfg, torch.device("cuda", torch.cuda.current_device()))
-    cpu, _ = _first(cfg.with_(device="cpu"), torch.device("cpu"))
-    assert gpu["keys"] == cpu["keys"]
-    for key in ("view1", "view2", "mask_keys1", "mask_keys2", "labels"):
-        assert gpu[key].device.type == "cuda", key
-        assert gpu[key].shape == cpu[key].shape and gpu[key].dtype == cpu[key].dtype, key
-    assert torch.equal(gpu["mask_keys1"].cpu(), cpu["mask_keys1"]) and torch.equal(gpu["labels"].cpu(), cpu["labels"])
-    for key in ("view1", "view2"):
-        diff = (gpu[key].cpu() - cpu[key]).abs()
-        assert diff.mean() < 0.05 and diff.max() < 1.0, (key, diff.mean().item(), diff.max().item())
+                     shuffle_buffer=0, device="cuda", batches_per_iteration=2)
+    gpus, counters = _first(cfg, torch.device("cuda", torch.cuda.current_device()), 2)
+    cpus, _ = _first(cfg.with_(device="cpu"), torch.device("cpu"), 2)
+    assert gpus[0]["keys"] != gpus[1]["keys"]
+    for gpu, cpu in zip(gpus, cpus, strict=True):
+        assert gpu["keys"] == cpu["keys"]
+        for key in ("view1", "view2", "mask_keys1", "mask_keys2", "labels"):
+            assert gpu[key].device.type == "cuda", key
+            assert gpu[key].shape == cpu[key].shape and gpu[key].dtype == cpu[key].dtype, key
+            assert gpu[key].is_contiguous(), key
+        assert torch.equal(gpu["mask_keys1"].cpu(), cpu["mask_keys1"])
+        assert torch.equal(gpu["labels"].cpu(), cpu["labels"])
+        for key in ("view1", "view2"):
+            diff = (gpu[key].cpu() - cpu[key]).abs()
+            assert diff.mean() < 0.05 and diff.max() < 1.0, (key, diff.mean().item(), diff.max().item())
     assert counters["format_jpeg"] > 0 and counters["format_png"] > 0 and counters["format_webp"] > 0
 
 

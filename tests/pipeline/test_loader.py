@@ -413,3 +413,21 @@ def test_iterations_of_two_batches_take_the_shared_memory_of_one_batch_slots():
     assert worker_slots(cfg.with_(workers=1)) == 3
     assert worker_slots(cfg.with_(mode="eval")) == 4 and slot_bytes(cfg.with_(mode="eval"), False) == \
         slot_bytes(one, False)
+
+
+def test_one_worker_with_one_batch_ahead_starts(dataset):
+    """workers 1, worker_prefetch 1, prefetch 2: DALI's first run needs two of the worker's iterations before any slot
+    comes back. With worker_prefetch slots (1) the loader waited for the second, the worker for a free slot: no batch,
+    for ever. worker_slots gives it one slot more than DALI holds."""
+    import threading
+
+    prefix, _ = dataset
+    loader = build_loader(_cfg(prefix, workers=1, worker_prefetch=1, prefetch=2), 0, 1, torch.device("cpu"))
+    got: list = []
+    taker = threading.Thread(target=lambda: got.extend(_take(loader, 5)), daemon=True)
+    taker.start()
+    taker.join(60)
+    try:
+        assert len(got) == 5, f"{len(got)} batches in 60 s"
+    finally:
+        loader.close()
