@@ -28,17 +28,22 @@ def feed_array(pipe: Pipeline, name: str, array: np.ndarray, layout: str = "") -
     backend.SetExternalTLInput(name, TensorListCPU(array, layout), None, False)
 
 
-_RUN_STATE = ("_pipe", "_first_iter", "_last_iter", "_input_callbacks", "_exec_async", "_exec_dynamic",
+_RUN_STATE = ("_pipe", "_built", "_first_iter", "_last_iter", "_input_callbacks", "_exec_async", "_exec_dynamic",
               "_batches_to_consume", "_consumer_iter")
 
 
 def _direct(pipe: Pipeline) -> bool:
     """Whether schedule_run and share_outputs below may make their backend calls directly: a DALI whose pipeline has
     the state they keep (2.4's), a built pipeline past its first schedule_run (which prefetches), with no input
-    callbacks and no iter_setup to run, on the asynchronous executor. Else the public calls."""
-    return (all(hasattr(pipe, a) for a in _RUN_STATE) and hasattr(types, "_raw_cuda_stream_ptr") and pipe._pipe is not None and not pipe._first_iter
-            and not pipe._last_iter and not pipe._input_callbacks and pipe._exec_async
-            and type(pipe).iter_setup is Pipeline.iter_setup)
+    callbacks and no iter_setup to run, on the asynchronous executor. Else the public calls. What cannot change once
+    the pipeline is built is looked at once per pipeline (these calls run every iteration)."""
+    fits = pipe.__dict__.get("_direct_calls_fit")
+    if fits is None:
+        fits = (all(hasattr(pipe, a) for a in _RUN_STATE) and hasattr(types, "_raw_cuda_stream_ptr")
+                and not pipe._input_callbacks and pipe._exec_async and type(pipe).iter_setup is Pipeline.iter_setup)
+        if not fits or pipe._built:  # (an unbuilt pipeline's callbacks are not known yet: asked again)
+            pipe.__dict__["_direct_calls_fit"] = fits
+    return fits and pipe._built and pipe._pipe is not None and not pipe._first_iter and not pipe._last_iter
 
 
 def schedule_run(pipe: Pipeline) -> None:

@@ -99,14 +99,12 @@ def _host_to(x: np.ndarray | list, device: torch.device, dtype: torch.dtype | No
     copy: `x` is a view of memory that will be written again (a shared-memory slot): on the CPU the tensor gets its
     own copy (on CUDA the pinned buffer is one)."""
     # from_numpy: as_tensor's checks of what x might be cost ~50 us of the loader's thread here, per call.
-    t = torch.from_numpy(x) if isinstance(x, np.ndarray) and dtype in (None, _TORCH_OF.get(x.dtype.str)) else \
-        torch.as_tensor(x, dtype=dtype)
+    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else torch.as_tensor(x)
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.clone() if copy else t
-
-
-_TORCH_OF = {np.dtype(np.int64).str: torch.long, np.dtype(np.float32).str: torch.float32}
 
 
 class Loader:
@@ -236,8 +234,8 @@ class _Producer(threading.Thread):
     def _build_pipe(self):
         cfg, lo = self.cfg, self.loader
         if lo.train:
-            return augment.train_pipeline(cfg.batch_size * cfg.iteration_batches, cfg.img_size, cfg.num_views, cfg.augment,
-                                          lo.dali_device_id, cfg.dali_threads, cfg.prefetch)
+            return augment.train_pipeline(cfg.batch_size * cfg.iteration_batches, cfg.img_size, cfg.num_views,
+                                          cfg.augment, lo.dali_device_id, cfg.dali_threads, cfg.prefetch)
         return augment.eval_pipeline(cfg.batch_size, cfg.img_size, cfg.augment, lo.dali_device_id, cfg.dali_threads,
                                      cfg.prefetch)
 

@@ -98,10 +98,9 @@ class WorkerPool:
         self.ordered = ordered
         self.stop = StopFlag(ctx)
         self.rings: list[SlotRing] = []
-        self.procs, self.conns = [], {}  # conns: the reading end of each live worker's pipe -> its worker
-        # One poll object over the live pipes, kept: connection.wait builds a selector per call (~0.1 ms of the
-        # loader thread's CPU per batch on this VM).
-        self.poller, self.by_fd = select.poll(), {}
+        # conns: fd -> (the reading end of a live worker's pipe, its worker). One poll object over them, kept:
+        # connection.wait builds a selector per call (~0.1 ms of the loader thread's CPU per batch on this VM).
+        self.procs, self.conns, self.poller = [], {}, select.poll()
         _LIVE.add(self)
         self.inbox: collections.deque = collections.deque()  # received, not yet routed
         self.ended: set[int] = set()  # workers whose End message came
@@ -131,8 +130,7 @@ class WorkerPool:
                 proc.start()
             writing.close()  # the worker's is now the only writing end
             self.procs.append(proc)
-            self.conns[reading] = spec.worker
-            self.by_fd[reading.fileno()] = reading
+            self.conns[reading.fileno()] = (reading, spec.worker)
             self.poller.register(reading.fileno(), select.POLLIN)
 
     def _await_ready(self, n: int) -> None:
@@ -160,14 +158,13 @@ class WorkerPool:
         return self.inbox.popleft()
 
     def _read(self, fd: int) -> None:
-        conn = self.by_fd[fd]
-        worker = self.conns[conn]
+        conn, worker = self.conns[fd]
         try:
             msg = conn.recv()
         except (EOFError, OSError):
             # The worker exited: after its End message (eval) that is its normal end. A worker killed in the middle
             # of a message (most are larger than a pipe's buffer) reads as OSError("got end of file during message").
-            del self.conns[conn], self.by_fd[fd]
+            del self.conns[fd]
             self.poller.unregister(fd)
             if worker not in self.ended:
                 self.procs[worker].join(timeout=5)
@@ -247,11 +244,10 @@ class WorkerPool:
                 log.warning("loader worker %s did not stop in time: killed", p.name)
                 p.kill()  # workers ignore SIGTERM (worker.IGNORED_SIGNALS)
                 p.join(timeout=5)
-        for fd in self.by_fd:  # a poll left running elsewhere must not see a closed pipe's fd number reused
+        for fd, (conn, _) in self.conns.items():  # a poll left running must not see a closed pipe's fd number reused
             self.poller.unregister(fd)
-        self.by_fd.clear()
-        for conn in self.conns:
             conn.close()
+        self.conns.clear()
         for ring in self.rings:
             ring.unlink()  # (already unlinked once every worker was ready; not when the start failed)
             ring.close()
