@@ -39,6 +39,9 @@ class Fetched:
     data: bytes | None
     reject: tuple[str, str] | None = None  # (reason, detail) when data is None
     transient: bool = False  # a fault that outlasted every retry (a web reject, a given-up or a lost object)
+    # A web URL's connection refused: a permanent reject (a dead host refuses for ever, so it is not retried), but
+    # counted by the outage guard like a transient fault, since every host refusing at once is our proxy down.
+    refused: bool = False
     lost: bool = False  # a store object or local file that outlasted its retries: its unit must not be staged
     error: BaseException | None = field(default=None, compare=False)  # a lost object's last error
 
@@ -148,7 +151,7 @@ def fetch_one(url: str, max_bytes: int, storage_options: dict, policy: RetryPoli
     except Exception as e:  # noqa: BLE001 - permanent by classification: missing, forbidden, 404, bad URL
         status = http_status(e)
         reason = f"http_{status}" if status is not None else "unreadable"
-        return Fetched(url, None, (reason, f"{type(e).__name__}: {e}"[:300]))
+        return Fetched(url, None, (reason, f"{type(e).__name__}: {e}"[:300]), refused=is_web(url) and _refused(e))
     return Fetched(url, data)
 
 
@@ -159,6 +162,11 @@ WEB_TIMEOUT_ATTEMPTS = 2
 
 def _web_attempts(error: BaseException) -> int:
     return WEB_TIMEOUT_ATTEMPTS if is_timeout(error) or is_unanswered(error) else 1 << 30
+
+
+def _refused(error: BaseException) -> bool:
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    return isinstance(reason, ConnectionRefusedError)
 
 
 class _TooLarge(Exception):

@@ -116,22 +116,30 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int) -> Iter
     still fetched, so that the TransientFailure raised at the end names every file of the unit that failed, and
     --give-up-quarantined gives up exactly those if they fail again in a later run.
     If most of the last OUTAGE_WINDOW fetches to finish failed transiently (web or store: checked every 64 and at the
-    end), the fault is ours or the store's (network, a proxy, an outage), not the objects': raise at once, naming
+    end; a web URL's refused connection counts too: each alone is a dead link, all hosts at once our proxy down),
+    the fault is ours or the store's (network, a proxy, an outage), not the objects': raise at once, naming
     none, so the unit is retried whole (and only given up whole, if a later run fails it whole again). Unless those
     failures are web URLs of fewer than OUTAGE_HOSTS hosts: a host that fails or throttles (a dump sorted by domain
     puts hundreds of its URLs together) is that host's fault, and its URLs become rejects, not the whole unit's
     quarantine (review s11b). The window, not the whole unit: an outage halfway through a 10,000-URL unit would
     otherwise be seen only after 5,000 more failures, each a permanent download_failed reject of a URL that was fine
     (review s11); what the unit passed on before the outage was seen goes with the attempt (stage.run_stage retries
-    the unit whole). An outage that starts in a unit's last ~128 fetches is not seen: those become rejects."""
-    # The last fetches to finish: None if it did not fail transiently, else its web host ("" for a store object).
+    the unit whole). An outage that starts in a unit's last ~128 fetches is too few failures for that window, so at
+    the end the unit is also judged in input order (_check_late_outage); only one in its last ~12 inputs is not seen,
+    and those become rejects."""
+    # The last fetches to finish: None if it did not fail transiently (or by a refused connection), else its web host
+    # ("" for a store object).
     recent: deque[str | None] = deque(maxlen=OUTAGE_WINDOW)
+    failing: dict[int, str] = {}  # position in input order -> web host ("" a store object), of every such failure
     seen = 0
     buffered: list[Item] = []
     lost: list[Fetched] = []
     for item, fetched in items:
         seen += 1
-        recent.append(_failing_host(fetched))
+        host = _failing_host(fetched)
+        recent.append(host)
+        if host is not None:
+            failing[item[0]] = host
         if fetched.lost:
             lost.append(fetched)
             buffered.clear()
@@ -142,6 +150,7 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int) -> Iter
             yield from buffered
             buffered.clear()
     _check_outage(recent)
+    _check_late_outage(failing, seen)
     if lost:
         more = f" and {len(lost) - 1} other file(s)" if len(lost) > 1 else ""
         raise TransientFailure(f"read {lost[0].url}{more}", attempts, lost[-1].error or ConnectionError(),
@@ -151,24 +160,49 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int) -> Iter
 
 OUTAGE_WINDOW = 256  # the last fetches to finish that _guard_fetches looks at for an outage
 OUTAGE_HOSTS = 8  # web hosts that must be failing for most failures of web URLs to be an outage
+# At a unit's end, the fewest last inputs whose failing (more than 3/4 of them) is an outage. By chance, with 10% of
+# a dump's URLs failing transiently (dead hosts), that is < 3e-10 a unit for any n up to 256 (union bound); with
+# 30%, < 3e-4 (and a retry of the unit); with 50%, the window rule above already sees most units as an outage.
+OUTAGE_TAIL = 16
 
 
 def _failing_host(fetched: Fetched) -> str | None:
-    if not fetched.transient:
+    if not (fetched.transient or fetched.refused):
         return None
     return (urlsplit(fetched.url).hostname or "?") if is_web(fetched.url) else ""
 
 
 def _check_outage(recent: deque[str | None]) -> None:
     failures = [host for host in recent if host is not None]
-    seen, failed = len(recent), len(failures)
-    if seen < 8 or failed * 2 <= seen:
-        return
+    if len(recent) >= 8 and len(failures) * 2 > len(recent) and _not_a_few_hosts(failures):
+        raise _outage(len(failures), len(recent), "fetches")
+
+
+def _check_late_outage(failing: dict[int, str], count: int) -> None:
+    """At a unit's end: more than 3/4 of its last n >= OUTAGE_TAIL inputs (n up to OUTAGE_WINDOW) failed
+    transiently, not from a few web hosts. Fetches start in input order and an outage fails every one that starts
+    after it began, so in input order it is a run at the end, however its failures finished among the rest; in the
+    order fetches finish it is not: URLs whose hosts hang finish last whatever their place, and would look like one."""
+    tail: list[str] = []
+    late = None  # (failed, n) of the longest such run
+    for n, position in enumerate(range(count - 1, max(count - OUTAGE_WINDOW, 0) - 1, -1), 1):
+        if position in failing:
+            tail.append(failing[position])
+        if n >= OUTAGE_TAIL and len(tail) * 4 > n * 3 and _not_a_few_hosts(tail):
+            late = (len(tail), n)
+    if late:
+        raise _outage(*late, "inputs")
+
+
+def _not_a_few_hosts(failures: list[str]) -> bool:
+    """False when most failures are web URLs of fewer than OUTAGE_HOSTS hosts: theirs, not ours."""
     web = [host for host in failures if host]
-    if web and len(web) * 2 > failed and len(set(web)) < OUTAGE_HOSTS:
-        return  # a few hosts failing: theirs, not ours
-    raise TransientFailure(f"fetches ({failed} of the last {seen} failed)", seen,
-                           ConnectionError(f"{failed} of the last {seen} fetches failed transiently"))
+    return not (web and len(web) * 2 > len(failures) and len(set(web)) < OUTAGE_HOSTS)
+
+
+def _outage(failed: int, seen: int, what: str) -> TransientFailure:
+    return TransientFailure(f"fetches ({failed} of the last {seen} {what} failed)", seen,
+                            ConnectionError(f"{failed} of the last {seen} {what} failed transiently"))
 
 
 def _tar_members(url: str, opts: ReadOptions) -> Iterator[tuple[str, bytes | None, tuple[str, str] | None]]:

@@ -83,8 +83,9 @@ def is_transient(error: BaseException) -> bool:
                           http.client.RemoteDisconnected)):
         return True
     if isinstance(error, urllib.error.URLError):
-        # A name that does not exist and a refused connection are how dead links look: permanent for that URL. No
-        # answer at all (below) is not: it is how our own resolver or network failing looks too.
+        # A name that does not exist and a refused connection are how dead links look: permanent for that URL (the
+        # outage guard still counts refusals: readers._guard_fetches). No answer at all (below) is not: it is how
+        # our own resolver or network failing looks too.
         return isinstance(error.reason, (TimeoutError, socket.timeout, ConnectionResetError)) or is_unanswered(error)
     if isinstance(error, OSError):
         # s3fs maps 5xx / SlowDown to OSError(EBUSY / EREMOTEIO) and unknown service errors to a bare OSError.

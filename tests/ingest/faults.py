@@ -23,6 +23,10 @@ _SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code
              b"<Message>Please reduce your request rate.</Message></Error>")
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # a web server's accept queue: socketserver's 5 drops connections of 32 threads at once
+
+
 class FaultServer:
     def __init__(self, files: dict[str, bytes] | None = None, upstream: str | None = None, slow_s: float = 3.0):
         self.files, self.upstream, self.slow_s = dict(files or {}), upstream, slow_s
@@ -42,7 +46,7 @@ class FaultServer:
 
             do_PUT = do_POST = do_DELETE = do_HEAD = do_GET
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
