@@ -21,10 +21,12 @@ from __future__ import annotations
 import http.client
 import queue
 import threading
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
+from urllib.parse import urlsplit
 
 from pipeline.ingest.atomic import url_to_fs
 from pipeline.ingest.retry import RetryPolicy, TransientFailure, http_status, is_timeout, is_unanswered, retry
@@ -39,8 +41,9 @@ class Fetched:
     data: bytes | None
     reject: tuple[str, str] | None = None  # (reason, detail) when data is None
     transient: bool = False  # a fault that outlasted every retry (a web reject, a given-up or a lost object)
-    # A web URL's connection refused: a permanent reject (a dead host refuses for ever, so it is not retried), but
-    # counted by the outage guard like a transient fault, since every host refusing at once is our proxy down.
+    # A web URL's connection refused by a proxy of ours: a permanent reject (not retried: without a proxy, a dead host
+    # refusing for ever), but counted by the outage guard like a transient fault: every host refusing at once is
+    # that proxy down. Without a proxy a refusal is the host's own, and not counted.
     refused: bool = False
     lost: bool = False  # a store object or local file that outlasted its retries: its unit must not be staged
     error: BaseException | None = field(default=None, compare=False)  # a lost object's last error
@@ -151,7 +154,7 @@ def fetch_one(url: str, max_bytes: int, storage_options: dict, policy: RetryPoli
     except Exception as e:  # noqa: BLE001 - permanent by classification: missing, forbidden, 404, bad URL
         status = http_status(e)
         reason = f"http_{status}" if status is not None else "unreadable"
-        return Fetched(url, None, (reason, f"{type(e).__name__}: {e}"[:300]), refused=is_web(url) and _refused(e))
+        return Fetched(url, None, (reason, f"{type(e).__name__}: {e}"[:300]), refused=is_web(url) and _refused(e, url))
     return Fetched(url, data)
 
 
@@ -164,9 +167,13 @@ def _web_attempts(error: BaseException) -> int:
     return WEB_TIMEOUT_ATTEMPTS if is_timeout(error) or is_unanswered(error) else 1 << 30
 
 
-def _refused(error: BaseException) -> bool:
+def _refused(error: BaseException, url: str) -> bool:
+    """A refused connection to a proxy that urllib took from the environment (http_proxy, https_proxy, no_proxy)."""
     reason = error.reason if isinstance(error, urllib.error.URLError) else error
-    return isinstance(reason, ConnectionRefusedError)
+    if not isinstance(reason, ConnectionRefusedError):
+        return False
+    parts = urlsplit(url)
+    return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
 
 
 class _TooLarge(Exception):

@@ -23,7 +23,8 @@ import posixpath
 import tarfile
 import zipfile
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 from urllib.parse import urlsplit
@@ -32,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.ingest.atomic import url_to_fs
-from pipeline.ingest.fetch import Fetched, fetch_all, is_web
+from pipeline.ingest.fetch import Fetched, fetch_all, fetch_one, is_web
 from pipeline.ingest.retry import RetryPolicy, TransientFailure
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
@@ -82,9 +83,18 @@ def _fetched(urls: list[str], opts: ReadOptions, item_of: Callable[[int, Fetched
     fetched = fetch_all(urls, opts.max_bytes, opts.storage_options, opts.policy, opts.threads, opts.give_up,
                         opts.http_timeout_s)
     try:
-        yield from _guard_fetches((((i, item_of(i, f)), f) for i, f in fetched), opts.policy.attempts)
+        yield from _guard_fetches((((i, item_of(i, f)), f) for i, f in fetched), opts.policy.attempts, len(urls),
+                                  lambda canaries: _failing_again(canaries, opts))
     finally:
         fetched.close()  # a unit stopped early (an outage) drops its queued fetches now, not when collected
+
+
+def _failing_again(urls: list[str], opts: ReadOptions) -> int:
+    """How many of `urls` (each fetched fine earlier in the unit) fail now, fetched at once with every retry."""
+    with ThreadPoolExecutor(len(urls)) as pool:
+        return sum(f.data is None for f in pool.map(
+            lambda url: fetch_one(url, opts.max_bytes, opts.storage_options, opts.policy, frozenset(),
+                                  opts.http_timeout_s), urls))
 
 
 def read_archive(url: str, opts: ReadOptions) -> Iterator[Item]:
@@ -110,14 +120,14 @@ def read_parquet(url: str, opts: ReadOptions, lo: int = -1, hi: int = -1) -> Ite
         yield end, RawItem(f"{url}#", None, reject=("corrupt_parquet", f"{type(e).__name__}: {e}"))
 
 
-def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int) -> Iterator[Item]:
-    """Pass the fetched items through until one is lost (a store object or local file that outlasted its retries).
-    Then the unit will not be staged: nothing more is passed on (nothing more cleaned), but the rest of the unit is
-    still fetched, so that the TransientFailure raised at the end names every file of the unit that failed, and
-    --give-up-quarantined gives up exactly those if they fail again in a later run.
+def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int, count: int,
+                   recheck: Callable[[list[str]], int] | None = None) -> Iterator[Item]:
+    """Pass the `count` fetched items through until one is lost (a store object or local file that outlasted its
+    retries). Then the unit will not be staged: nothing more is passed on (nothing more cleaned), but the rest of the
+    unit is still fetched, so that the TransientFailure raised at the end names every file of the unit that failed,
+    and --give-up-quarantined gives up exactly those if they fail again in a later run.
     If most of the last OUTAGE_WINDOW fetches to finish failed transiently (web or store: checked every 64 and at the
-    end; a web URL's refused connection counts too: each alone is a dead link, all hosts at once our proxy down),
-    the fault is ours or the store's (network, a proxy, an outage), not the objects': raise at once, naming
+    end), the fault is ours or the store's (network, a proxy, an outage), not the objects': raise at once, naming
     none, so the unit is retried whole (and only given up whole, if a later run fails it whole again). Unless those
     failures are web URLs of fewer than OUTAGE_HOSTS hosts: a host that fails or throttles (a dump sorted by domain
     puts hundreds of its URLs together) is that host's fault, and its URLs become rejects, not the whole unit's
@@ -125,12 +135,12 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int) -> Iter
     otherwise be seen only after 5,000 more failures, each a permanent download_failed reject of a URL that was fine
     (review s11); what the unit passed on before the outage was seen goes with the attempt (stage.run_stage retries
     the unit whole). An outage that starts in a unit's last ~128 fetches is too few failures for that window, so at
-    the end the unit is also judged in input order (_check_late_outage); only one in its last ~12 inputs is not seen,
-    and those become rejects."""
-    # The last fetches to finish: None if it did not fail transiently (or by a refused connection), else its web host
-    # ("" for a store object).
+    the end its web URLs are also judged in input order (_check_late_outage), an outage so found confirmed by
+    `recheck`; only one in its last ~12 inputs is not seen, and those become rejects."""
+    # The last fetches to finish: None if it did not fail transiently, else its web host ("" a store object).
     recent: deque[str | None] = deque(maxlen=OUTAGE_WINDOW)
-    failing: dict[int, str] = {}  # position in input order -> web host ("" a store object), of every such failure
+    failing: dict[int, str] = {}  # position in input order -> host, of every web URL that failed so
+    canaries: OrderedDict[str, str] = OrderedDict()  # host -> URL, of the last web URLs fetched fine, one a host
     seen = 0
     buffered: list[Item] = []
     lost: list[Fetched] = []
@@ -138,8 +148,13 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int) -> Iter
         seen += 1
         host = _failing_host(fetched)
         recent.append(host)
-        if host is not None:
+        if host:
             failing[item[0]] = host
+        elif fetched.data is not None and is_web(fetched.url):
+            canaries[urlsplit(fetched.url).hostname or "?"] = fetched.url
+            canaries.move_to_end(urlsplit(fetched.url).hostname or "?")
+            if len(canaries) > OUTAGE_CANARIES:
+                canaries.popitem(last=False)
         if fetched.lost:
             lost.append(fetched)
             buffered.clear()
@@ -150,7 +165,10 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int) -> Iter
             yield from buffered
             buffered.clear()
     _check_outage(recent)
-    _check_late_outage(failing, seen)
+    if seen != count or any(not 0 <= i < count for i in failing):
+        raise AssertionError(f"{seen} fetches, positions {min(failing, default=0)}-{max(failing, default=0)}, "
+                             f"of {count} inputs")
+    _check_late_outage(failing, count, list(canaries.values()), recheck)
     if lost:
         more = f" and {len(lost) - 1} other file(s)" if len(lost) > 1 else ""
         raise TransientFailure(f"read {lost[0].url}{more}", attempts, lost[-1].error or ConnectionError(),
@@ -160,16 +178,21 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int) -> Iter
 
 OUTAGE_WINDOW = 256  # the last fetches to finish that _guard_fetches looks at for an outage
 OUTAGE_HOSTS = 8  # web hosts that must be failing for most failures of web URLs to be an outage
-# At a unit's end, the fewest last inputs whose failing (more than 3/4 of them) is an outage. By chance, with 10% of
-# a dump's URLs failing transiently (dead hosts), that is < 3e-10 a unit for any n up to 256 (union bound); with
-# 30%, < 3e-4 (and a retry of the unit); with 50%, the window rule above already sees most units as an outage.
+# At a unit's end, the fewest last inputs whose failing (more than 3/4 of them) may be an outage. Dead hosts alone
+# do that too, at a unit's end, and again in every rerun (review s13 simulated 4e-4 to 8e-3 a unit where 20-30% of
+# the hosts are dead and a host's URLs come together), so such a tail is an outage only if most of the canaries,
+# URLs of other hosts fetched fine earlier in the unit, fail when fetched again.
 OUTAGE_TAIL = 16
+OUTAGE_CANARIES = 8
 
 
 def _failing_host(fetched: Fetched) -> str | None:
-    if not (fetched.transient or fetched.refused):
-        return None
-    return (urlsplit(fetched.url).hostname or "?") if is_web(fetched.url) else ""
+    """The web host of a fetch that failed transiently ("" a store object lost), or None. A web URL's refused
+    connection counts when it went through a proxy of ours (every host refusing at once is that proxy down); a given-
+    up store object failing again (the "quarantined" reject) never does: its unit chose to go on without it."""
+    if is_web(fetched.url):
+        return (urlsplit(fetched.url).hostname or "?") if fetched.transient or fetched.refused else None
+    return "" if fetched.lost else None
 
 
 def _check_outage(recent: deque[str | None]) -> None:
@@ -178,11 +201,13 @@ def _check_outage(recent: deque[str | None]) -> None:
         raise _outage(len(failures), len(recent), "fetches")
 
 
-def _check_late_outage(failing: dict[int, str], count: int) -> None:
-    """At a unit's end: more than 3/4 of its last n >= OUTAGE_TAIL inputs (n up to OUTAGE_WINDOW) failed
-    transiently, not from a few web hosts. Fetches start in input order and an outage fails every one that starts
-    after it began, so in input order it is a run at the end, however its failures finished among the rest; in the
-    order fetches finish it is not: URLs whose hosts hang finish last whatever their place, and would look like one."""
+def _check_late_outage(failing: dict[int, str], count: int, canaries: list[str],
+                       recheck: Callable[[list[str]], int] | None) -> None:
+    """At a unit's end: more than 3/4 of its last n >= OUTAGE_TAIL inputs (n up to OUTAGE_WINDOW) are web URLs that
+    failed transiently, not from a few hosts, and most canaries fail again. Fetches start in input order and an
+    outage fails every one that starts after it began, so in input order it is a run at the end, however its
+    failures finished among the rest; in the order fetches finish it is not: URLs whose hosts hang finish last
+    whatever their place, and would look like one. Store objects are not judged here: a lost one is named."""
     tail: list[str] = []
     late = None  # (failed, n) of the longest such run
     for n, position in enumerate(range(count - 1, max(count - OUTAGE_WINDOW, 0) - 1, -1), 1):
@@ -190,7 +215,7 @@ def _check_late_outage(failing: dict[int, str], count: int) -> None:
             tail.append(failing[position])
         if n >= OUTAGE_TAIL and len(tail) * 4 > n * 3 and _not_a_few_hosts(tail):
             late = (len(tail), n)
-    if late:
+    if late and not (recheck and canaries and recheck(canaries) * 2 <= len(canaries)):
         raise _outage(*late, "inputs")
 
 

@@ -24,7 +24,9 @@ _SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code
 
 
 class _Server(ThreadingHTTPServer):
-    request_queue_size = 1024  # a web server's accept queue: socketserver's 5 drops connections of 32 threads at once
+    # A web server's accept queue: socketserver's 5 drops connections of 32 threads at once (the kernel caps it at
+    # net.core.somaxconn, 4096 since Linux 5.4, 128 before).
+    request_queue_size = 1024
 
 
 class FaultServer:
@@ -32,6 +34,7 @@ class FaultServer:
         self.files, self.upstream, self.slow_s = dict(files or {}), upstream, slow_s
         self.faults: dict[str, list[str]] = {}
         self.requests: dict[str, int] = {}
+        self.down_after: int | None = None  # an outage: every request after this many answers 503
         self.lock = threading.Lock()
         server = self
 
@@ -69,6 +72,8 @@ class FaultServer:
     def _next_fault(self, method: str, path: str) -> str | None:
         with self.lock:
             self.requests[path] = self.requests.get(path, 0) + 1
+            if self.down_after is not None and sum(self.requests.values()) > self.down_after:
+                return "503"
             queue = self.faults.get(path)
             # Only reads fail: a failed upload would test the writer's retries, not the reader's.
             return queue.pop(0) if queue and method in ("GET", "HEAD") else None

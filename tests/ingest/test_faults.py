@@ -256,13 +256,51 @@ def test_a_unit_names_every_file_it_lost_and_an_outage_stops_it_early():
     consumed, passed = [], []
     lost = set(range(70, 300, 3))
     with pytest.raises(TransientFailure) as failure:
-        passed.extend(item.source for _, item in _guard_fetches(_fetches(300, lost, consumed), 3))
+        passed.extend(item.source for _, item in _guard_fetches(_fetches(300, lost, consumed), 3, 300))
     assert failure.value.objects == tuple(f"s3://b/{i}.jpg" for i in sorted(lost)) and len(consumed) == 300
     assert passed == [f"s3://b/{i}.jpg" for i in range(64)]  # the first 64, before the first loss (at 70)
     consumed.clear()
     with pytest.raises(TransientFailure) as failure:
-        list(_guard_fetches(_fetches(300, set(range(300)), consumed), 3))
+        list(_guard_fetches(_fetches(300, set(range(300)), consumed), 3, 300))
     assert failure.value.objects == () and len(consumed) == 64
+
+
+def _web_fetches(n: int, failing: set[int], last: set[int] = frozenset(), refused: bool = False):
+    """n fetches of web URLs of 9 hosts, the `failing` ones having failed transiently (or, with `refused`, refused
+    by our proxy); the `last` ones finish after all others (hosts that hang)."""
+    for i in [i for i in range(n) if i not in last] + sorted(last):
+        url = f"http://host{i % 9}.example/{i}.jpg"
+        bad = i in failing
+        f = fetch.Fetched(url, None if bad else b"x", ("download_failed", "503") if bad else None,
+                          transient=bad and not refused, refused=bad and refused)
+        yield (i, RawItem(f.url, f.data, reject=f.reject)), f
+
+
+def test_a_units_last_inputs_are_an_outage_only_when_most_of_them_fail_and_the_canaries_fail_again():
+    """The input-order rule at a unit's end: 13 of its last 16 failing (9 hosts) is an outage if the canaries (8 URLs
+    of other hosts fetched fine earlier) fail again; 12 is not one; nor is the same tail when the canaries answer
+    (dead links, review s13), nor hosts that hang scattered over the unit (every 16th) though they finish last;
+    refusals by our proxy count like transient faults. Store files lost at the end are named one by one, as anywhere
+    else, not an outage naming none (review s13: --give-up-quarantined then gave up the whole unit)."""
+    def run(fetches, n, recheck):
+        return [item.source for _, item in _guard_fetches(fetches, 3, n, recheck)]
+
+    down, up = (lambda canaries: len(canaries)), (lambda canaries: 0)
+    thirteen = set(range(984, 1000)) - {985, 990, 995}
+    with pytest.raises(TransientFailure, match="13 of the last 17 inputs failed"):
+        run(_web_fetches(1000, thirteen), 1000, down)
+    asked = []
+    assert len(run(_web_fetches(1000, thirteen), 1000, lambda canaries: asked.append(canaries) or 0)) == 1000
+    assert len(asked[0]) == 8 and len({url.split("/")[2] for url in asked[0]}) == 8
+    assert len(run(_web_fetches(1000, thirteen - {999}), 1000, down)) == 1000
+    hanging = set(range(7, 1000, 16))
+    assert len(run(_web_fetches(1000, hanging, last=hanging), 1000, down)) == 1000
+    with pytest.raises(TransientFailure, match="20 of the last 26 inputs failed"):
+        run(_web_fetches(1000, set(range(980, 1000)), refused=True), 1000, down)
+    assert len(run(_web_fetches(1000, set(range(980, 1000)), refused=True), 1000, up)) == 1000
+    with pytest.raises(TransientFailure) as failure:
+        run(_fetches(1000, set(range(984, 1000)), []), 1000, down)
+    assert failure.value.objects == tuple(f"s3://b/{i}.jpg" for i in range(984, 1000))
 
 
 def test_a_changed_listing_forgets_what_units_failed_on(tmp_path):
