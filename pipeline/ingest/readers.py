@@ -131,12 +131,14 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int, count: 
     none, so the unit is retried whole (and only given up whole, if a later run fails it whole again). Unless those
     failures are web URLs of fewer than OUTAGE_HOSTS hosts: a host that fails or throttles (a dump sorted by domain
     puts hundreds of its URLs together) is that host's fault, and its URLs become rejects, not the whole unit's
-    quarantine (review s11b). The window, not the whole unit: an outage halfway through a 10,000-URL unit would
+    quarantine (review s11b); nor when most canaries, URLs of other hosts fetched fine earlier in the unit, answer
+    when fetched again (`recheck`): a run of dead hosts (numbered hosts of one site, sorted together) then, not an
+    outage (review s13). The window, not the whole unit: an outage halfway through a 10,000-URL unit would
     otherwise be seen only after 5,000 more failures, each a permanent download_failed reject of a URL that was fine
     (review s11); what the unit passed on before the outage was seen goes with the attempt (stage.run_stage retries
     the unit whole). An outage that starts in a unit's last ~128 fetches is too few failures for that window, so at
-    the end its web URLs are also judged in input order (_check_late_outage), an outage so found confirmed by
-    `recheck`; only one in its last ~12 inputs is not seen, and those become rejects."""
+    the end its web URLs are also judged in input order (_check_late_outage), with the same canaries; only one in
+    its last ~12 inputs is not seen, and those become rejects."""
     # The last fetches to finish: None if it did not fail transiently, else its web host ("" a store object).
     recent: deque[str | None] = deque(maxlen=OUTAGE_WINDOW)
     failing: dict[int, str] = {}  # position in input order -> host, of every web URL that failed so
@@ -161,10 +163,10 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int, count: 
         elif not lost:
             buffered.append(item)
         if seen % 64 == 0:
-            _check_outage(recent)
+            _check_outage(recent, list(canaries.values()), recheck)
             yield from buffered
             buffered.clear()
-    _check_outage(recent)
+    _check_outage(recent, list(canaries.values()), recheck)
     if seen != count or any(not 0 <= i < count for i in failing):
         raise AssertionError(f"{seen} fetches, positions {min(failing, default=0)}-{max(failing, default=0)}, "
                              f"of {count} inputs")
@@ -180,10 +182,9 @@ OUTAGE_WINDOW = 256  # the last fetches to finish that _guard_fetches looks at f
 OUTAGE_HOSTS = 8  # web hosts that must be failing for most failures of web URLs to be an outage
 # At a unit's end, the fewest last inputs whose failing (more than 3/4 of them) may be an outage. Dead hosts alone
 # do that too, at a unit's end, and again in every rerun (review s13 simulated 4e-4 to 8e-3 a unit where 20-30% of
-# the hosts are dead and a host's URLs come together), so such a tail is an outage only if most of the canaries,
-# URLs of other hosts fetched fine earlier in the unit, fail when fetched again.
+# the hosts are dead and a host's URLs come together): the canaries tell them apart.
 OUTAGE_TAIL = 16
-OUTAGE_CANARIES = 8
+OUTAGE_CANARIES = 8  # URLs of distinct hosts, the last fetched fine, fetched again to confirm an outage
 
 
 def _failing_host(fetched: Fetched) -> str | None:
@@ -195,9 +196,11 @@ def _failing_host(fetched: Fetched) -> str | None:
     return "" if fetched.lost else None
 
 
-def _check_outage(recent: deque[str | None]) -> None:
+def _check_outage(recent: deque[str | None], canaries: list[str], recheck: Callable[[list[str]], int] | None
+                  ) -> None:
     failures = [host for host in recent if host is not None]
-    if len(recent) >= 8 and len(failures) * 2 > len(recent) and _not_a_few_hosts(failures):
+    if len(recent) >= 8 and len(failures) * 2 > len(recent) and _not_a_few_hosts(failures) and \
+            _confirmed(failures, canaries, recheck):
         raise _outage(len(failures), len(recent), "fetches")
 
 
@@ -215,8 +218,16 @@ def _check_late_outage(failing: dict[int, str], count: int, canaries: list[str],
             tail.append(failing[position])
         if n >= OUTAGE_TAIL and len(tail) * 4 > n * 3 and _not_a_few_hosts(tail):
             late = (len(tail), n)
-    if late and not (recheck and canaries and recheck(canaries) * 2 <= len(canaries)):
+    if late and _confirmed(tail, canaries, recheck):
         raise _outage(*late, "inputs")
+
+
+def _confirmed(failures: list[str], canaries: list[str], recheck: Callable[[list[str]], int] | None) -> bool:
+    """Whether failures that look like an outage are one: for web URLs, unless most canaries answer when fetched again
+    (then the failures are dead hosts', however many: review s13). Without canaries (nothing fetched fine yet) or
+    for store objects (one endpoint, whose failing is ours or the store's), they are."""
+    web = sum(1 for host in failures if host)
+    return not (web * 2 > len(failures) and recheck and canaries and recheck(canaries) * 2 <= len(canaries))
 
 
 def _not_a_few_hosts(failures: list[str]) -> bool:

@@ -102,24 +102,31 @@ def test_a_web_url_that_times_out_is_tried_twice_other_transient_faults_get_ever
 
 
 def test_an_outage_late_in_a_long_unit_is_seen_by_the_last_fetches():
-    """300 URLs of 9 hosts served, then an outage (every request a 503): the outage is judged on the last 256 fetches
-    to finish, not the whole unit, so the unit fails (and is retried whole) instead of staging 200 fine URLs as
-    permanent rejects (review s11: over the whole unit, a 10,000-URL unit's outage halfway was seen only after 5,000
-    more failures). The same 200 failures from one host (a dump sorted by domain) are that host's: its URLs are
-    rejects and the unit goes on (review s11b: it quarantined the whole unit)."""
-    files = {f"/img/{i}.jpg": bytes([i % 256]) * 100 for i in range(300)}
+    """300 URLs of 9 hosts served, then an outage (the server answers 503 to everything): the outage is judged on the
+    last 256 fetches to finish, not the whole unit, so the unit fails (and is retried whole) instead of staging 200
+    fine URLs as permanent rejects (review s11: over the whole unit, a 10,000-URL unit's outage halfway was seen only
+    after 5,000 more failures). The same 200 failures while the server is up are dead links, of 9 hosts or of one
+    (a dump sorted by domain): the canaries answer, so they are rejects and the unit goes on (review s11b: one host
+    quarantined the whole unit; review s13: so did a run of dead hosts)."""
+    files = {f"/img/{i}.jpg": bytes([i % 256]) * 100 for i in range(500)}
+    opts = ReadOptions(1 << 20, None, None, {}, RetryPolicy(attempts=2, base_delay_s=0.01), 8, 1.0)
     with FaultServer(files) as web:
-        for i in range(300, 500):
-            web.fail(f"/img/{i}.jpg", ["503"] * 10)
-        opts = ReadOptions(1 << 20, None, None, {}, RetryPolicy(attempts=2, base_delay_s=0.01), 8, 1.0)
+        web.down_after = 300
         with pytest.raises(TransientFailure, match="of the last 256 fetches failed"):
             list(read_files([_spread(web.url, f"/img/{i}.jpg", i) for i in range(500)], [-1] * 500, opts))
-        one_host = [_spread(web.url, f"/img/{i}.jpg", i) for i in range(300)] + \
-            [f"{web.url}/img/{i}.jpg" for i in range(300, 500)]
-        items = dict(read_files(one_host, [-1] * 500, opts))
-    assert sorted(items) == list(range(500))
-    assert all(items[i].reject is None for i in range(300))
-    assert all(items[i].reject is not None and items[i].reject[0] == "download_failed" for i in range(300, 500))
+    with FaultServer(files) as web:
+        urls = [_spread(web.url, f"/img/{i}.jpg", i) for i in range(500)]
+        one_host = urls[:300] + [f"{web.url}/img/{i}.jpg" for i in range(300, 500)]
+        got = []
+        for some in (urls, one_host):
+            web.clear()
+            for i in range(300, 500):
+                web.fail(f"/img/{i}.jpg", ["503"] * 10)
+            got.append(dict(read_files(some, [-1] * 500, opts)))
+    for items in got:
+        assert sorted(items) == list(range(500))
+        assert all(items[i].reject is None for i in range(300))
+        assert all(items[i].reject is not None and items[i].reject[0] == "download_failed" for i in range(300, 500))
 
 
 def test_a_name_that_does_not_exist_is_a_dead_link_a_resolver_that_cannot_answer_is_retried():
