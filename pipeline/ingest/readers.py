@@ -153,8 +153,9 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int, count: 
         if host:
             failing[item[0]] = host
         elif fetched.data is not None and is_web(fetched.url):
-            canaries[urlsplit(fetched.url).hostname or "?"] = fetched.url
-            canaries.move_to_end(urlsplit(fetched.url).hostname or "?")
+            fine = urlsplit(fetched.url).hostname or "?"
+            canaries[fine] = fetched.url
+            canaries.move_to_end(fine)
             if len(canaries) > OUTAGE_CANARIES:
                 canaries.popitem(last=False)
         if fetched.lost:
