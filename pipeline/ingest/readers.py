@@ -23,7 +23,7 @@ import posixpath
 import tarfile
 import zipfile
 import zlib
-from collections import OrderedDict, deque
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -131,18 +131,16 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int, count: 
     none, so the unit is retried whole (and only given up whole, if a later run fails it whole again). Unless those
     failures are web URLs of fewer than OUTAGE_HOSTS hosts: a host that fails or throttles (a dump sorted by domain
     puts hundreds of its URLs together) is that host's fault, and its URLs become rejects, not the whole unit's
-    quarantine (review s11b); nor when most canaries, URLs of other hosts fetched fine earlier in the unit, answer
-    when fetched again (`recheck`): a run of dead hosts (numbered hosts of one site, sorted together) then, not an
-    outage (review s13). The window, not the whole unit: an outage halfway through a 10,000-URL unit would
+    quarantine (review s11b). The window, not the whole unit: an outage halfway through a 10,000-URL unit would
     otherwise be seen only after 5,000 more failures, each a permanent download_failed reject of a URL that was fine
     (review s11); what the unit passed on before the outage was seen goes with the attempt (stage.run_stage retries
     the unit whole). An outage that starts in a unit's last ~128 fetches is too few failures for that window, so at
-    the end its web URLs are also judged in input order (_check_late_outage), with the same canaries; only one in
-    its last ~12 inputs is not seen, and those become rejects."""
+    the end its web URLs are also judged in input order, an outage so found confirmed by fetching canaries again
+    (`recheck`, _check_late_outage); only one in its last ~12 inputs is not seen, and those become rejects."""
     # The last fetches to finish: None if it did not fail transiently, else its web host ("" a store object).
     recent: deque[str | None] = deque(maxlen=OUTAGE_WINDOW)
     failing: dict[int, str] = {}  # position in input order -> host, of every web URL that failed so
-    canaries: OrderedDict[str, str] = OrderedDict()  # host -> URL, of the last web URLs fetched fine, one a host
+    fine: dict[int, str] = {}  # position in input order -> URL, of every web URL fetched fine (the canaries' pool)
     seen = 0
     buffered: list[Item] = []
     lost: list[Fetched] = []
@@ -153,25 +151,20 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int, count: 
         if host:
             failing[item[0]] = host
         elif fetched.data is not None and is_web(fetched.url):
-            fine = urlsplit(fetched.url).hostname or "?"
-            canaries[fine] = fetched.url
-            canaries.move_to_end(fine)
-            if len(canaries) > OUTAGE_CANARIES:
-                canaries.popitem(last=False)
+            fine[item[0]] = fetched.url
         if fetched.lost:
             lost.append(fetched)
             buffered.clear()
         elif not lost:
             buffered.append(item)
         if seen % 64 == 0:
-            _check_outage(recent, list(canaries.values()), recheck)
+            _check_outage(recent)
             yield from buffered
             buffered.clear()
-    _check_outage(recent, list(canaries.values()), recheck)
-    if seen != count or any(not 0 <= i < count for i in failing):
-        raise AssertionError(f"{seen} fetches, positions {min(failing, default=0)}-{max(failing, default=0)}, "
-                             f"of {count} inputs")
-    _check_late_outage(failing, count, list(canaries.values()), recheck)
+    _check_outage(recent)
+    if seen != count or any(not 0 <= i < count for i in (*failing, *fine)):
+        raise AssertionError(f"{seen} fetches, positions outside 0-{count - 1}, of {count} inputs")
+    _check_late_outage(failing, fine, count, recheck)
     if lost:
         more = f" and {len(lost) - 1} other file(s)" if len(lost) > 1 else ""
         raise TransientFailure(f"read {lost[0].url}{more}", attempts, lost[-1].error or ConnectionError(),
@@ -185,7 +178,7 @@ OUTAGE_HOSTS = 8  # web hosts that must be failing for most failures of web URLs
 # do that too, at a unit's end, and again in every rerun (review s13 simulated 4e-4 to 8e-3 a unit where 20-30% of
 # the hosts are dead and a host's URLs come together): the canaries tell them apart.
 OUTAGE_TAIL = 16
-OUTAGE_CANARIES = 8  # URLs of distinct hosts, the last fetched fine, fetched again to confirm an outage
+OUTAGE_CANARIES = 8  # URLs of distinct hosts fetched fine before the tail, fetched again to confirm a late outage
 
 
 def _failing_host(fetched: Fetched) -> str | None:
@@ -197,21 +190,23 @@ def _failing_host(fetched: Fetched) -> str | None:
     return "" if fetched.lost else None
 
 
-def _check_outage(recent: deque[str | None], canaries: list[str], recheck: Callable[[list[str]], int] | None
-                  ) -> None:
+def _check_outage(recent: deque[str | None]) -> None:
     failures = [host for host in recent if host is not None]
-    if len(recent) >= 8 and len(failures) * 2 > len(recent) and _not_a_few_hosts(failures) and \
-            _confirmed(failures, canaries, recheck):
+    if len(recent) >= 8 and len(failures) * 2 > len(recent) and _not_a_few_hosts(failures):
         raise _outage(len(failures), len(recent), "fetches")
 
 
-def _check_late_outage(failing: dict[int, str], count: int, canaries: list[str],
+def _check_late_outage(failing: dict[int, str], fine: dict[int, str], count: int,
                        recheck: Callable[[list[str]], int] | None) -> None:
     """At a unit's end: more than 3/4 of its last n >= OUTAGE_TAIL inputs (n up to OUTAGE_WINDOW) are web URLs that
-    failed transiently, not from a few hosts, and most canaries fail again. Fetches start in input order and an
-    outage fails every one that starts after it began, so in input order it is a run at the end, however its
+    failed transiently, not from a few hosts, and most canaries fail when fetched again. Fetches start in input order
+    and an outage fails every one that starts after it began, so in input order it is a run at the end, however its
     failures finished among the rest; in the order fetches finish it is not: URLs whose hosts hang finish last
-    whatever their place, and would look like one. Store objects are not judged here: a lost one is named."""
+    whatever their place, and would look like one. Dead hosts at the end look like one too, run after run (review
+    s13), hence the canaries: the URLs of up to OUTAGE_CANARIES distinct hosts fetched fine last before that run, in
+    input order, so from before an outage began (the hosts that answered since are the ones it spared: review s13b).
+    No canaries (nothing before the run answered): not an outage here; the window rule has judged that unit. Store
+    objects are not judged here: a lost one is named."""
     tail: list[str] = []
     late = None  # (failed, n) of the longest such run
     for n, position in enumerate(range(count - 1, max(count - OUTAGE_WINDOW, 0) - 1, -1), 1):
@@ -219,16 +214,15 @@ def _check_late_outage(failing: dict[int, str], count: int, canaries: list[str],
             tail.append(failing[position])
         if n >= OUTAGE_TAIL and len(tail) * 4 > n * 3 and _not_a_few_hosts(tail):
             late = (len(tail), n)
-    if late and _confirmed(tail, canaries, recheck):
+    if late is None:
+        return
+    canaries: dict[str, str] = {}  # host -> URL
+    for position in sorted((p for p in fine if p < count - late[1]), reverse=True):
+        canaries.setdefault(urlsplit(fine[position]).hostname or "?", fine[position])
+        if len(canaries) == OUTAGE_CANARIES:
+            break
+    if canaries and (recheck is None or recheck(list(canaries.values())) * 2 > len(canaries)):
         raise _outage(*late, "inputs")
-
-
-def _confirmed(failures: list[str], canaries: list[str], recheck: Callable[[list[str]], int] | None) -> bool:
-    """Whether failures that look like an outage are one: for web URLs, unless most canaries answer when fetched again
-    (then the failures are dead hosts', however many: review s13). Without canaries (nothing fetched fine yet) or
-    for store objects (one endpoint, whose failing is ours or the store's), they are."""
-    web = sum(1 for host in failures if host)
-    return not (web * 2 > len(failures) and recheck and canaries and recheck(canaries) * 2 <= len(canaries))
 
 
 def _not_a_few_hosts(failures: list[str]) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import http.client
 import random
+import re
 import socket
 import time
 import urllib.error
@@ -83,14 +84,22 @@ def is_transient(error: BaseException) -> bool:
                           http.client.RemoteDisconnected)):
         return True
     if isinstance(error, urllib.error.URLError):
+        tunnel = _TUNNEL.match(str(error.reason))
+        if tunnel:  # our proxy's answer to an https CONNECT: its status, as a server's (review s13b)
+            status = int(tunnel.group(1))
+            return status >= 500 or status in (408, 429)
         # A name that does not exist and a refused connection are how dead links look: permanent for that URL (the
-        # outage guard still counts refusals: readers._guard_fetches). No answer at all (below) is not: it is how
-        # our own resolver or network failing looks too.
+        # outage guard counts refusals through a proxy: readers._guard_fetches). No answer at all (below) is not: it
+        # is how our own resolver or network failing looks too.
         return isinstance(error.reason, (TimeoutError, socket.timeout, ConnectionResetError)) or is_unanswered(error)
     if isinstance(error, OSError):
         # s3fs maps 5xx / SlowDown to OSError(EBUSY / EREMOTEIO) and unknown service errors to a bare OSError.
         return error.errno not in _PERMANENT_ERRNOS
     return _is_client_library_transient(error)
+
+
+# http.client's error when a proxy refuses an https tunnel: "Tunnel connection failed: 503 Service Unavailable".
+_TUNNEL = re.compile(r"Tunnel connection failed: (\d{3})\b")
 
 
 def _is_client_library_transient(error: BaseException) -> bool:
