@@ -25,6 +25,26 @@ def _spread(base: str, path: str, i: int) -> str:
     return f"http://{_LOOPBACK[i % len(_LOOPBACK)]}:{base.rsplit(':', 1)[1]}{path}"
 
 
+def _images(web: FaultServer, n: int, one_host_from: int | None = None) -> list[str]:
+    """/img/0.jpg .. of `web` as URLs of 9 hosts, those from `one_host_from` on of one host."""
+    return [f"{web.url}/img/{i}.jpg" if one_host_from is not None and i >= one_host_from else
+            _spread(web.url, f"/img/{i}.jpg", i) for i in range(n)]
+
+
+def _fails_when_the_server_goes_down(files: dict[str, bytes], after: int, opts: ReadOptions, match: str) -> None:
+    """A unit of every file, through a server that answers 503 to everything after `after` requests, fails whole."""
+    with FaultServer(files) as web:
+        web.down_after = after
+        with pytest.raises(TransientFailure, match=match):
+            list(read_files(_images(web, len(files)), [-1] * len(files), opts))
+
+
+def _dead(web: FaultServer, paths: range) -> None:
+    web.clear()
+    for i in paths:
+        web.fail(f"/img/{i}.jpg", ["503"] * 10)
+
+
 @pytest.fixture(autouse=True)
 def _watchdog():
     """A fetch_all that deadlocks (a byte-accounting slip) must fail the run with every thread's stack, not hang it."""
@@ -109,16 +129,10 @@ def test_an_outage_late_in_a_long_unit_is_seen_by_the_last_fetches():
     URLs are rejects and the unit goes on (review s11b: it quarantined the whole unit)."""
     files = {f"/img/{i}.jpg": bytes([i % 256]) * 100 for i in range(500)}
     opts = ReadOptions(1 << 20, None, None, {}, RetryPolicy(attempts=2, base_delay_s=0.01), 8, 1.0)
+    _fails_when_the_server_goes_down(files, 300, opts, "of the last 256 fetches failed")
     with FaultServer(files) as web:
-        web.down_after = 300
-        with pytest.raises(TransientFailure, match="of the last 256 fetches failed"):
-            list(read_files([_spread(web.url, f"/img/{i}.jpg", i) for i in range(500)], [-1] * 500, opts))
-    with FaultServer(files) as web:
-        for i in range(300, 500):
-            web.fail(f"/img/{i}.jpg", ["503"] * 10)
-        one_host = [_spread(web.url, f"/img/{i}.jpg", i) for i in range(300)] + \
-            [f"{web.url}/img/{i}.jpg" for i in range(300, 500)]
-        items = dict(read_files(one_host, [-1] * 500, opts))
+        _dead(web, range(300, 500))
+        items = dict(read_files(_images(web, 500, one_host_from=300), [-1] * 500, opts))
     assert sorted(items) == list(range(500))
     assert all(items[i].reject is None for i in range(300))
     assert all(items[i].reject is not None and items[i].reject[0] == "download_failed" for i in range(300, 500))
@@ -156,20 +170,13 @@ def test_an_outage_in_a_units_last_inputs_is_seen_and_dead_links_there_are_not_o
     canaries such a unit failed whole in every run). The same failures from one host are that host's."""
     files = {f"/img/{i}.jpg": bytes([i % 256]) * 100 for i in range(300)}
     opts = ReadOptions(1 << 20, None, None, {}, RetryPolicy(attempts=2, base_delay_s=0.01), 8, 1.0)
+    _fails_when_the_server_goes_down(files, 270, opts, "of the last [0-9]+ inputs failed")
     with FaultServer(files) as web:
-        web.down_after = 270
-        with pytest.raises(TransientFailure, match="of the last [0-9]+ inputs failed"):
-            list(read_files([_spread(web.url, f"/img/{i}.jpg", i) for i in range(300)], [-1] * 300, opts))
-    with FaultServer(files) as web:
-        for i in range(284, 300):
-            web.fail(f"/img/{i}.jpg", ["503"] * 10)
-        items = dict(read_files([_spread(web.url, f"/img/{i}.jpg", i) for i in range(300)], [-1] * 300, opts))
+        _dead(web, range(284, 300))
+        items = dict(read_files(_images(web, 300), [-1] * 300, opts))
         fetched_again = [i for i in range(284) if web.requests[f"/img/{i}.jpg"] == 2]
-        web.clear()
-        for i in range(284, 300):
-            web.fail(f"/img/{i}.jpg", ["503"] * 10)
-        one_host = dict(read_files([_spread(web.url, f"/img/{i}.jpg", i) for i in range(284)] +
-                                   [f"{web.url}/img/{i}.jpg" for i in range(284, 300)], [-1] * 300, opts))
+        _dead(web, range(284, 300))
+        one_host = dict(read_files(_images(web, 300, one_host_from=284), [-1] * 300, opts))
     for got in (items, one_host):
         assert sorted(got) == list(range(300)) and all(got[i].reject is None for i in range(284))
         assert all(got[i].reject is not None and got[i].reject[0] == "download_failed" for i in range(284, 300))
