@@ -13,7 +13,8 @@ image, the median over --repeats:
 2. clean_image's steps alone, on the same photos in memory: the JPEG header walk; the decode at the DCT scale the
    cleaning picks (simplejpeg, BGR); the same decode to grey, which still entropy-decodes every component (the
    scans interleave them) but skips the chroma's IDCT, upsampling and the colour conversion: the Huffman floor,
-   below which no decoder of these bytes gets; the resize; the q95 encode; the BLAKE3 pixel hash.
+   below which libjpeg-turbo does not go on these bytes, at any scale; the resize; the q95 encode; the BLAKE3 pixel
+   hash.
 With --img2dataset R (img2dataset's marginal images per CPU-second, from bench/ingest.py), it prints what 2.5x R
 leaves per image, and how much of it the codec's floor (grey decode + encode) takes.
 """
