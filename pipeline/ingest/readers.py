@@ -217,10 +217,11 @@ def _check_late_outage(failing: dict[int, str], fine: dict[int, str], count: int
     if late is None:
         return
     canaries: dict[str, str] = {}  # host -> URL
-    for position in sorted((p for p in fine if p < count - late[1]), reverse=True):
-        canaries.setdefault(urlsplit(fine[position]).hostname or "?", fine[position])
-        if len(canaries) == OUTAGE_CANARIES:
-            break
+    for position in range(count - late[1] - 1, -1, -1):
+        if position in fine:
+            canaries.setdefault(urlsplit(fine[position]).hostname or "?", fine[position])
+            if len(canaries) == OUTAGE_CANARIES:
+                break
     if canaries and (recheck is None or recheck(list(canaries.values())) * 2 > len(canaries)):
         raise _outage(*late, "inputs")
 

@@ -35,6 +35,7 @@ class FaultServer:
         self.faults: dict[str, list[str]] = {}
         self.requests: dict[str, int] = {}
         self.down_after: int | None = None  # an outage: every request after this many answers 503
+        self.served = 0  # requests in all
         self.lock = threading.Lock()
         server = self
 
@@ -72,7 +73,8 @@ class FaultServer:
     def _next_fault(self, method: str, path: str) -> str | None:
         with self.lock:
             self.requests[path] = self.requests.get(path, 0) + 1
-            if self.down_after is not None and sum(self.requests.values()) > self.down_after:
+            self.served += 1
+            if self.down_after is not None and self.served > self.down_after:
                 return "503"
             queue = self.faults.get(path)
             # Only reads fail: a failed upload would test the writer's retries, not the reader's.
