@@ -111,7 +111,7 @@ def test_zero3_export_equals_the_trained_weights_and_the_knn_accuracy_is_recompu
         torch.testing.assert_close(value, trained[f"encoder.{name}"].float(), rtol=0, atol=0, msg=name)
 
     def features(pattern: str) -> tuple[np.ndarray, np.ndarray]:
-        cfg = DataConfig(shards=trainer.shards + pattern, mode="eval", batch_size=16, img_size=32, patch_size=4,
+        cfg = DataConfig(shards=trainer.shards + pattern, mode="eval", batch_size=16, img_size=32, patch_size=8,
                          num_views=1, workers=1, device="cpu", storage_options={"key": "AKIAFAKEKEY",
                                                                                  "secret": SECRET})
         feats, labels = [], []
