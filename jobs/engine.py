@@ -133,6 +133,15 @@ def deepspeed_config(ds: DeepSpeedConfig, derived: Derived, grad_clip: float, pr
             # DeepSpeed marks Linear and Conv weights to be summed across ranks in the autocast dtype; with none
             # marked they are summed in their own dtype, fp32.
             config["torch_autocast"]["lower_precision_safe_modules"] = []
+        elif ds.zero_stage == 3:
+            # Marked weights are also all-gathered in bf16 under ZeRO-3, and the small ones (under DeepSpeed's
+            # persistence threshold, 1e5 elements) stay gathered between steps; their copy then depends on which
+            # forward gathered them last: measured on test_cpu.yaml, a step after the kNN monitor ran lost 7.5e-5 of
+            # its loss against the same run without the monitor, and a run resumed from a checkpoint did not repeat
+            # the uninterrupted one. With none persistent every forward gathers every weight the same way (the two
+            # runs bitwise equal). The cost is a few more small all-gathers a layer, on a configuration (amp_bf16
+            # under ZeRO-3) that the large bf16 runs do not use.
+            config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     if precision == "bf16":
         # check_grad_overflow: a non-finite gradient makes ZeRO skip the update and clear the gradients on every
         # rank (the norm is all-reduced), which is the skip jobs/step.py relies on. fp32 ZeRO does this already.

@@ -17,6 +17,14 @@ from model.pos_embed import get_2d_sincos_pos_embed
 from model.presets import VIT_PRESETS
 
 
+class Float32Conv2d(nn.Conv2d):
+    """A Conv2d that PatchEmbed always runs in float32. Its own class so that DeepSpeed's autocast support, which
+    matches modules by exact class (torch.nn.Linear, torch.nn.Conv2d, ...), does not mark its weights as safe to
+    all-gather in bf16 under ZeRO-3: they would reach this float32 convolution rounded to bf16 in some forwards and
+    not in others (a step after the kNN monitor, the first step of a run), so a run's losses would depend on
+    whether the monitor ran and a resumed run would not repeat the uninterrupted one."""
+
+
 class PatchEmbed(nn.Module):
     """imgs: (N, 3, H, W) -> (N, L, D), L = (H / p) * (W / p), patches in row-major order (as patchify)."""
 
@@ -28,7 +36,7 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size**2
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = Float32Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 3, H, W), any float dtype -> (N, L, D) in the projection weight's dtype.

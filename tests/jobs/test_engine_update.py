@@ -120,3 +120,25 @@ def test_grad_clip_clips_the_global_norm(dist):
     for w, ref in zip(got, reference["clipped"].parameters()):
         torch.testing.assert_close(w, ref.detach(), rtol=1e-4, atol=1e-6)
     assert max((w - ref.detach()).abs().max() for w, ref in zip(got, reference["unclipped"].parameters())) > 1e-4
+
+
+
+def test_zero3_autocast_leaves_the_fp32_patch_projection_out_of_bf16_gathers(dist):
+    """Under ZeRO-3 with amp_bf16, DeepSpeed all-gathers (and sums gradients of) the weights of the module classes it
+    deems safe in lower precision (torch.nn.Linear, Conv2d, by exact class) in bf16: it marks them with a comm dtype.
+    The ViT's patch projection runs in float32 by design (model/vit.py: CAN's pixel noise would round away in bf16),
+    so it must stay unmarked, while a block's Linear is marked (the marking is at work, so this test can fail)."""
+    from deepspeed.runtime.torch_autocast import get_comm_dtype, has_comm_dtype
+
+    from model.can import build_model
+    from model.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="vit_tiny", img_size=16, patch_size=8, recipe="can", decoder_dim=32,
+                                    decoder_depth=1, decoder_heads=2))
+    engine = build_engine(model, OptimConfig(global_batch=2), DeepSpeedConfig(zero_stage=3, precision="amp_bf16"),
+                          derive(2, 2, 1, 1e-3, 256, 400, 0), Runtime("amp_bf16", False))
+    params = dict(engine.module.named_parameters())
+    assert get_comm_dtype(params["encoder.blocks.0.attn.qkv.weight"]) == torch.bfloat16
+    assert not has_comm_dtype(params["encoder.patch_embed.proj.weight"])
+    assert not has_comm_dtype(params["encoder.patch_embed.proj.bias"])
