@@ -1,6 +1,6 @@
 """Host-side cost of one training step: the trainer's real loop (jobs.loop.train) under torch.profiler, on CPU.
 
-    python -m bench.profile_step                                   # vit_tiny, 32 px, patch 4 (test_cpu.yaml's model)
+    python -m bench.profile_step                                   # vit_tiny, 32 px, patch 8 (test_cpu.yaml's model)
     python -m bench.profile_step --steps 6 --set model.recipe=simclr --trace /tmp/step.json   # + a Chrome trace
 
 Each run profiles the step twice in one process, eager and with the transformer blocks compiled (the trainer's

@@ -134,13 +134,18 @@ def deepspeed_config(ds: DeepSpeedConfig, derived: Derived, grad_clip: float, pr
             # marked they are summed in their own dtype, fp32.
             config["torch_autocast"]["lower_precision_safe_modules"] = []
         elif ds.zero_stage == 3:
-            # Marked weights are also all-gathered in bf16 under ZeRO-3, and the small ones (under DeepSpeed's
-            # persistence threshold, 1e5 elements) stay gathered between steps; their copy then depends on which
-            # forward gathered them last: measured on test_cpu.yaml, a step after the kNN monitor ran lost 7.5e-5 of
-            # its loss against the same run without the monitor, and a run resumed from a checkpoint did not repeat
-            # the uninterrupted one. With none persistent every forward gathers every weight the same way (the two
-            # runs bitwise equal). The cost is a few more small all-gathers a layer, on a configuration (amp_bf16
-            # under ZeRO-3) that the large bf16 runs do not use.
+            # Under ZeRO-3 the marked weights are also all-gathered in bf16, by the forward hooks; DeepSpeed's own
+            # gathers (after an applied step, at checkpoint save and load, GatheredParameters) bring them in fp32.
+            # Small weights (under its persistence threshold, 1e5 elements) stay gathered between steps while the
+            # module trace holds, and are fetched again by the hooks after it resets (a resumed engine, a kNN
+            # monitor forward): measured on test_cpu.yaml, a run resumed from its step-2 checkpoint lost ~5e-6 of
+            # step 3's loss against the uninterrupted run, and a step after a monitor forward 7.5e-5 against the
+            # same run without one; and a monitor forward after step 3 of test_cpu.yaml found the patch projection
+            # (persistent, read by its parent, not by a forward of its own) still partitioned: "weight should have at
+            # least three dimensions", the run dead (DeepSpeed 0.19.8; fp32, or amp_bf16 with nothing marked, is
+            # fine). With none persistent, both pairs are bitwise equal and the monitor runs
+            # (tests/jobs/test_train_e2e.py). The cost: the small weights (norms, biases) gathered in every forward
+            # and backward, on a configuration (amp_bf16 under ZeRO-3) that the large bf16 runs do not use.
             config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     if precision == "bf16":
         # check_grad_overflow: a non-finite gradient makes ZeRO skip the update and clear the gradients on every
