@@ -208,3 +208,28 @@ def test_refused_connections_are_dead_links_unless_our_proxy_refuses(monkeypatch
         with pytest.raises(TransientFailure, match="64 of the last 64 fetches failed"):
             list(read_files([_spread(web.url, f"/img/{i}.jpg", i) for i in range(100)], [-1] * 100, opts))
         assert sum(web.requests.values()) == 0  # refused by the proxy, never reached
+
+
+def test_a_loose_store_file_is_one_ranged_read(s3_server, s3_bucket):
+    """A file on object storage costs one request, a GET of at most max_bytes + 1 bytes (before: a HEAD for the size,
+    then s3fs's whole-object read asked the size again: three requests a file, 600M more at 300M loose files). A
+    file over max_bytes is too large from the bytes read; a zero-byte object, which answers a range with 416, is
+    read as empty (then its size is asked: two requests); a missing one is unreadable, not retried."""
+    import fsspec
+
+    bucket = s3_bucket.removeprefix("s3://")
+    files = {"img.jpg": b"\xff\xd8" + bytes(range(256)) * 4, "big.jpg": bytes(5000), "empty.jpg": b""}
+    raw = fsspec.filesystem("s3")
+    for name, data in files.items():
+        raw.pipe(f"{bucket}/{name}", data)
+    policy = RetryPolicy(attempts=3, base_delay_s=0.01)
+    with FaultServer(upstream=s3_server.endpoint_url) as proxy:
+        so = {"client_kwargs": {"endpoint_url": proxy.url}, "skip_instance_cache": True,
+              "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+        got = {name: fetch.fetch_one(f"{s3_bucket}/{name}", 4096, so, policy) for name in (*files, "gone.jpg")}
+        assert got["img.jpg"].data == files["img.jpg"] and got["img.jpg"].reject is None
+        assert got["big.jpg"].data is None and got["big.jpg"].reject == ("too_large_file", "more than 4096 bytes")
+        assert got["empty.jpg"].data == b"" and got["empty.jpg"].reject is None
+        assert got["gone.jpg"].data is None and got["gone.jpg"].reject[0] in ("unreadable", "http_404")
+        assert {p.rsplit("/", 1)[1]: n for p, n in proxy.requests.items()} == {
+            "img.jpg": 1, "big.jpg": 1, "empty.jpg": 2, "gone.jpg": 1}
