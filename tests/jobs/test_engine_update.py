@@ -122,7 +122,6 @@ def test_grad_clip_clips_the_global_norm(dist):
     assert max((w - ref.detach()).abs().max() for w, ref in zip(got, reference["unclipped"].parameters())) > 1e-4
 
 
-
 def test_zero3_autocast_leaves_the_fp32_patch_projection_out_of_bf16_gathers(dist):
     """Under ZeRO-3 with amp_bf16, DeepSpeed all-gathers (and sums gradients of) the weights of the module classes it
     deems safe in lower precision (torch.nn.Linear, Conv2d, by exact class) in bf16: it marks them with a comm dtype.

@@ -1,10 +1,10 @@
 """The real entry point on CPU, ZeRO-3 (parameters partitioned) with amp_bf16 (fp32 weights under autocast, what the
 MSCN configs run): 2 ranks x 2 accumulation steps from S3 shards; rank 0 alone gets a NaN loss at step 4; the kNN
-monitor scores the gathered encoder at steps 3 and 4 (the end); the run exports its encoder; a run killed with SIGKILL after
-its step-2 checkpoint resumes and matches the uninterrupted one step for step. Then the trained run directory is
-what the tools take: the export equals the checkpoint's weights, the logged kNN accuracy is recomputed from the
-export by brute force, the linear probe takes the run directory, and a resume with another number of ranks is
-refused. Also: a run of non-finite steps stops naming them; bad configs fail at start naming the field."""
+monitor scores the gathered encoder at steps 3 and 4 (the end); the run exports its encoder; a run killed with
+SIGKILL after its step-2 checkpoint resumes and matches the uninterrupted one step for step. Then the trained run
+directory is what the tools take: the export equals the checkpoint's weights, the logged kNN accuracy is recomputed
+from the export by brute force, the linear probe takes the run directory, and a resume with another number of ranks
+is refused. Also: a run of non-finite steps stops naming them; bad configs fail at start naming the field."""
 
 from __future__ import annotations
 
