@@ -21,11 +21,17 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e . --config-settings editable_mode=compat
 	touch $(STAMP)
 
+# Both run as if the venv were activated (its bin/ first on PATH), so every process they start finds the venv's tools,
+# ninja included: DeepSpeed JIT-builds its CPU ops with the first ninja on PATH, and the system's and the venv's
+# (1.11 and 1.13 here) log their builds differently, so each rebuilt them (~36 s on 2 cores) whenever the other had
+# built last: the SLURM script's launch (the venv first on its PATH) and every other launch took turns.
+RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
+
 demo: $(STAMP)
-	$(PY) -m jobs.demo $(if $(DUMP),--dump $(DUMP),)
+	$(RUN) $(PY) -m jobs.demo $(if $(DUMP),--dump $(DUMP),)
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(RUN) $(PY) -m pytest $(PYTEST_ARGS)
 
 flops: $(STAMP)
 	$(PY) -m model.flops
