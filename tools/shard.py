@@ -27,6 +27,10 @@ from pipeline.ingest.report import format_table
 from pipeline.ingest.sources import IngestError
 
 
+def _directives(text: str) -> tuple[str, ...]:
+    return tuple(d.strip().lower() for d in text.split(",") if d.strip())
+
+
 def parse_args(argv: list[str] | None = None) -> IngestConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", metavar="SOURCE")
@@ -63,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
                    help="attempts per read on a transient fault (then the unit is quarantined until a rerun)")
     p.add_argument("--http-timeout", type=float, default=IngestConfig.http_timeout_s,
                    help="seconds a web URL may take to connect, and between bytes, per attempt")
+    p.add_argument("--opt-out-directives", type=_directives, default=",".join(IngestConfig.opt_out_directives),
+                   help="comma-separated X-Robots-Tag directives that make a web image a reject ('opted_out'), "
+                        "addressed to every agent or to canvit-ingest; '' honours none")
     p.add_argument("--give-up-quarantined", action="store_true",
                    help="finalize the output without what failed in this run and an earlier one (an object that "
                         "keeps failing: 5xx, resets): a loose file that failed its retries in both becomes a reject "
@@ -79,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
         workers=a.workers, engine=a.engine, ray_address=a.ray_address, storage_options=a.storage_options,
         overwrite=a.overwrite, keep_staging=a.keep_staging, quiet=a.quiet, download_threads=a.download_threads,
         retries=a.retries, http_timeout_s=a.http_timeout, give_up_quarantined=a.give_up_quarantined,
+        opt_out_directives=a.opt_out_directives,
     )
 
 

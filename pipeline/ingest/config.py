@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from pipeline.ingest.fetch import HTTP_TIMEOUT_S
+from pipeline.ingest.opt_out import DIRECTIVES, check_directives
 
 # The version of the work files' formats (staged tables, shuffle files, summaries) and of the pixel hash: bumped when
 # one changes (2: Arrow IPC shuffle files and the OpenCV decode path's hash order; 3: the pixel hash is BLAKE3, not
@@ -61,6 +62,9 @@ class IngestConfig:
     retries: int = 5  # attempts per read on a transient fault, the first included; then the unit is quarantined
     retry_base_s: float = 0.5  # first backoff; doubles per attempt (full jitter, capped at 30 s)
     http_timeout_s: float = HTTP_TIMEOUT_S  # a web URL's connect and read timeout, per attempt
+    # X-Robots-Tag directives that make a web image the reject "opted_out" (opt_out.py; () honours none). They decide
+    # which images are kept, so they are part of the fingerprint.
+    opt_out_directives: tuple[str, ...] = DIRECTIVES
     # Finalize without what failed its retries in this run and an earlier one: those loose files (or whole units:
     # an archive, a parquet file) become "quarantined" rejects, staging is removed, and reruns are no-ops (an object
     # that fails forever no longer blocks the dataset).
@@ -81,12 +85,14 @@ class IngestConfig:
             raise ValueError("near_threshold must be in [0, 30]")  # 64 / (t + 2) bits per block must stay >= 2
         if self.download_threads < 1 or self.retries < 1 or not self.http_timeout_s > 0:
             raise ValueError("download_threads, retries and http_timeout_s must be positive")
+        check_directives(self.opt_out_directives)
 
     def public_dict(self) -> dict:
         """All fields, with storage_options values redacted: safe to write to config.json and report.json."""
         d = asdict(self)
         d["storage_options"] = {k: "***" for k in self.storage_options}
-        d["sources"] = list(self.sources)
+        d["sources"] = list(self.sources)  # as JSON reads them back (report.json's config equals the run's)
+        d["opt_out_directives"] = list(self.opt_out_directives)
         return d
 
     def fingerprint(self) -> str:

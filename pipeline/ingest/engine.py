@@ -203,7 +203,7 @@ def _forget_dedup_if_staging_changed(run: Run, before: dict[int, list[str]] | No
 def _stage_tasks(plan: Plan, cfg: IngestConfig, layout: Layout, policy: RetryPolicy,
                  salvage: dict[int, frozenset[str]]):
     read = ReadOptions(cfg.clean.max_bytes, cfg.image_column, cfg.label_column, cfg.storage_options, policy,
-                       cfg.download_threads, cfg.http_timeout_s)
+                       cfg.download_threads, cfg.http_timeout_s, frozenset(cfg.opt_out_directives))
     for u in range(len(plan.unit_kind)):
         lo, hi = (int(x) for x in plan.unit_rows[u])
         yield u, StageTask(u, UNIT_KINDS[plan.unit_kind[u]], plan.slices(u), (lo, hi), plan.classes, layout,

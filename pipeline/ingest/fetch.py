@@ -7,7 +7,7 @@ with its position: the caller puts them back in input order (stage.py), so the o
 request finishes first, and a dead host costs one thread its timeouts, not the caller its CPU.
 
 Outcome of one fetch: bytes, or a reject (reason, detail) for a deterministic fault: a missing file, an HTTP 4xx,
-a file over max_bytes. A transient fault (reset, timeout, 5xx, 429, SlowDown) is retried with backoff (a web URL
+a file over max_bytes, a web image whose server opted it out (X-Robots-Tag, opt_out.py). A transient fault (reset, timeout, 5xx, 429, SlowDown) is retried with backoff (a web URL
 that timed out, once only: WEB_TIMEOUT_ATTEMPTS); if it persists, a web URL gets the reject "download_failed" (a
 dead web server is the web's normal state, not ours), while an object of a store or a local file comes back
 `lost`: its unit is then quarantined, naming it, and a rerun retries it (readers.py). With `give_up` (the objects
@@ -29,10 +29,10 @@ from typing import Iterable, Iterator
 from urllib.parse import urlsplit
 
 from pipeline.ingest.atomic import url_to_fs
+from pipeline.ingest.opt_out import DIRECTIVES, USER_AGENT, opted_out
 from pipeline.ingest.retry import RetryPolicy, TransientFailure, http_status, is_timeout, is_unanswered, retry
 
 HTTP_TIMEOUT_S = 10.0  # a web URL's timeout per attempt unless configured (--http-timeout): img2dataset's default
-_USER_AGENT = "canvit-ingest/0.1 (+tools/shard.py)"
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ def is_web(url: str) -> bool:
 
 
 def fetch_all(urls: Iterable[str], max_bytes: int, storage_options: dict, policy: RetryPolicy,
-              threads: int, give_up: frozenset[str] = frozenset(), http_timeout_s: float = HTTP_TIMEOUT_S
-              ) -> Iterator[tuple[int, Fetched]]:
+              threads: int, give_up: frozenset[str] = frozenset(), http_timeout_s: float = HTTP_TIMEOUT_S,
+              opt_outs: frozenset[str] = frozenset(DIRECTIVES)) -> Iterator[tuple[int, Fetched]]:
     """(position in `urls`, Fetched) for every URL, in the order the fetches finish (a non-web URL that kept
     failing: lost, or the reject "quarantined" if it is in give_up). Up to LOOKAHEAD fetches are queued and not yet
     taken, and they start while the bytes fetched and not yet taken stay under WINDOW_BYTES (_Gate).
@@ -81,7 +81,7 @@ def fetch_all(urls: Iterable[str], max_bytes: int, storage_options: dict, policy
             if pending >= max(LOOKAHEAD, 2 * threads):
                 yield take()
             future = pool.submit(_gated, gate, index, url, max_bytes, storage_options, policy, give_up,
-                                 http_timeout_s)
+                                 http_timeout_s, opt_outs)
             future.add_done_callback(finished.put)
             pending += 1
         while pending:
@@ -137,10 +137,13 @@ def _gated(gate: _Gate, index: int, url: str, *args) -> tuple[int, Fetched]:
 
 
 def fetch_one(url: str, max_bytes: int, storage_options: dict, policy: RetryPolicy,
-              give_up: frozenset[str] = frozenset(), http_timeout_s: float = HTTP_TIMEOUT_S) -> Fetched:
+              give_up: frozenset[str] = frozenset(), http_timeout_s: float = HTTP_TIMEOUT_S,
+              opt_outs: frozenset[str] = frozenset(DIRECTIVES)) -> Fetched:
+    """`opt_outs`: the X-Robots-Tag directives that make a web image the reject "opted_out" (opt_out.py)."""
     try:
         if is_web(url):
-            data = retry(lambda: _http_get(url, max_bytes, http_timeout_s), policy, f"GET {url}", _web_attempts)
+            data = retry(lambda: _http_get(url, max_bytes, http_timeout_s, opt_outs), policy, f"GET {url}",
+                         _web_attempts)
         else:
             data = retry(lambda: _fs_get(url, max_bytes, storage_options), policy, f"read {url}")
     except TransientFailure as e:
@@ -151,6 +154,8 @@ def fetch_one(url: str, max_bytes: int, storage_options: dict, policy: RetryPoli
                        error=(e.__cause__ or e) if lost else None)
     except _TooLarge as e:
         return Fetched(url, None, ("too_large_file", str(e)))
+    except _OptedOut as e:
+        return Fetched(url, None, ("opted_out", str(e)[:300]))
     except Exception as e:  # noqa: BLE001 - permanent by classification: missing, forbidden, 404, bad URL
         status = http_status(e)
         reason = f"http_{status}" if status is not None else "unreadable"
@@ -180,9 +185,17 @@ class _TooLarge(Exception):
     pass
 
 
-def _http_get(url: str, max_bytes: int, timeout: float) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+class _OptedOut(Exception):
+    pass
+
+
+def _http_get(url: str, max_bytes: int, timeout: float, opt_outs: frozenset[str]) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     with urllib.request.urlopen(request, timeout=timeout) as response:
+        # Before the body: an opted-out image costs its headers only (a redirect's: those of its last response).
+        refusal = opted_out(response.headers.get_all("X-Robots-Tag") or [], opt_outs)
+        if refusal is not None:
+            raise _OptedOut(f"X-Robots-Tag: {refusal}")
         data = response.read(max_bytes + 1)
         expected = response.headers.get("Content-Length")
     if len(data) > max_bytes:

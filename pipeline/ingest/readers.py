@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from pipeline.ingest.atomic import url_to_fs
 from pipeline.ingest.fetch import Fetched, fetch_all, fetch_one, is_web
+from pipeline.ingest.opt_out import DIRECTIVES
 from pipeline.ingest.retry import RetryPolicy, TransientFailure
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
@@ -65,6 +66,7 @@ class ReadOptions:
     policy: RetryPolicy
     threads: int  # concurrent fetches of loose files / URLs per task
     http_timeout_s: float  # a web URL's timeout per attempt
+    opt_outs: frozenset[str] = frozenset(DIRECTIVES)  # X-Robots-Tag directives that make a web image a reject
     # Loose files (URLs) that failed their retries in an earlier run as well: if they fail again they are the
     # reject "quarantined" instead of failing the unit (--give-up-quarantined, engine.py).
     give_up: frozenset[str] = frozenset()
@@ -81,7 +83,7 @@ def read_files(urls: list[str], labels: list[int], opts: ReadOptions) -> Iterato
 def _fetched(urls: list[str], opts: ReadOptions, item_of: Callable[[int, Fetched], RawItem]) -> Iterator[Item]:
     """item_of(position, fetched) for every URL as its fetch finishes, through _guard_fetches."""
     fetched = fetch_all(urls, opts.max_bytes, opts.storage_options, opts.policy, opts.threads, opts.give_up,
-                        opts.http_timeout_s)
+                        opts.http_timeout_s, opts.opt_outs)
     try:
         yield from _guard_fetches((((i, item_of(i, f)), f) for i, f in fetched), opts.policy.attempts, len(urls),
                                   lambda canaries: _failing_again(canaries, opts))
@@ -90,11 +92,12 @@ def _fetched(urls: list[str], opts: ReadOptions, item_of: Callable[[int, Fetched
 
 
 def _failing_again(urls: list[str], opts: ReadOptions) -> int:
-    """How many of `urls` (each fetched fine earlier in the unit) fail now, fetched at once with every retry."""
+    """How many of `urls` (each fetched fine earlier in the unit) fail now, fetched at once with every retry. No
+    opt-out is honoured: a canary asks whether its host answers, not whether its image may be kept."""
     with ThreadPoolExecutor(len(urls)) as pool:
         return sum(f.data is None for f in pool.map(
             lambda url: fetch_one(url, opts.max_bytes, opts.storage_options, opts.policy, frozenset(),
-                                  opts.http_timeout_s), urls))
+                                  opts.http_timeout_s, frozenset()), urls))
 
 
 def read_archive(url: str, opts: ReadOptions) -> Iterator[Item]:

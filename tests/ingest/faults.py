@@ -35,6 +35,8 @@ class FaultServer:
         self.faults: dict[str, list[str]] = {}
         self.requests: dict[str, int] = {}
         self.down_after: int | None = None  # an outage: every request after this many answers 503
+        self.headers: dict[str, list[tuple[str, str]]] = {}  # path -> response headers a file is served with
+        self.agents: set[str] = set()  # User-Agent headers of the requests
         self.served = 0  # requests in all
         self.lock = threading.Lock()
         server = self
@@ -70,8 +72,9 @@ class FaultServer:
         with self.lock:
             self.faults.clear()
 
-    def _next_fault(self, method: str, path: str) -> str | None:
+    def _next_fault(self, method: str, path: str, agent: str | None) -> str | None:
         with self.lock:
+            self.agents.add(agent or "")
             self.requests[path] = self.requests.get(path, 0) + 1
             self.served += 1
             if self.down_after is not None and self.served > self.down_after:
@@ -83,7 +86,7 @@ class FaultServer:
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         path = urlsplit(h.path).path
         body = h.rfile.read(int(h.headers.get("Content-Length") or 0)) if h.command in ("PUT", "POST") else b""
-        fault = self._next_fault(h.command, path)
+        fault = self._next_fault(h.command, path, h.headers.get("User-Agent"))
         if fault == "reset":
             h.close_connection = True
             h.connection.shutdown(socket.SHUT_RDWR)
@@ -121,7 +124,7 @@ class FaultServer:
 
     def _serve(self, h: BaseHTTPRequestHandler, path: str, body: bytes) -> tuple[int, list, bytes]:
         if path in self.files:
-            return 200, [("Content-Type", "application/octet-stream")], self.files[path]
+            return 200, [("Content-Type", "application/octet-stream"), *self.headers.get(path, [])], self.files[path]
         if self.upstream is None:
             return 404, [], b"not found"
         up = urlsplit(self.upstream)

@@ -1,0 +1,73 @@
+"""A web server's X-Robots-Tag opt-out (noai, noimageai, noindex, noimageindex): the image becomes the reject
+"opted_out", decided from the headers, for rules addressed to every agent or to ours; --opt-out-directives decides
+which directives count, and a run under other directives does not resume the output."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.ingest.config import IngestConfig
+from pipeline.ingest.engine import run_ingest
+from pipeline.ingest.opt_out import AGENT, DIRECTIVES, USER_AGENT, opted_out
+from pipeline.ingest.sources import IngestError
+from tests.ingest.faults import FaultServer
+from tests.ingest.helpers import verdicts
+from tests.ingest.test_faults import _jpeg
+from tools import shard
+
+
+@pytest.mark.parametrize("values, refused", [
+    (["noai"], True),
+    (["NoImageAI, nofollow"], True),  # directives are case-insensitive
+    (["nofollow", "noimageindex"], True),  # any header line
+    ([f"{AGENT}: noindex"], True),
+    (["googlebot: nofollow, canvit-ingest: noai"], True),  # an agent's rules run to the next agent
+    (["googlebot: noindex"], False),  # another agent's
+    (["googlebot: noindex, noimageai"], False),  # still googlebot's
+    (["max-image-preview:large, noindex"], True),  # a directive with a value is not an agent
+    (["unavailable_after: 25 Jun 2010 15:00:00 PST"], False),
+    (["noarchive, nofollow"], False),
+    ([], False),
+])
+def test_x_robots_tag_rules(values, refused):
+    assert (opted_out(values, frozenset(DIRECTIVES)) is not None) == refused
+    assert opted_out(values, frozenset()) is None
+
+
+def test_opted_out_urls_are_rejects_named_by_their_header_and_the_flag_decides(tmp_path):
+    files = {f"/img/{i}.jpg": _jpeg(i) for i in range(6)}
+    headers = {1: ["noai"], 2: ["googlebot: noindex"], 3: [f"{AGENT}: noimageai"], 4: ["nofollow", "noimageindex"],
+               5: ["noarchive"]}
+    with FaultServer(files) as web:
+        for i, values in headers.items():
+            web.headers[f"/img/{i}.jpg"] = [("X-Robots-Tag", v) for v in values]
+        urls = [f"{web.url}/img/{i}.jpg" for i in range(6)]
+        (tmp_path / "urls.txt").write_text("\n".join(urls) + "\n")
+
+        def cfg(out: str, **kw) -> IngestConfig:
+            return IngestConfig(sources=(str(tmp_path / "urls.txt"),), output=str(tmp_path / out), workers=1,
+                                quiet=True, download_threads=4, **kw)
+
+        report = run_ingest(cfg("out"))
+        assert web.agents == {USER_AGENT}
+        assert all(web.requests[f"/img/{i}.jpg"] == 1 for i in (1, 3, 4))  # deterministic: never retried
+        assert report["kept"] == 3 and report["rejected_by_reason"] == {"opted_out": 3}
+        assert verdicts(tmp_path / "out") == {urls[0]: "keep", urls[1]: "opted_out", urls[2]: "keep",
+                                              urls[3]: "opted_out", urls[4]: "opted_out", urls[5]: "keep"}
+        details = {r["source"]: r["detail"] for r in pq.read_table(tmp_path / "out/rejects.parquet").to_pylist()}
+        assert details[urls[1]] == "X-Robots-Tag: noai" and details[urls[4]] == "X-Robots-Tag: noimageindex"
+
+        # Other directives would keep other images: the output is not resumed under them.
+        with pytest.raises(IngestError, match="--overwrite"):
+            run_ingest(cfg("out", opt_out_directives=()))
+        assert run_ingest(cfg("all", opt_out_directives=()))["kept"] == 6
+        assert run_ingest(cfg("archive", opt_out_directives=shard.parse_args(
+            ["x", "--output", "y", "--opt-out-directives", " NoArchive,noai"]).opt_out_directives))["kept"] == 4
+
+
+def test_a_directive_that_could_never_match_is_refused():
+    assert shard.parse_args(["x", "--output", "y", "--opt-out-directives", ""]).opt_out_directives == ()
+    assert shard.parse_args(["x", "--output", "y"]).opt_out_directives == DIRECTIVES
+    with pytest.raises(ValueError, match="'no ai'"):
+        IngestConfig(sources=("x",), output="y", opt_out_directives=("no ai",))
