@@ -31,6 +31,10 @@ def _directives(text: str) -> tuple[str, ...]:
     return tuple(d.strip().lower() for d in text.split(",") if d.strip())
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(d.strip() for d in text.split(",") if d.strip())
+
+
 def parse_args(argv: list[str] | None = None) -> IngestConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", metavar="SOURCE")
@@ -67,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
                    help="attempts per read on a transient fault (then the unit is quarantined until a rerun)")
     p.add_argument("--http-timeout", type=float, default=IngestConfig.http_timeout_s,
                    help="seconds a web URL may take to connect, and between bytes, per attempt")
+    p.add_argument("--keep-columns", type=_names, default="",
+                   help="comma-separated parquet columns carried into each sample's JSON under source_meta "
+                        "(e.g. NSFW,similarity,LICENSE); the first parquet source must have them")
     p.add_argument("--opt-out-directives", type=_directives, default=",".join(IngestConfig.opt_out_directives),
                    help="comma-separated X-Robots-Tag directives that make a web image a reject ('opted_out'), "
                         "addressed to every agent or to canvit-ingest; '' honours none")
@@ -86,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
         workers=a.workers, engine=a.engine, ray_address=a.ray_address, storage_options=a.storage_options,
         overwrite=a.overwrite, keep_staging=a.keep_staging, quiet=a.quiet, download_threads=a.download_threads,
         retries=a.retries, http_timeout_s=a.http_timeout, give_up_quarantined=a.give_up_quarantined,
-        opt_out_directives=a.opt_out_directives,
+        opt_out_directives=a.opt_out_directives, keep_columns=a.keep_columns,
     )
 
 

@@ -65,6 +65,9 @@ class IngestConfig:
     # X-Robots-Tag directives that make a web image the reject "opted_out" (opt_out.py; () honours none). They decide
     # which images are kept, so they are part of the fingerprint.
     opt_out_directives: tuple[str, ...] = DIRECTIVES
+    # Parquet columns carried into each sample's JSON under "source_meta" (img2dataset's --save_additional_columns):
+    # LAION's NSFW, similarity, LICENSE, ... They change the output, so they are part of the fingerprint.
+    keep_columns: tuple[str, ...] = ()
     # Finalize without what failed its retries in this run and an earlier one: those loose files (or whole units:
     # an archive, a parquet file) become "quarantined" rejects, staging is removed, and reruns are no-ops (an object
     # that fails forever no longer blocks the dataset).
@@ -86,6 +89,8 @@ class IngestConfig:
         if self.download_threads < 1 or self.retries < 1 or not self.http_timeout_s > 0:
             raise ValueError("download_threads, retries and http_timeout_s must be positive")
         check_directives(self.opt_out_directives)
+        if len(set(self.keep_columns)) != len(self.keep_columns) or not all(self.keep_columns):
+            raise ValueError(f"keep_columns must be distinct column names, not {self.keep_columns!r}")
 
     def public_dict(self) -> dict:
         """All fields, with storage_options values redacted: safe to write to config.json and report.json."""
@@ -93,6 +98,7 @@ class IngestConfig:
         d["storage_options"] = {k: "***" for k in self.storage_options}
         d["sources"] = list(self.sources)  # as JSON reads them back (report.json's config equals the run's)
         d["opt_out_directives"] = list(self.opt_out_directives)
+        d["keep_columns"] = list(self.keep_columns)
         return d
 
     def fingerprint(self) -> str:

@@ -9,7 +9,9 @@ input, and the group's .txt (caption), .json (source metadata) and .cls (label) 
 img2dataset, LAION and DataComp dumps carry captions. A group with no image is one "no_image" reject.
 
 Parquet files carry either image bytes (a binary column) or URLs to download (a url column and no image column:
-the LAION / DataComp metadata layout), each row with an optional id, caption and label.
+the LAION / DataComp metadata layout), each row with an optional id, caption and label, and the columns named by
+--keep-columns (LAION's NSFW, similarity, LICENSE, ...), which go into the sample's JSON under "source_meta" as
+img2dataset's --save_additional_columns does (null where a file lacks one: dumps drift in schema).
 
 What is a reject and what is a fault: content that does not parse (a corrupt archive or parquet file) is a reject,
 deterministic, and a rerun gives the same; an I/O error is a fault of the store or the network, and propagates
@@ -18,7 +20,10 @@ deterministic, and a rerun gives the same; an I/O error is a fault of the store 
 
 from __future__ import annotations
 
+import base64
+import datetime
 import json
+import math
 import posixpath
 import tarfile
 import zipfile
@@ -67,6 +72,7 @@ class ReadOptions:
     threads: int  # concurrent fetches of loose files / URLs per task
     http_timeout_s: float  # a web URL's timeout per attempt
     opt_outs: frozenset[str] = frozenset(DIRECTIVES)  # X-Robots-Tag directives that make a web image a reject
+    keep_columns: tuple[str, ...] = ()  # parquet columns carried into each sample's JSON (source_meta)
     # Loose files (URLs) that failed their retries in an earlier run as well: if they fail again they are the
     # reject "quarantined" instead of failing the unit (--give-up-quarantined, engine.py).
     give_up: frozenset[str] = frozenset()
@@ -369,7 +375,8 @@ def _parquet_rows(url: str, pf: pq.ParquetFile, opts: ReadOptions, lo: int, hi: 
         raise KeyError(f"no image-bytes or url column among {names}; pass --image-column")
     ident, caption = _pick(names, None, _ID_COLUMNS), _pick(names, None, _CAPTION_COLUMNS)
     label = _pick(names, opts.label_column, _LABEL_COLUMNS)
-    columns = list(dict.fromkeys(c for c in (image or link, ident, caption, label) if c is not None))
+    kept = [c for c in opts.keep_columns if c in names]
+    columns = list(dict.fromkeys(c for c in (image or link, ident, caption, label, *kept) if c is not None))
     records = _records(url, pf, columns, ident, lo, hi)
     if image is not None:
         for i, (source, rec) in enumerate(records):
@@ -377,7 +384,7 @@ def _parquet_rows(url: str, pf: pq.ParquetFile, opts: ReadOptions, lo: int, hi: 
             if isinstance(value, dict):  # Hugging Face image struct {"bytes": ..., "path": ...}
                 value = value.get("bytes")
             yield i, RawItem(source, value if isinstance(value, bytes) else b"", _int_or(rec.get(label), -1),
-                             _text(rec, caption))
+                             _text(rec, caption), meta=_kept_meta(rec, opts.keep_columns) or None)
         return
     yield from _download_rows(records, link, caption, label, opts)
 
@@ -386,10 +393,34 @@ def _download_rows(records, link: str, caption: str | None, label: str | None, o
                    ) -> Iterator[Item]:
     """url + caption rows: the images are fetched by threads, as they arrive; each URL's outcome is kept or a
     reject."""
-    rows = list(records)  # the unit's rows of the file: ~100 bytes a row
+    rows = list(records)  # the unit's rows of the file: ~100 bytes a row, plus the kept columns
     urls = [str(rec[link] or "") for _, rec in rows]
-    yield from _fetched(urls, opts, lambda i, f: RawItem(rows[i][0], f.data, _int_or(rows[i][1].get(label), -1),
-                                                         _text(rows[i][1], caption), f.reject, {"url": f.url}))
+    yield from _fetched(urls, opts, lambda i, f: RawItem(
+        rows[i][0], f.data, _int_or(rows[i][1].get(label), -1), _text(rows[i][1], caption), f.reject,
+        {**_kept_meta(rows[i][1], opts.keep_columns), "url": f.url}))
+
+
+def _kept_meta(rec: dict, columns: tuple[str, ...]) -> dict:
+    """The kept columns of a row as JSON values (null where the file has no such column)."""
+    return {c: _json_value(rec.get(c)) for c in columns}
+
+
+def _json_value(value):
+    """A parquet value as strict JSON can hold it: NaN and infinities null (Python's json would write NaN, which
+    other readers refuse), timestamps and decimals as text, bytes as base64."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    return str(value)  # Decimal, timedelta, ...
 
 
 def _records(url: str, pf: pq.ParquetFile, columns: list[str], ident: str | None, lo: int, hi: int

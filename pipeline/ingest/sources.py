@@ -325,6 +325,29 @@ def _parquet_footer(url: str, storage_options: dict, policy: RetryPolicy) -> tup
         return -1, False
 
 
+def check_kept_columns(url: str, columns: tuple[str, ...], storage_options: dict, policy: RetryPolicy) -> None:
+    """--keep-columns against the footer of a parquet source (the first one listed): a column it lacks is refused,
+    naming the file's columns, before anything is staged. A typo would otherwise be a null in every sample of a run
+    that takes hours, where a file later in the dump lacking a column is schema drift (null in its samples only).
+    An unreadable footer passes: its stage task rejects the file."""
+    fs, path = url_to_fs(url, storage_options)
+
+    def names() -> list[str]:
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).schema_arrow.names
+
+    try:
+        have = retry(names, policy, f"read the footer of {url}")
+    except TransientFailure:
+        raise
+    except Exception:  # noqa: BLE001 - corrupt or not parquet: a content fault, rejected by the stage task
+        return
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise IngestError(f"--keep-columns {', '.join(missing)}: not a column of {url}, the first parquet source "
+                          f"listed (its columns: {', '.join(have)})")
+
+
 def read_part_rows(part_url: str, start: int, end: int, storage_options: dict) -> list[dict]:
     """Rows [start, end) of a listing part, reading only the row groups that hold them."""
     return read_part_spans(part_url, [(start, end)], storage_options)[0]

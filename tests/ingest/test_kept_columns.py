@@ -1,0 +1,68 @@
+"""--keep-columns: a parquet source's other columns (LAION's NSFW, similarity, LICENSE) travel into each sample's
+JSON under source_meta, as strict JSON; null where a file lacks one; a column the first parquet source lacks (a
+typo) is refused before anything is staged, and the corrected command then runs on the same output."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.ingest.config import IngestConfig
+from pipeline.ingest.engine import run_ingest
+from pipeline.ingest.sources import IngestError
+from tests.ingest.faults import FaultServer
+from tests.ingest.test_faults import _jpeg, _samples_by_source
+from tools import shard
+
+
+def _strict(raw: bytes) -> dict:
+    def refuse(name):
+        raise AssertionError(f"{name} in a sample's JSON")
+    return json.loads(raw, parse_constant=refuse)
+
+
+def test_kept_parquet_columns_travel_into_each_samples_json(tmp_path):
+    files = {f"/img/{i}.jpg": _jpeg(i) for i in range(3)}
+    when = pa.array([datetime.datetime(2022, 1, 1), None, datetime.datetime(2023, 5, 6, 7, 8, 9)], pa.timestamp("us"))
+    with FaultServer(files) as web:
+        urls = [f"{web.url}/img/{i}.jpg" for i in range(3)]
+        pq.write_table(pa.table({"url": urls, "caption": ["a", "b", "c"], "id": ["r0", "r1", "r2"],
+                                 "NSFW": ["UNLIKELY", "NSFW", "UNSURE"], "similarity": [0.31, float("nan"), 0.29],
+                                 "LICENSE": [None, "cc-by", "?"], "when": when}), tmp_path / "laion.parquet")
+        # A later file without LICENSE (schema drift): null there, not an error.
+        pq.write_table(pa.table({"image": [_jpeg(7)], "id": ["b0"], "NSFW": ["UNLIKELY"], "similarity": [0.5],
+                                 "when": when[:1]}), tmp_path / "z_bytes.parquet")
+        (tmp_path / "urls.txt").write_text(urls[0] + "\n")
+
+        def cfg(sources, columns) -> IngestConfig:
+            return IngestConfig(sources=tuple(str(tmp_path / s) for s in sources), output=str(tmp_path / "out"),
+                                workers=1, quiet=True, download_threads=4, keep_columns=columns)
+
+        with pytest.raises(IngestError, match=r"--keep-columns nsfw: not a column of \S*laion.parquet, .*NSFW"):
+            run_ingest(cfg(["laion.parquet", "z_bytes.parquet"], ("nsfw", "similarity")))
+        with pytest.raises(IngestError, match="no source is a parquet file"):
+            run_ingest(cfg(["urls.txt"], ("NSFW",)))
+        report = run_ingest(cfg(["laion.parquet", "z_bytes.parquet"], shard.parse_args(
+            ["x", "--output", "y", "--keep-columns", "NSFW, similarity,LICENSE,when"]).keep_columns))
+    assert report["kept"] == 4
+    samples = _samples_by_source(tmp_path / "out")
+    laion, other = f"file://{tmp_path / 'laion.parquet'}", f"file://{tmp_path / 'z_bytes.parquet'}"
+    meta = {s: _strict(p["json"]).get("source_meta") for s, p in samples.items()}
+    assert meta[f"{laion}#id=r0"] == {"NSFW": "UNLIKELY", "similarity": 0.31, "LICENSE": None,
+                                      "when": "2022-01-01T00:00:00", "url": urls[0]}
+    assert meta[f"{laion}#id=r1"] == {"NSFW": "NSFW", "similarity": None, "LICENSE": "cc-by", "when": None,
+                                      "url": urls[1]}
+    assert meta[f"{laion}#id=r2"]["when"] == "2023-05-06T07:08:09"
+    assert meta[f"{other}#id=b0"] == {"NSFW": "UNLIKELY", "similarity": 0.5, "LICENSE": None,
+                                      "when": "2022-01-01T00:00:00"}
+    assert samples[f"{laion}#id=r1"]["txt"] == b"b"
+
+
+def test_keep_columns_must_be_distinct_names():
+    assert shard.parse_args(["x", "--output", "y"]).keep_columns == ()
+    with pytest.raises(ValueError, match="distinct"):
+        IngestConfig(sources=("x",), output="y", keep_columns=("NSFW", "NSFW"))
