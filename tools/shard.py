@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
     p.add_argument("--keep-columns", type=_names, default="",
                    help="comma-separated parquet columns carried into each sample's JSON under source_meta "
                         "(e.g. NSFW,similarity,LICENSE); the first parquet source must have them")
+    p.add_argument("--verify-hash", default="", metavar="COLUMN[:ALGORITHM]",
+                   help="a parquet column holding each image's hex digest (sha256 unless named, e.g. sha256 or "
+                        "md5hash:md5): other bytes are the reject 'hash_mismatch' (DataComp); rows without one pass")
     p.add_argument("--opt-out-directives", type=_directives, default=",".join(IngestConfig.opt_out_directives),
                    help="comma-separated X-Robots-Tag directives that make a web image a reject ('opted_out'), "
                         "addressed to every agent or to canvit-ingest; '' honours none")
@@ -94,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
         overwrite=a.overwrite, keep_staging=a.keep_staging, quiet=a.quiet, download_threads=a.download_threads,
         retries=a.retries, http_timeout_s=a.http_timeout, give_up_quarantined=a.give_up_quarantined,
         opt_out_directives=a.opt_out_directives, keep_columns=a.keep_columns,
+        verify_hash=a.verify_hash,
     )
 
 

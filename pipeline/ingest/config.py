@@ -68,6 +68,10 @@ class IngestConfig:
     # Parquet columns carried into each sample's JSON under "source_meta" (img2dataset's --save_additional_columns):
     # LAION's NSFW, similarity, LICENSE, ... They change the output, so they are part of the fingerprint.
     keep_columns: tuple[str, ...] = ()
+    # "COLUMN" or "COLUMN:ALGORITHM" (sha256 unless named; any of hashlib's guaranteed ones): a parquet row's
+    # image bytes (downloaded or in the file) must have that digest (hex) or are the reject "hash_mismatch", as
+    # img2dataset's --verify_hash does for DataComp. "" checks nothing.
+    verify_hash: str = ""
     # Finalize without what failed its retries in this run and an earlier one: those loose files (or whole units:
     # an archive, a parquet file) become "quarantined" rejects, staging is removed, and reruns are no-ops (an object
     # that fails forever no longer blocks the dataset).
@@ -91,6 +95,17 @@ class IngestConfig:
         check_directives(self.opt_out_directives)
         if len(set(self.keep_columns)) != len(self.keep_columns) or not all(self.keep_columns):
             raise ValueError(f"keep_columns must be distinct column names, not {self.keep_columns!r}")
+        if self.verify_hash and self.hash_check()[1] not in hashlib.algorithms_guaranteed:
+            raise ValueError(f"verify_hash {self.verify_hash!r}: the algorithm must be one of "
+                             f"{', '.join(sorted(hashlib.algorithms_guaranteed))}")
+
+    def hash_check(self) -> tuple[str, str] | None:
+        """(column, algorithm) of verify_hash, or None."""
+        if not self.verify_hash:
+            return None
+        column, _, algorithm = self.verify_hash.rpartition(":") if ":" in self.verify_hash else (
+            self.verify_hash, "", "sha256")
+        return column, algorithm.lower()
 
     def public_dict(self) -> dict:
         """All fields, with storage_options values redacted: safe to write to config.json and report.json."""

@@ -53,7 +53,7 @@ from pipeline.ingest.readers import ReadOptions
 from pipeline.ingest.report import build_report
 from pipeline.ingest.resolve import ResolveTask, run_resolve
 from pipeline.ingest.retry import RetryPolicy
-from pipeline.ingest.sources import IngestError, ListTask, check_kept_columns, expand_sources, read_part_rows
+from pipeline.ingest.sources import IngestError, ListTask, check_columns, expand_sources, read_part_rows
 from pipeline.ingest.stage import StageTask, run_stage
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
 
     try:
         plan = build_plan(run, listing, policy, cfg.unit_size, cfg.web_unit_size)
-        _check_kept_columns(plan, cfg, policy)
+        _check_columns(plan, cfg, policy)
     except IngestError:  # e.g. a glob the range tasks found matched nothing
         _forget_config_if_nothing_staged(run)
         raise
@@ -164,15 +164,19 @@ def _within(units: set[int], first: int, end: int) -> tuple[int, ...]:
     return tuple(sorted(u for u in units if first <= u < end))
 
 
-def _check_kept_columns(plan: Plan, cfg: IngestConfig, policy: RetryPolicy) -> None:
-    if not cfg.keep_columns:
+def _check_columns(plan: Plan, cfg: IngestConfig, policy: RetryPolicy) -> None:
+    """The parquet columns the arguments name, against the first parquet source listed (sources.check_columns)."""
+    check = cfg.hash_check()
+    named = {"--keep-columns": cfg.keep_columns, "--verify-hash": (check[0],) if check else ()}
+    named = {flag: columns for flag, columns in named.items() if columns}
+    if not named:
         return
     parquet = np.flatnonzero(plan.unit_kind == UNIT_KINDS.index("parquet"))
     if not len(parquet):
-        raise IngestError("--keep-columns names parquet columns, but no source is a parquet file")
+        raise IngestError(f"{' and '.join(named)} name parquet columns, but no source is a parquet file")
     part, start, _ = plan.slices(int(parquet[0]))[0]
     url = read_part_rows(part, start, start + 1, cfg.storage_options)[0]["url"]
-    check_kept_columns(url, cfg.keep_columns, cfg.storage_options, policy)
+    check_columns(url, named, cfg.storage_options, policy)
 
 
 def _forget_config_if_nothing_staged(run: Run) -> None:
@@ -215,7 +219,8 @@ def _forget_dedup_if_staging_changed(run: Run, before: dict[int, list[str]] | No
 def _stage_tasks(plan: Plan, cfg: IngestConfig, layout: Layout, policy: RetryPolicy,
                  salvage: dict[int, frozenset[str]]):
     read = ReadOptions(cfg.clean.max_bytes, cfg.image_column, cfg.label_column, cfg.storage_options, policy,
-                       cfg.download_threads, cfg.http_timeout_s, frozenset(cfg.opt_out_directives), cfg.keep_columns)
+                       cfg.download_threads, cfg.http_timeout_s, frozenset(cfg.opt_out_directives), cfg.keep_columns,
+                       cfg.hash_check())
     for u in range(len(plan.unit_kind)):
         lo, hi = (int(x) for x in plan.unit_rows[u])
         yield u, StageTask(u, UNIT_KINDS[plan.unit_kind[u]], plan.slices(u), (lo, hi), plan.classes, layout,

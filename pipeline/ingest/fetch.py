@@ -6,14 +6,14 @@ results queued and at most WINDOW_BYTES of them in memory. Results come back in 
 with its position: the caller puts them back in input order (stage.py), so the output does not depend on which
 request finishes first, and a dead host costs one thread its timeouts, not the caller its CPU.
 
-Outcome of one fetch: bytes, or a reject (reason, detail) for a deterministic fault: a missing file, an HTTP 4xx,
-a file over max_bytes, a web image whose server opted it out (X-Robots-Tag, opt_out.py). A transient fault (reset, timeout, 5xx, 429, SlowDown) is retried with backoff (a web URL
-that timed out, once only: WEB_TIMEOUT_ATTEMPTS); if it persists, a web URL gets the reject "download_failed" (a
-dead web server is the web's normal state, not ours), while an object of a store or a local file comes back
-`lost`: its unit is then quarantined, naming it, and a rerun retries it (readers.py). With `give_up` (the objects
-that had failed in an earlier run, rerun under --give-up-quarantined) such an object that fails again gets the
-reject "quarantined" instead: only that object is given up, not the unit's other inputs, nor an object failing for
-the first time.
+Outcome of one fetch: bytes, or a reject (reason, detail) for a deterministic fault: a missing file, an HTTP 4xx, a
+file over max_bytes, a web image whose server opted it out (X-Robots-Tag, opt_out.py). A transient fault (reset,
+timeout, 5xx, 429, SlowDown) is retried with backoff (a web URL that timed out, once only: WEB_TIMEOUT_ATTEMPTS); if
+it persists, a web URL gets the reject "download_failed" (a dead web server is the web's normal state, not ours),
+while an object of a store or a local file comes back `lost`: its unit is then quarantined, naming it, and a rerun
+retries it (readers.py). With `give_up` (the objects that had failed in an earlier run, rerun under
+--give-up-quarantined) such an object that fails again gets the reject "quarantined" instead: only that object is
+given up, not the unit's other inputs, nor an object failing for the first time.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import json
 import math
 import posixpath
@@ -30,7 +31,7 @@ import zipfile
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator
 from urllib.parse import urlsplit
 
@@ -73,6 +74,7 @@ class ReadOptions:
     http_timeout_s: float  # a web URL's timeout per attempt
     opt_outs: frozenset[str] = frozenset(DIRECTIVES)  # X-Robots-Tag directives that make a web image a reject
     keep_columns: tuple[str, ...] = ()  # parquet columns carried into each sample's JSON (source_meta)
+    verify_hash: tuple[str, str] | None = None  # (parquet column, hashlib algorithm) the bytes must match
     # Loose files (URLs) that failed their retries in an earlier run as well: if they fail again they are the
     # reject "quarantined" instead of failing the unit (--give-up-quarantined, engine.py).
     give_up: frozenset[str] = frozenset()
@@ -375,7 +377,7 @@ def _parquet_rows(url: str, pf: pq.ParquetFile, opts: ReadOptions, lo: int, hi: 
         raise KeyError(f"no image-bytes or url column among {names}; pass --image-column")
     ident, caption = _pick(names, None, _ID_COLUMNS), _pick(names, None, _CAPTION_COLUMNS)
     label = _pick(names, opts.label_column, _LABEL_COLUMNS)
-    kept = [c for c in opts.keep_columns if c in names]
+    kept = [c for c in (*opts.keep_columns, *(opts.verify_hash or ())[:1]) if c in names]
     columns = list(dict.fromkeys(c for c in (image or link, ident, caption, label, *kept) if c is not None))
     records = _records(url, pf, columns, ident, lo, hi)
     if image is not None:
@@ -383,8 +385,9 @@ def _parquet_rows(url: str, pf: pq.ParquetFile, opts: ReadOptions, lo: int, hi: 
             value = rec[image]
             if isinstance(value, dict):  # Hugging Face image struct {"bytes": ..., "path": ...}
                 value = value.get("bytes")
-            yield i, RawItem(source, value if isinstance(value, bytes) else b"", _int_or(rec.get(label), -1),
-                             _text(rec, caption), meta=_kept_meta(rec, opts.keep_columns) or None)
+            yield i, _verified(RawItem(source, value if isinstance(value, bytes) else b"", _int_or(rec.get(label), -1),
+                                       _text(rec, caption), meta=_kept_meta(rec, opts.keep_columns) or None),
+                               rec, opts.verify_hash)
         return
     yield from _download_rows(records, link, caption, label, opts)
 
@@ -395,9 +398,22 @@ def _download_rows(records, link: str, caption: str | None, label: str | None, o
     reject."""
     rows = list(records)  # the unit's rows of the file: ~100 bytes a row, plus the kept columns
     urls = [str(rec[link] or "") for _, rec in rows]
-    yield from _fetched(urls, opts, lambda i, f: RawItem(
+    yield from _fetched(urls, opts, lambda i, f: _verified(RawItem(
         rows[i][0], f.data, _int_or(rows[i][1].get(label), -1), _text(rows[i][1], caption), f.reject,
-        {**_kept_meta(rows[i][1], opts.keep_columns), "url": f.url}))
+        {**_kept_meta(rows[i][1], opts.keep_columns), "url": f.url}), rows[i][1], opts.verify_hash))
+
+
+def _verified(item: RawItem, rec: dict, check: tuple[str, str] | None) -> RawItem:
+    """The reject "hash_mismatch" for bytes whose digest is not the row's (DataComp's sha256 column: what a URL
+    serves now may be another image, or a host's "image removed" placeholder); a row with no hash is not checked."""
+    expected = rec.get(check[0]) if check is not None and item.data is not None else None
+    if not expected:
+        return item
+    expected = (expected.hex() if isinstance(expected, bytes) else str(expected)).strip().lower()
+    digest = hashlib.new(check[1], item.data).hexdigest()
+    if digest == expected:
+        return item
+    return replace(item, data=None, reject=("hash_mismatch", f"{check[1]} {digest}, the row's {check[0]} {expected}"))
 
 
 def _kept_meta(rec: dict, columns: tuple[str, ...]) -> dict:

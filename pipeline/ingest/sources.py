@@ -325,11 +325,12 @@ def _parquet_footer(url: str, storage_options: dict, policy: RetryPolicy) -> tup
         return -1, False
 
 
-def check_kept_columns(url: str, columns: tuple[str, ...], storage_options: dict, policy: RetryPolicy) -> None:
-    """--keep-columns against the footer of a parquet source (the first one listed): a column it lacks is refused,
-    naming the file's columns, before anything is staged. A typo would otherwise be a null in every sample of a run
-    that takes hours, where a file later in the dump lacking a column is schema drift (null in its samples only).
-    An unreadable footer passes: its stage task rejects the file."""
+def check_columns(url: str, named: dict[str, tuple[str, ...]], storage_options: dict, policy: RetryPolicy) -> None:
+    """The columns each flag names (--keep-columns, --verify-hash) against the footer of a parquet source (the first
+    one listed): a column it lacks is refused, naming the file's columns, before anything is staged. A typo would
+    otherwise be a null (or no check) in every sample of a run that takes hours, where a file later in the dump
+    lacking a column is schema drift (null, or unchecked, in its samples only). An unreadable footer passes: its
+    stage task rejects the file."""
     fs, path = url_to_fs(url, storage_options)
 
     def names() -> list[str]:
@@ -342,10 +343,11 @@ def check_kept_columns(url: str, columns: tuple[str, ...], storage_options: dict
         raise
     except Exception:  # noqa: BLE001 - corrupt or not parquet: a content fault, rejected by the stage task
         return
-    missing = [c for c in columns if c not in have]
-    if missing:
-        raise IngestError(f"--keep-columns {', '.join(missing)}: not a column of {url}, the first parquet source "
-                          f"listed (its columns: {', '.join(have)})")
+    for flag, columns in named.items():
+        missing = [c for c in columns if c not in have]
+        if missing:
+            raise IngestError(f"{flag} {', '.join(missing)}: not a column of {url}, the first parquet source "
+                              f"listed (its columns: {', '.join(have)})")
 
 
 def read_part_rows(part_url: str, start: int, end: int, storage_options: dict) -> list[dict]:

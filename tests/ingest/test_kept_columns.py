@@ -5,6 +5,7 @@ typo) is refused before anything is staged, and the corrected command then runs 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 
 import pyarrow as pa
@@ -44,7 +45,7 @@ def test_kept_parquet_columns_travel_into_each_samples_json(tmp_path):
 
         with pytest.raises(IngestError, match=r"--keep-columns nsfw: not a column of \S*laion.parquet, .*NSFW"):
             run_ingest(cfg(["laion.parquet", "z_bytes.parquet"], ("nsfw", "similarity")))
-        with pytest.raises(IngestError, match="no source is a parquet file"):
+        with pytest.raises(IngestError, match="--keep-columns name parquet columns, but no source is a parquet file"):
             run_ingest(cfg(["urls.txt"], ("NSFW",)))
         report = run_ingest(cfg(["laion.parquet", "z_bytes.parquet"], shard.parse_args(
             ["x", "--output", "y", "--keep-columns", "NSFW, similarity,LICENSE,when"]).keep_columns))
@@ -66,3 +67,36 @@ def test_keep_columns_must_be_distinct_names():
     assert shard.parse_args(["x", "--output", "y"]).keep_columns == ()
     with pytest.raises(ValueError, match="distinct"):
         IngestConfig(sources=("x",), output="y", keep_columns=("NSFW", "NSFW"))
+
+
+def test_verify_hash_rejects_bytes_that_are_not_the_rows(tmp_path):
+    """DataComp's sha256 column: a URL that now serves other bytes (another image, a host's "removed" placeholder)
+    is the reject hash_mismatch; a row without a hash is not checked; an image-bytes parquet is checked too."""
+    files = {f"/img/{i}.jpg": _jpeg(i) for i in range(4)}
+    files["/img/3.jpg"] = _jpeg(30)  # the server's bytes changed since the row was written
+    sha = [hashlib.sha256(_jpeg(i)).hexdigest() for i in range(4)]
+    with FaultServer(files) as web:
+        urls = [f"{web.url}/img/{i}.jpg" for i in range(4)]
+        pq.write_table(pa.table({"url": urls, "id": ["r0", "r1", "r2", "r3"],
+                                 "sha256": [sha[0], sha[1].upper(), None, sha[3]]}), tmp_path / "datacomp.parquet")
+        pq.write_table(pa.table({"image": [_jpeg(5), _jpeg(6)], "id": ["b0", "b1"],
+                                 "md5": [hashlib.md5(_jpeg(5)).digest(), hashlib.md5(b"other").digest()]}),
+                       tmp_path / "bytes.parquet")
+
+        def run(source: str, out: str, check: str) -> dict:
+            return run_ingest(IngestConfig(sources=(str(tmp_path / source),), output=str(tmp_path / out), workers=1,
+                                           quiet=True, download_threads=4, verify_hash=check))
+
+        report = run("datacomp.parquet", "out", "sha256")
+        with pytest.raises(IngestError, match="--verify-hash sha256: not a column of .*bytes.parquet"):
+            run("bytes.parquet", "bad", "sha256")
+        bytes_report = run("bytes.parquet", "bytes", "md5:MD5")
+    assert report["rejected_by_reason"] == {"hash_mismatch": 1} and report["kept"] == 3
+    source = f"file://{tmp_path / 'datacomp.parquet'}"
+    rows = {r["source"]: r for r in pq.read_table(tmp_path / "out/rejects.parquet").to_pylist()}
+    assert rows[f"{source}#id=r3"]["detail"] == \
+        f"sha256 {hashlib.sha256(_jpeg(30)).hexdigest()}, the row's sha256 {sha[3]}"
+    assert bytes_report["rejected_by_reason"] == {"hash_mismatch": 1} and bytes_report["kept"] == 1
+    assert shard.parse_args(["x", "--output", "y", "--verify-hash", "h:md5"]).hash_check() == ("h", "md5")
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        IngestConfig(sources=("x",), output="y", verify_hash="sha256:crc32")
