@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
                    help="seconds a web URL may take to connect, and between bytes, per attempt")
     p.add_argument("--keep-columns", type=_names, default="",
                    help="comma-separated parquet columns carried into each sample's JSON under source_meta "
-                        "(e.g. NSFW,similarity,LICENSE); the first parquet source must have them")
+                        "(e.g. NSFW,similarity,LICENSE); the first readable parquet source must have them")
     p.add_argument("--verify-hash", default="", metavar="COLUMN[:ALGORITHM]",
                    help="a parquet column holding each image's hex digest (sha256 unless named, e.g. sha256 or "
                         "md5hash:md5): other bytes are the reject 'hash_mismatch' (DataComp); rows without one pass")

@@ -15,6 +15,10 @@ from pipeline.ingest.opt_out import DIRECTIVES, check_directives
 # of resumed into files it cannot read or hashes that never match.
 WORK_FORMAT = 3
 
+# --verify-hash's algorithms: hashlib's guaranteed ones with a fixed digest size (not the shake_ XOFs, whose
+# hexdigest needs a length).
+HASHES = tuple(sorted(a for a in hashlib.algorithms_guaranteed if hashlib.new(a).digest_size))
+
 # Fields that change how the run executes but not which bytes it produces: left out of the fingerprint, so a rerun
 # with more workers, another engine or a quieter log resumes the same output.
 _EXECUTION_ONLY = ("workers", "engine", "ray_address", "quiet", "overwrite", "storage_options", "keep_staging",
@@ -95,17 +99,19 @@ class IngestConfig:
         check_directives(self.opt_out_directives)
         if len(set(self.keep_columns)) != len(self.keep_columns) or not all(self.keep_columns):
             raise ValueError(f"keep_columns must be distinct column names, not {self.keep_columns!r}")
-        if self.verify_hash and self.hash_check()[1] not in hashlib.algorithms_guaranteed:
-            raise ValueError(f"verify_hash {self.verify_hash!r}: the algorithm must be one of "
-                             f"{', '.join(sorted(hashlib.algorithms_guaranteed))}")
+        # Equivalent spellings, one fingerprint: a rerun with "h:MD5" for "h:md5" resumes rather than is refused.
+        object.__setattr__(self, "opt_out_directives", tuple(sorted(set(self.opt_out_directives))))
+        if self.verify_hash:
+            column, colon, algorithm = self.verify_hash.rpartition(":")
+            column, algorithm = (column, algorithm.lower()) if colon else (algorithm, "sha256")
+            if not column or algorithm not in HASHES:
+                raise ValueError(f"verify_hash {self.verify_hash!r}: COLUMN or COLUMN:ALGORITHM, the algorithm one "
+                                 f"of {', '.join(HASHES)}")
+            object.__setattr__(self, "verify_hash", f"{column}:{algorithm}")
 
     def hash_check(self) -> tuple[str, str] | None:
         """(column, algorithm) of verify_hash, or None."""
-        if not self.verify_hash:
-            return None
-        column, _, algorithm = self.verify_hash.rpartition(":") if ":" in self.verify_hash else (
-            self.verify_hash, "", "sha256")
-        return column, algorithm.lower()
+        return tuple(self.verify_hash.rsplit(":", 1)) if self.verify_hash else None
 
     def public_dict(self) -> dict:
         """All fields, with storage_options values redacted: safe to write to config.json and report.json."""

@@ -165,18 +165,26 @@ def _within(units: set[int], first: int, end: int) -> tuple[int, ...]:
 
 
 def _check_columns(plan: Plan, cfg: IngestConfig, policy: RetryPolicy) -> None:
-    """The parquet columns the arguments name, against the first parquet source listed (sources.check_columns)."""
-    check = cfg.hash_check()
-    named = {"--keep-columns": cfg.keep_columns, "--verify-hash": (check[0],) if check else ()}
-    named = {flag: columns for flag, columns in named.items() if columns}
-    if not named:
+    """The parquet columns the arguments name, against the first parquet source listed that reads
+    (sources.check_columns)."""
+    hash_column = (cfg.hash_check() or (None,))[0]
+    if not cfg.keep_columns and hash_column is None:
         return
     parquet = np.flatnonzero(plan.unit_kind == UNIT_KINDS.index("parquet"))
     if not len(parquet):
-        raise IngestError(f"{' and '.join(named)} name parquet columns, but no source is a parquet file")
-    part, start, _ = plan.slices(int(parquet[0]))[0]
-    url = read_part_rows(part, start, start + 1, cfg.storage_options)[0]["url"]
-    check_columns(url, named, cfg.storage_options, policy)
+        flags = [f for f, on in (("--keep-columns", cfg.keep_columns), ("--verify-hash", hash_column)) if on]
+        raise IngestError(f"{' and '.join(flags)}: parquet columns, but no source is a parquet file")
+
+    def urls():  # each parquet file once (a big one spans several units), read from the plan as needed
+        last = None
+        for u in parquet:
+            part, start, _ = plan.slices(int(u))[0]
+            url = read_part_rows(part, start, start + 1, cfg.storage_options)[0]["url"]
+            if url != last:
+                yield url
+            last = url
+
+    check_columns(urls(), cfg.keep_columns, hash_column, cfg.storage_options, policy)
 
 
 def _forget_config_if_nothing_staged(run: Run) -> None:

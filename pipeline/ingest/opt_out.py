@@ -1,10 +1,10 @@
 """A web server's opt-out sent with an image: the X-Robots-Tag response header.
 
 Sites that do not want their images in AI training sets say so per response: `X-Robots-Tag: noai, noimageai`
-(DeviantArt, ArtStation and others; ArtStation's terms forbid the download for ML training where it is set), or
-`noindex` / `noimageindex`, the search engines' older directives. img2dataset skips such responses by default
-(`--disallowed_header_directives`, the same four), so a LAION re-download with it keeps none of them; so does this
-tool (`--opt-out-directives`, tools/shard.py), checked from the headers before the body is read: an opted-out image
+(DeviantArt introduced them in 2022; ArtStation's terms forbid the download for ML training where `noai` is set),
+or `noindex` / `noimageindex`, the search engines' older directives (`none` is `noindex, nofollow`). img2dataset
+skips such responses by default (`--disallowed_header_directives`, the same four); so does this tool
+(`--opt-out-directives`, tools/shard.py), checked from the headers before the body is read: an opted-out image
 costs its response headers, not its bytes, and becomes the reject "opted_out" with the header's value.
 
 A directive counts when it is addressed to every agent or to ours (`canvit-ingest: noai`), not when it names
@@ -19,6 +19,7 @@ USER_AGENT = f"{AGENT}/0.1 (+tools/shard.py)"
 DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")  # honoured unless configured otherwise: img2dataset's
 # Directives whose value follows a colon (Google's list): "unavailable_after: 25 Jun 2010" names no agent.
 _VALUED = frozenset({"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"})
+_SHORTHANDS = {"none": ("noindex", "nofollow")}  # Google's: "none" is both
 
 
 def check_directives(directives: tuple[str, ...]) -> None:
@@ -41,6 +42,7 @@ def opted_out(values: list[str], directives: frozenset[str]) -> str | None:
             name = name.strip().lower()
             if colon and name and name not in _VALUED and " " not in name:
                 agent, part = name, rest
-            if agent in (None, AGENT) and part.strip().lower() in directives:
+            rule = part.strip().lower()
+            if agent in (None, AGENT) and not directives.isdisjoint(_SHORTHANDS.get(rule, (rule,))):
                 return value
     return None

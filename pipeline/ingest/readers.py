@@ -361,8 +361,9 @@ def _pick(names: list[str], explicit: str | None, candidates: tuple[str, ...]) -
 def holds_urls(schema: pa.Schema) -> bool:
     """Whether a parquet file's rows are URLs to download, as _parquet_rows reads it without --image-column. The
     listing uses it to cut the file into units of web_unit_size rows; it reads no row, so a url column of store
-    paths (s3://...) counts too, and --image-column naming a non-binary column is not seen: either only changes
-    the unit size, never what is read."""
+    paths (s3://...) counts too, and neither --image-column naming a non-binary column nor a binary digest column
+    (--verify-hash, --keep-columns: not the image, _parquet_rows) is seen: either only changes the unit size, never
+    what is read."""
     names = schema.names
     return (_pick(names, None, _IMAGE_COLUMNS) or _first_binary(schema)) is None and \
         _pick(names, None, _URL_COLUMNS) is not None
@@ -371,7 +372,8 @@ def holds_urls(schema: pa.Schema) -> bool:
 def _parquet_rows(url: str, pf: pq.ParquetFile, opts: ReadOptions, lo: int, hi: int) -> Iterator[Item]:
     schema = pf.schema_arrow
     names = schema.names
-    image = _pick(names, opts.image_column, _IMAGE_COLUMNS) or _first_binary(schema)
+    named = frozenset((*opts.keep_columns, *(opts.verify_hash or ())[:1]))
+    image = _pick(names, opts.image_column, _IMAGE_COLUMNS) or _first_binary(schema, named)
     link = None if image is not None else _pick(names, None, _URL_COLUMNS)
     if image is None and link is None:
         raise KeyError(f"no image-bytes or url column among {names}; pass --image-column")
@@ -406,8 +408,8 @@ def _download_rows(records, link: str, caption: str | None, label: str | None, o
 def _verified(item: RawItem, rec: dict, check: tuple[str, str] | None) -> RawItem:
     """The reject "hash_mismatch" for bytes whose digest is not the row's (DataComp's sha256 column: what a URL
     serves now may be another image, or a host's "image removed" placeholder); a row with no hash is not checked."""
-    expected = rec.get(check[0]) if check is not None and item.data is not None else None
-    if not expected:
+    expected = rec.get(check[0]) if check is not None and item.data else None
+    if not expected:  # also no bytes: a failed download or an empty cell keeps its own reject
         return item
     expected = (expected.hex() if isinstance(expected, bytes) else str(expected)).strip().lower()
     digest = hashlib.new(check[1], item.data).hexdigest()
@@ -447,7 +449,7 @@ def _records(url: str, pf: pq.ParquetFile, columns: list[str], ident: str | None
     for g in range(pf.metadata.num_row_groups):
         n = pf.metadata.row_group(g).num_rows
         if first + n > lo and first < hi:
-            table = pf.read_row_group(g, columns=columns)
+            table = _to_microseconds(pf.read_row_group(g, columns=columns))
             a, b = max(lo, first) - first, min(hi, first + n) - first
             for row, rec in enumerate(table.slice(a, b - a).to_pylist(), first + a):
                 yield (f"{url}#id={rec[ident]}" if ident else f"{url}#row={row}"), rec
@@ -458,8 +460,25 @@ def _text(rec: dict, column: str | None) -> str | None:
     return None if column is None or rec.get(column) is None else str(rec[column])
 
 
-def _first_binary(schema) -> str | None:
+def _to_microseconds(table: pa.Table) -> pa.Table:
+    """Nanosecond timestamps, durations and times cut to microseconds: Python's datetime has no nanoseconds, and
+    pyarrow's to_pylist refuses such a value rather than round it (without pandas), which would make the file a
+    corrupt_parquet reject."""
+    for i, fld in enumerate(table.schema):
+        t = fld.type
+        if (pa.types.is_timestamp(t) or pa.types.is_duration(t) or pa.types.is_time64(t)) and t.unit == "ns":
+            us = pa.timestamp("us", t.tz) if pa.types.is_timestamp(t) else \
+                pa.duration("us") if pa.types.is_duration(t) else pa.time64("us")
+            table = table.set_column(i, fld.name, table.column(i).cast(us, safe=False))
+    return table
+
+
+def _first_binary(schema, exclude: frozenset[str] = frozenset()) -> str | None:
+    """The first column that can hold image bytes, other than `exclude` (a --verify-hash or kept column of binary
+    digests is not the image)."""
     for fld in schema:
+        if fld.name in exclude:
+            continue
         if pa.types.is_binary(fld.type) or pa.types.is_large_binary(fld.type):
             return fld.name
         if pa.types.is_struct(fld.type) and fld.type.get_field_index("bytes") >= 0:

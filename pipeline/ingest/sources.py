@@ -32,6 +32,7 @@ import json
 import posixpath
 from dataclasses import dataclass, replace
 from operator import itemgetter
+from typing import Iterable
 
 import fsspec
 import pyarrow as pa
@@ -325,29 +326,41 @@ def _parquet_footer(url: str, storage_options: dict, policy: RetryPolicy) -> tup
         return -1, False
 
 
-def check_columns(url: str, named: dict[str, tuple[str, ...]], storage_options: dict, policy: RetryPolicy) -> None:
-    """The columns each flag names (--keep-columns, --verify-hash) against the footer of a parquet source (the first
-    one listed): a column it lacks is refused, naming the file's columns, before anything is staged. A typo would
-    otherwise be a null (or no check) in every sample of a run that takes hours, where a file later in the dump
-    lacking a column is schema drift (null, or unchecked, in its samples only). An unreadable footer passes: its
-    stage task rejects the file."""
-    fs, path = url_to_fs(url, storage_options)
+def check_columns(urls: Iterable[str], keep_columns: tuple[str, ...], hash_column: str | None,
+                  storage_options: dict, policy: RetryPolicy) -> None:
+    """The columns --keep-columns and --verify-hash name, against the footer of the first parquet source of `urls`
+    that reads (a corrupt one is skipped: its stage task rejects it): a column it lacks, or a hash column that holds
+    neither text nor bytes (LAION's int64 "hash" is not a digest), is refused before anything is staged, naming
+    the file's columns. A typo would otherwise be a null (or no check) in every sample of a run that takes hours,
+    where a file later in the dump lacking a column is schema drift (null, or unchecked, in its samples only)."""
+    for url in urls:
+        fs, path = url_to_fs(url, storage_options)
 
-    def names() -> list[str]:
-        with fs.open(path, "rb") as f:
-            return pq.ParquetFile(f).schema_arrow.names
+        def read_schema() -> pa.Schema:
+            with fs.open(path, "rb") as f:
+                return pq.ParquetFile(f).schema_arrow
 
-    try:
-        have = retry(names, policy, f"read the footer of {url}")
-    except TransientFailure:
-        raise
-    except Exception:  # noqa: BLE001 - corrupt or not parquet: a content fault, rejected by the stage task
+        try:
+            schema = retry(read_schema, policy, f"read the footer of {url}")
+        except TransientFailure:
+            raise
+        except Exception:  # noqa: BLE001 - corrupt or not parquet: a content fault, rejected by the stage task
+            continue
+        have = ", ".join(f"{f.name} ({f.type})" for f in schema)
+        for flag, columns in (("--keep-columns", keep_columns), ("--verify-hash", (hash_column or "",))):
+            missing = [c for c in columns if c and c not in schema.names]
+            if missing:
+                raise IngestError(f"{flag} {', '.join(missing)}: not a column of {url}, the first parquet source "
+                                  f"listed that reads (its columns: {have})")
+        if hash_column and not _textual(schema.field(hash_column).type):
+            raise IngestError(f"--verify-hash {hash_column}: {url} holds {schema.field(hash_column).type} there, not "
+                              "a digest as hex text or bytes")
         return
-    for flag, columns in named.items():
-        missing = [c for c in columns if c not in have]
-        if missing:
-            raise IngestError(f"{flag} {', '.join(missing)}: not a column of {url}, the first parquet source "
-                              f"listed (its columns: {', '.join(have)})")
+
+
+def _textual(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or \
+        pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
 
 
 def read_part_rows(part_url: str, start: int, end: int, storage_options: dict) -> list[dict]:

@@ -5,6 +5,7 @@ typo) is refused before anything is staged, and the corrected command then runs 
 from __future__ import annotations
 
 import datetime
+import decimal
 import hashlib
 import json
 
@@ -14,6 +15,8 @@ import pytest
 
 from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.engine import run_ingest
+from pipeline.ingest.readers import ReadOptions, read_parquet
+from pipeline.ingest.retry import RetryPolicy
 from pipeline.ingest.sources import IngestError
 from tests.ingest.faults import FaultServer
 from tests.ingest.test_faults import _jpeg, _samples_by_source
@@ -45,7 +48,7 @@ def test_kept_parquet_columns_travel_into_each_samples_json(tmp_path):
 
         with pytest.raises(IngestError, match=r"--keep-columns nsfw: not a column of \S*laion.parquet, .*NSFW"):
             run_ingest(cfg(["laion.parquet", "z_bytes.parquet"], ("nsfw", "similarity")))
-        with pytest.raises(IngestError, match="--keep-columns name parquet columns, but no source is a parquet file"):
+        with pytest.raises(IngestError, match="--keep-columns: parquet columns, but no source is a parquet file"):
             run_ingest(cfg(["urls.txt"], ("NSFW",)))
         report = run_ingest(cfg(["laion.parquet", "z_bytes.parquet"], shard.parse_args(
             ["x", "--output", "y", "--keep-columns", "NSFW, similarity,LICENSE,when"]).keep_columns))
@@ -98,5 +101,56 @@ def test_verify_hash_rejects_bytes_that_are_not_the_rows(tmp_path):
         f"sha256 {hashlib.sha256(_jpeg(30)).hexdigest()}, the row's sha256 {sha[3]}"
     assert bytes_report["rejected_by_reason"] == {"hash_mismatch": 1} and bytes_report["kept"] == 1
     assert shard.parse_args(["x", "--output", "y", "--verify-hash", "h:md5"]).hash_check() == ("h", "md5")
-    with pytest.raises(ValueError, match="algorithm must be one of"):
-        IngestConfig(sources=("x",), output="y", verify_hash="sha256:crc32")
+    for bad in ("sha256:crc32", "h:shake_128", ":md5"):  # shake_: its hexdigest needs a length
+        with pytest.raises(ValueError, match="the algorithm one of"):
+            IngestConfig(sources=("x",), output="y", verify_hash=bad)
+    # Spellings of one check are one fingerprint: a rerun with either resumes the output.
+    assert IngestConfig(sources=("x",), output="y", verify_hash="sha256").fingerprint() == \
+        IngestConfig(sources=("x",), output="y", verify_hash="sha256:SHA256").fingerprint()
+
+
+def test_a_binary_digest_column_is_not_taken_for_the_image_and_a_number_is_not_a_digest(tmp_path):
+    """A URL parquet whose sha256 is stored as bytes is still a URL parquet (the digest column is not the image
+    column), and its digests are compared; LAION's int64 "hash" is refused as a digest before staging. A corrupt
+    first parquet file does not hide a typo: the next one that reads is checked."""
+    files = {f"/img/{i}.jpg": _jpeg(i) for i in range(2)}
+    with FaultServer(files) as web:
+        urls = [f"{web.url}/img/{i}.jpg" for i in range(2)]
+        pq.write_table(pa.table({"url": urls, "digest": [hashlib.sha256(_jpeg(0)).digest(), b"\0" * 32],
+                                 "hash": [1, 2]}), tmp_path / "b.parquet")
+        (tmp_path / "a_corrupt.parquet").write_bytes(b"PAR1 not really")
+
+        def run(out: str, **kw) -> dict:
+            return run_ingest(IngestConfig(sources=(str(tmp_path / "a_corrupt.parquet"), str(tmp_path / "b.parquet")),
+                                           output=str(tmp_path / out), workers=1, quiet=True, **kw))
+
+        with pytest.raises(IngestError, match=r"--verify-hash hash: \S*b.parquet holds int64 there, not a digest"):
+            run("out", verify_hash="hash")
+        with pytest.raises(IngestError, match=r"--keep-columns Hash: not a column of \S*b.parquet"):
+            run("out", keep_columns=("Hash",))
+        report = run("out", verify_hash="digest")
+    assert report["kept"] == 1
+    assert report["rejected_by_reason"] == {"hash_mismatch": 1, "corrupt_parquet": 1}
+
+
+@pytest.mark.parametrize("array, expected", [
+    (pa.array([1_500], pa.timestamp("ns")), "1970-01-01T00:00:00.000001"),  # cut to microseconds
+    (pa.array([0], pa.timestamp("ns", tz="UTC")), "1970-01-01T00:00:00+00:00"),
+    (pa.array([3_000], pa.duration("ns")), "0:00:00.000003"),
+    (pa.array([0], pa.time64("ns")), "00:00:00"),
+    (pa.array([19_000], pa.date32()), "2022-01-08"),
+    (pa.array([decimal.Decimal("1.50")], pa.decimal128(5, 2)), "1.50"),
+    (pa.array([[1.0, float("inf")]], pa.list_(pa.float64())), [1.0, None]),
+    (pa.array([{"a": float("nan"), "b": "x"}]), {"a": None, "b": "x"}),
+    (pa.array([[("k", 1)]], pa.map_(pa.string(), pa.int64())), [["k", 1]]),
+    (pa.array([b"\x00\xff"], pa.binary()), "AP8="),
+    (pa.array(["t"], pa.large_string()), "t"),
+    (pa.array([1.5], pa.float16()), 1.5),
+])
+def test_kept_values_of_every_parquet_type_are_strict_json(tmp_path, array, expected):
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"image": [_jpeg(0)], "v": array}), path)
+    opts = ReadOptions(1 << 20, None, None, {}, RetryPolicy(1, 0.01), 1, 1.0, keep_columns=("v",))
+    [(_, item)] = list(read_parquet(str(path), opts))
+    assert item.data == _jpeg(0) and item.reject is None
+    assert _strict(json.dumps(item.meta).encode()) == {"v": expected}
