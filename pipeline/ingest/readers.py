@@ -456,8 +456,9 @@ def _records(url: str, pf: pq.ParquetFile, columns: list[str], ident: str | None
 
 
 # Rows of a row group above which it is decoded batch by batch rather than whole. pyarrow wrote groups of up to 64Mi
-# rows before version 15 (LAION-400M's metadata: one group per 12.5M-row file), and a unit of 10,000 of its URLs
-# decoding the whole group held ~1.1 GB per 4M URLs and captions (measured), past a stage task's 1.5 GB.
+# rows by default before version 15 (a 12.5M-row metadata file of that time can be one group), and a unit of
+# 10,000 of its URLs decoding the whole group held ~1.1 GB per 4M URLs and captions (measured), past a stage task's
+# 1.5 GB for such a file.
 _WHOLE_GROUP_ROWS = 1 << 16
 _BATCH_ROWS = 4096
 
