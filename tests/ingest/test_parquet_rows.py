@@ -1,6 +1,6 @@
 """A parquet source with a row group far larger than a unit (pyarrow before 15 wrote up to 64Mi rows a group by
-default): each unit decodes its rows batch by batch, stopping at its last, and gets
-exactly the rows, identities and values that decoding the whole group gives."""
+default): each unit decodes its rows batch by batch, stopping at its last, and gets exactly the rows, identities and
+values that decoding the whole group gives."""
 
 from __future__ import annotations
 
