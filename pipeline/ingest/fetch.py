@@ -50,7 +50,7 @@ class Fetched:
 
 
 def is_web(url: str) -> bool:
-    return url.startswith(("http://", "https://"))
+    return url[:8].lower().startswith(("http://", "https://"))  # schemes are case-insensitive (RFC 3986)
 
 
 def fetch_all(urls: Iterable[str], max_bytes: int, storage_options: dict, policy: RetryPolicy,

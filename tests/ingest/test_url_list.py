@@ -1,0 +1,29 @@
+"""A text list of URLs is read in blocks (a line cut between two is joined) and written in parts as it is read, so
+its size is not bounded by a task's memory; web URLs are kept as written (fsspec would cut one at "::"), schemes
+case-insensitive; a line no filesystem takes is a reject of its own, not the end of the listing."""
+
+from __future__ import annotations
+
+from pipeline.ingest import key_ranges, sources
+from pipeline.ingest.config import IngestConfig
+from pipeline.ingest.engine import run_ingest
+from tests.ingest.faults import FaultServer
+from tests.ingest.helpers import verdicts
+from tests.ingest.test_faults import _jpeg
+
+
+def test_a_url_list_is_streamed_and_odd_lines_are_rejects_not_failures(tmp_path, monkeypatch):
+    files = {"/img/0.jpg": _jpeg(0), "/img/a::b.jpg": _jpeg(1), "/img/2.jpg": _jpeg(2), "/img/3.jpg": _jpeg(3)}
+    with FaultServer(files) as web:
+        port = web.url.rsplit(":", 1)[1]
+        lines = ["# a comment", f"{web.url}/img/0.jpg", f"{web.url}/img/a::b.jpg", "",
+                 f"HTTP://127.0.0.1:{port}/img/2.jpg", "gopher://example.com/x.jpg", f"  {web.url}/img/3.jpg  \r"]
+        (tmp_path / "urls.txt").write_text("\n".join(lines))  # no newline at the end
+        monkeypatch.setattr(sources, "LIST_BLOCK", 7)  # every line cut across blocks
+        monkeypatch.setattr(key_ranges, "LIST_CAP", 2)  # three parts of at most 2 rows
+        report = run_ingest(IngestConfig(sources=(str(tmp_path / "urls.txt"),), output=str(tmp_path / "out"),
+                                         workers=1, quiet=True, download_threads=2))
+    assert verdicts(tmp_path / "out") == {
+        f"{web.url}/img/0.jpg": "keep", f"{web.url}/img/a::b.jpg": "keep", f"http://127.0.0.1:{port}/img/2.jpg": "keep",
+        "gopher://example.com/x.jpg": "unreadable", f"{web.url}/img/3.jpg": "keep"}
+    assert report["kept"] == 4
