@@ -449,30 +449,34 @@ def _records(url: str, pf: pq.ParquetFile, columns: list[str], ident: str | None
     for g in range(pf.metadata.num_row_groups):
         n = pf.metadata.row_group(g).num_rows
         if first + n > lo and first < hi:
-            for start, table in _group_rows(pf, g, n, columns, max(lo, first) - first, min(hi, first + n) - first):
+            for start, table in _group_rows(pf, g, columns, max(lo, first) - first, min(hi, first + n) - first):
                 for row, rec in enumerate(_to_microseconds(table).to_pylist(), first + start):
                     yield (f"{url}#id={rec[ident]}" if ident else f"{url}#row={row}"), rec
         first += n
 
 
-# Rows of a row group above which it is decoded batch by batch rather than whole. pyarrow wrote groups of up to 64Mi
-# rows by default before version 15 (a 12.5M-row metadata file of that time can be one group), and a unit of
-# 10,000 of its URLs decoding the whole group held ~1.1 GB per 4M URLs and captions (measured), past a stage task's
-# 1.5 GB for such a file.
+# A row group of more rows or bytes than these is decoded batch by batch rather than whole. pyarrow wrote groups of up
+# to 64Mi rows by default before version 15 (a metadata file of that time can be one group), and a unit of 10,000
+# URLs decoding the whole group held ~1.1 GB per 4M URLs and captions (measured), past a stage task's 1.5 GB.
 _WHOLE_GROUP_ROWS = 1 << 16
+_WHOLE_GROUP_BYTES = 256 << 20  # the group's uncompressed size, all columns (its footer's)
 _BATCH_ROWS = 4096
+_BATCH_BYTES = 32 << 20  # a batch of image bytes: fewer rows
 
 
-def _group_rows(pf: pq.ParquetFile, g: int, n: int, columns: list[str], a: int, b: int
-                ) -> Iterator[tuple[int, pa.Table]]:
-    """Rows [a, b) of row group g (of n rows), as tables each with the position of its first row in the group. A
-    large group is decoded in batches up to row b and no further: in memory, its compressed column chunks (pyarrow
-    reads them whole: ~0.23 GB for the 4M rows above) and one batch."""
-    if n <= _WHOLE_GROUP_ROWS:
+def _group_rows(pf: pq.ParquetFile, g: int, columns: list[str], a: int, b: int) -> Iterator[tuple[int, pa.Table]]:
+    """Rows [a, b) of row group g, as tables each with the position of its first row in the group. A large group is
+    decoded in batches up to row b and no further: in memory, its compressed column chunks (pyarrow reads them
+    whole: ~0.23 GB for the 4M URLs and captions above) and one batch. Images barely compress, so a group of image
+    bytes is in memory whole either way (once, not twice)."""
+    meta = pf.metadata.row_group(g)
+    n, size = meta.num_rows, meta.total_byte_size
+    if n <= _WHOLE_GROUP_ROWS and size <= _WHOLE_GROUP_BYTES:
         yield a, pf.read_row_group(g, columns=columns).slice(a, b - a)
         return
+    rows = max(1, min(_BATCH_ROWS, n * _BATCH_BYTES // max(size, 1)))
     pos = 0
-    for batch in pf.iter_batches(batch_size=_BATCH_ROWS, row_groups=[g], columns=columns, use_threads=False):
+    for batch in pf.iter_batches(batch_size=rows, row_groups=[g], columns=columns, use_threads=False):
         start, end = max(a, pos), min(b, pos + batch.num_rows)
         if start < end:
             yield start, pa.Table.from_batches([batch.slice(start - pos, end - start)])

@@ -27,3 +27,17 @@ def test_a_url_list_is_streamed_and_odd_lines_are_rejects_not_failures(tmp_path,
         f"{web.url}/img/0.jpg": "keep", f"{web.url}/img/a::b.jpg": "keep", f"http://127.0.0.1:{port}/img/2.jpg": "keep",
         "gopher://example.com/x.jpg": "unreadable", f"{web.url}/img/3.jpg": "keep"}
     assert report["kept"] == 4
+
+
+def test_cr_line_ends_a_bom_and_a_list_whose_server_ignores_ranges(tmp_path, monkeypatch):
+    files = {f"/img/{i}.jpg": _jpeg(i) for i in range(3)}
+    with FaultServer(files) as web:
+        urls = [f"{web.url}/img/{i}.jpg" for i in range(3)]
+        text = ("\ufeff" + "\r".join(urls) + "\r").encode()  # old Mac line ends, and a byte-order mark
+        web.files["/list.txt"] = text  # served whole whatever the range asked
+        (tmp_path / "cr.txt").write_bytes(text)
+        monkeypatch.setattr(sources, "LIST_BLOCK", 7)
+        for source, out in ((str(tmp_path / "cr.txt"), "local"), (f"{web.url}/list.txt", "web")):
+            report = run_ingest(IngestConfig(sources=(source,), output=str(tmp_path / out), workers=1, quiet=True,
+                                             download_threads=2))
+            assert report["kept"] == 3 and verdicts(tmp_path / out) == {u: "keep" for u in urls}, source
