@@ -1,9 +1,9 @@
 """What a web dump's own files cost the ingest: a text list of URLs listed, and a unit of a URL parquet whose rows
 are all one row group.
 
-    python -m bench.web_sources [--lines 1000000] [--rows 4000000] [--baseline CHECKOUT]
+    python -m bench.web_sources [--lines 1000000 3000000] [--rows 4000000] [--baseline CHECKOUT]
 
-1. Text list: --lines web URLs in a local file, listed by one listing task (sources.run_listing, mode "list": the
+1. Text list: --lines web URLs in a local file (each size in turn: memory that grows with the list shows), listed by one listing task (sources.run_listing, mode "list": the
    lines read, the rows hashed, the parts of 200,000 rows written) in a child process of this checkout, and of
    --baseline's (another checkout of this repository, e.g. a worktree of an older commit) in the same run. Prints
    CPU-us per line and the child's peak RSS.
@@ -98,7 +98,7 @@ def _child(args: list[str], checkout: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--lines", type=int, default=1_000_000)
+    p.add_argument("--lines", type=int, nargs="+", default=[1_000_000, 3_000_000])
     p.add_argument("--rows", type=int, default=4_000_000)
     p.add_argument("--baseline", type=Path, help="another checkout whose listing of the text list is measured too")
     p.add_argument("--list-child", nargs=2, help=argparse.SUPPRESS)
@@ -113,13 +113,16 @@ def main() -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(tmp) / "urls.txt"
-        with open(text, "w") as f:
-            for i in range(a.lines):
-                f.write(f"https://img{i % 997}.example.com/a/{int(rng.integers(1 << 60)):x}.jpg?w=800\n")
-        for name, checkout in [("this checkout", ROOT)] + ([("baseline", a.baseline.resolve())] if a.baseline else []):
-            r = _child(["--list-child", str(text), str(Path(tmp) / f"out-{name[0]}")], checkout)
-            print(f"text list, {name} ({r['code']}): {r['us_per_line']:.2f} CPU-us a line over {a.lines:,} web URLs, "
-                  f"the listing child's peak RSS {r['peak_rss_mb']:.0f} MB")
+        for lines in a.lines:
+            with open(text, "w") as f:
+                for i in range(lines):
+                    f.write(f"https://img{i % 997}.example.com/a/{int(rng.integers(1 << 60)):x}.jpg?w=800\n")
+            checkouts = [("this checkout", ROOT)] + ([("baseline", a.baseline.resolve())] if a.baseline else [])
+            for name, checkout in checkouts:
+                r = _child(["--list-child", str(text), str(Path(tmp) / f"out-{name[0]}{lines}")], checkout)
+                print(f"text list, {name} ({r['code']}): {r['us_per_line']:.2f} CPU-us a line over {lines:,} web "
+                      f"URLs ({text.stat().st_size / 1e6:.0f} MB), the listing child's peak RSS "
+                      f"{r['peak_rss_mb']:.0f} MB")
         table = pa.table({"url": [f"http://h{int(x)}.example.com/p/{int(y):x}.jpg" for x, y in
                                   zip(rng.integers(0, 10**6, a.rows), rng.integers(0, 2**60, a.rows))],
                           "caption": [f"caption {int(y):x} words {int(z):x}" for y, z in

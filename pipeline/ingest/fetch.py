@@ -50,7 +50,11 @@ class Fetched:
 
 
 def is_web(url: str) -> bool:
-    return url[:8].lower().startswith(("http://", "https://"))  # schemes are case-insensitive (RFC 3986)
+    # Schemes are case-insensitive (RFC 3986); the lower-case test first: this runs twice per line of a URL list.
+    return url.startswith(_WEB) or url[:8].lower().startswith(_WEB)
+
+
+_WEB = ("http://", "https://")
 
 
 def fetch_all(urls: Iterable[str], max_bytes: int, storage_options: dict, policy: RetryPolicy,

@@ -418,7 +418,7 @@ def _version(info: dict) -> str:
     return ""
 
 
-LIST_BLOCK = 64 << 20  # bytes of a text list read at a time, each block with retries
+LIST_BLOCK = 16 << 20  # bytes of a text list read at a time, each block with retries
 
 
 def _read_list(fs: fsspec.AbstractFileSystem, path: str, storage_options: dict, policy: RetryPolicy
@@ -461,6 +461,9 @@ def _blocks(fs: fsspec.AbstractFileSystem, path: str, policy: RetryPolicy) -> It
 def _list_entries(lines: list[bytes], storage_options: dict) -> Iterator[str]:
     for line in (raw.decode("utf-8", errors="replace").strip() for raw in lines):
         if not line or line.startswith("#"):
+            continue
+        if line.startswith(("http://", "https://")):
+            yield line
             continue
         if is_web(line):
             scheme, rest = line.split(":", 1)
