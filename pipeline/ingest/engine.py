@@ -101,9 +101,11 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
     before = _earlier_quarantine(run)
     # The objects an earlier run's units failed on are given up if they fail again (readers.ReadOptions.give_up).
     salvage = {u: frozenset(objects) for u, objects in (before or {}).items() if objects and cfg.give_up_quarantined}
+    # Units that failed whole before: in a give-up run, an outage their web URLs seem to show is confirmed first.
+    confirm = {u for u, objects in (before or {}).items() if not objects and cfg.give_up_quarantined}
     quarantined: list[tuple[int, Failed]] = []
-    inputs = run.phase("stage", run_stage, _stage_tasks(plan, cfg, layout, policy, salvage), len(plan.unit_kind),
-                       ("inputs", "seconds"), progress="inputs", quarantine=quarantined)["inputs"]
+    inputs = run.phase("stage", run_stage, _stage_tasks(plan, cfg, layout, policy, salvage, confirm),
+                       len(plan.unit_kind), ("inputs", "seconds"), progress="inputs", quarantine=quarantined)["inputs"]
     skip = {i for i, _ in quarantined}  # units that could not be staged: the run goes on without them
     # What each unit failed on: its loose files (those that failed before too stay named), or [] for the whole unit.
     failed_on = {u: sorted(set(f.objects) | set((before or {}).get(u, ()))) if f.objects else []
@@ -225,14 +227,15 @@ def _forget_dedup_if_staging_changed(run: Run, before: dict[int, list[str]] | No
 
 
 def _stage_tasks(plan: Plan, cfg: IngestConfig, layout: Layout, policy: RetryPolicy,
-                 salvage: dict[int, frozenset[str]]):
+                 salvage: dict[int, frozenset[str]], confirm: set[int]):
     read = ReadOptions(cfg.clean.max_bytes, cfg.image_column, cfg.label_column, cfg.storage_options, policy,
                        cfg.download_threads, cfg.http_timeout_s, frozenset(cfg.opt_out_directives), cfg.keep_columns,
                        cfg.hash_check())
     for u in range(len(plan.unit_kind)):
         lo, hi = (int(x) for x in plan.unit_rows[u])
         yield u, StageTask(u, UNIT_KINDS[plan.unit_kind[u]], plan.slices(u), (lo, hi), plan.classes, layout,
-                           cfg.clean, cfg.dedup, replace(read, give_up=salvage[u]) if u in salvage else read)
+                           cfg.clean, cfg.dedup, replace(read, give_up=salvage.get(u, frozenset()),
+                                                         confirm_outages=u in confirm))
 
 
 def _groups(inputs: np.ndarray, group_inputs: int) -> np.ndarray:

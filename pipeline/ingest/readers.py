@@ -75,6 +75,9 @@ class ReadOptions:
     opt_outs: frozenset[str] = frozenset(DIRECTIVES)  # X-Robots-Tag directives that make a web image a reject
     keep_columns: tuple[str, ...] = ()  # parquet columns carried into each sample's JSON (source_meta)
     verify_hash: tuple[str, str] | None = None  # (parquet column, hashlib algorithm) the bytes must match
+    # A --give-up-quarantined run's unit that failed whole before: an outage the window rule sees is confirmed by
+    # canaries first (_guard_fetches), so that a run of dead links is not given up with the unit's live URLs.
+    confirm_outages: bool = False
     # Loose files (URLs) that failed their retries in an earlier run as well: if they fail again they are the
     # reject "quarantined" instead of failing the unit (--give-up-quarantined, engine.py).
     give_up: frozenset[str] = frozenset()
@@ -94,7 +97,7 @@ def _fetched(urls: list[str], opts: ReadOptions, item_of: Callable[[int, Fetched
                         opts.http_timeout_s, opts.opt_outs)
     try:
         yield from _guard_fetches((((i, item_of(i, f)), f) for i, f in fetched), opts.policy.attempts, len(urls),
-                                  lambda canaries: _failing_again(canaries, opts))
+                                  lambda canaries: _failing_again(canaries, opts), opts.confirm_outages)
     finally:
         fetched.close()  # a unit stopped early (an outage) drops its queued fetches now, not when collected
 
@@ -132,7 +135,7 @@ def read_parquet(url: str, opts: ReadOptions, lo: int = -1, hi: int = -1) -> Ite
 
 
 def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int, count: int,
-                   recheck: Callable[[list[str]], int] | None = None) -> Iterator[Item]:
+                   recheck: Callable[[list[str]], int] | None = None, confirm: bool = False) -> Iterator[Item]:
     """Pass the `count` fetched items through until one is lost (a store object or local file that outlasted its
     retries). Then the unit will not be staged: nothing more is passed on (nothing more cleaned), but the rest of the
     unit is still fetched, so that the TransientFailure raised at the end names every file of the unit that failed,
@@ -147,7 +150,13 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int, count: 
     (review s11); what the unit passed on before the outage was seen goes with the attempt (stage.run_stage retries
     the unit whole). An outage that starts in a unit's last ~128 fetches is too few failures for that window, so at
     the end its web URLs are also judged in input order, an outage so found confirmed by fetching canaries again
-    (`recheck`, _check_late_outage); only one in its last ~12 inputs is not seen, and those become rejects."""
+    (`recheck`, _check_late_outage); only one in its last ~12 inputs is not seen, and those become rejects.
+    With `confirm` (a --give-up-quarantined run's unit that failed whole before), the window rule's outage is
+    confirmed the same way: URLs of OUTAGE_CANARIES distinct hosts that answered last are fetched again, and if most
+    answer, the failures are dead links (a dump sorted by URL can put 128 of them, of 8 hosts, together: an outage
+    to the window rule in every run), their URLs rejects rather than the unit's 10,000 given up whole. The canaries
+    may be hosts an outage spared, so a partial outage's URLs become rejects too: what that run was asked to do
+    with what fails; without canaries that answer, the unit fails whole and is given up whole, as before."""
     # The last fetches to finish: None if it did not fail transiently, else its web host ("" a store object).
     recent: deque[str | None] = deque(maxlen=OUTAGE_WINDOW)
     failing: dict[int, str] = {}  # position in input order -> host, of every web URL that failed so
@@ -169,10 +178,10 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int, count: 
         elif not lost:
             buffered.append(item)
         if seen % 64 == 0:
-            _check_outage(recent)
+            _check_outage(recent, fine, recheck if confirm else None)
             yield from buffered
             buffered.clear()
-    _check_outage(recent)
+    _check_outage(recent, fine, recheck if confirm else None)
     if seen != count or any(not 0 <= i < count for i in (*failing, *fine)):
         raise AssertionError(f"{seen} fetches, positions outside 0-{count - 1}, of {count} inputs")
     _check_late_outage(failing, fine, count, recheck)
@@ -201,9 +210,18 @@ def _failing_host(fetched: Fetched) -> str | None:
     return "" if fetched.lost else None
 
 
-def _check_outage(recent: deque[str | None]) -> None:
+def _check_outage(recent: deque[str | None], fine: dict[int, str] | None = None,
+                  recheck: Callable[[list[str]], int] | None = None) -> None:
     failures = [host for host in recent if host is not None]
     if len(recent) >= 8 and len(failures) * 2 > len(recent) and _not_a_few_hosts(failures):
+        if recheck is not None and fine:
+            canaries: dict[str, str] = {}  # host -> URL, of the web URLs that answered last (fine is in that order)
+            for url in reversed(fine.values()):
+                canaries.setdefault(urlsplit(url).hostname or "?", url)
+                if len(canaries) == OUTAGE_CANARIES:
+                    break
+            if recheck(list(canaries.values())) * 2 <= len(canaries):
+                return  # most answer: dead links
         raise _outage(len(failures), len(recent), "fetches")
 
 

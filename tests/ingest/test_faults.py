@@ -337,3 +337,54 @@ def test_a_changed_listing_forgets_what_units_failed_on(tmp_path):
     _check_plan(run, plan)
     assert not (tmp_path / "out/_ingest/quarantined.json").exists()
     assert json.loads((tmp_path / "out/_ingest/plan/plan.json").read_text())["fingerprint"] == "listed-now"
+
+
+def test_dead_links_of_many_hosts_together_are_an_outage_until_a_give_up_run_asks_canaries(tmp_path):
+    """A URL list whose middle is 200 dead links of 9 hosts (a dump sorted by URL puts them together): most of the
+    last 256 fetches failing, of 8+ hosts, is an outage to the window rule, and the unit is quarantined, in every
+    run. A --give-up-quarantined run confirms it with canaries (URLs of the hosts that answered last), which answer:
+    the 200 are download_failed rejects and the other 200 are kept, not the unit's 400 given up whole."""
+    from tests.ingest.test_fetch import _spread
+
+    files = {f"/img/{i}.jpg": _jpeg(i % 200) for i in range(400)}  # those served distinct, none too wide
+    with FaultServer(files) as web:
+        urls = [_spread(web.url, f"/img/{i}.jpg", i) for i in range(400)]
+        (tmp_path / "urls.txt").write_text("\n".join(urls) + "\n")
+        for i in range(100, 300):
+            web.fail(f"/img/{i}.jpg", ["503"] * 1000)
+
+        def run(**kw) -> dict:
+            return run_ingest(_cfg([tmp_path / "urls.txt"], tmp_path / "out", download_threads=8, **kw))
+
+        for _ in range(2):
+            report = run()
+            assert [q["unit"] for q in report["quarantined"]] == [0] and "outage" not in report["quarantined"][0]
+            assert "of the last 256 fetches failed" in report["quarantined"][0]["reason"]
+        final = run(give_up_quarantined=True)
+    assert final["quarantined"] == [] and final["kept"] == 200
+    assert final["rejected_by_reason"] == {"download_failed": 200}
+    got = verdicts(tmp_path / "out")
+    assert {u for u, v in got.items() if v == "keep"} == set(urls[:100] + urls[300:])
+
+
+def test_a_web_outage_in_a_give_up_run_still_gives_the_unit_up_whole(tmp_path):
+    """The canaries of a give-up run fail in a real outage (every request 503 once it starts): the window rule stops
+    the unit early, and it is given up whole, its inputs 'quarantined' rejects, none a download_failed that would
+    pass for a dead link."""
+    from tests.ingest.test_fetch import _spread
+
+    files = {f"/img/{i}.jpg": _jpeg(i % 200) for i in range(600)}
+    with FaultServer(files) as web:
+        urls = [_spread(web.url, f"/img/{i}.jpg", i) for i in range(600)]
+        (tmp_path / "urls.txt").write_text("\n".join(urls) + "\n")
+        web.down_after = 100
+        first = run_ingest(_cfg([tmp_path / "urls.txt"], tmp_path / "out", download_threads=8))
+        assert [q["unit"] for q in first["quarantined"]] == [0]
+        start = web.served
+        web.down_after = start + 100  # 100 answer, the canaries among them, then the outage
+        final = run_ingest(_cfg([tmp_path / "urls.txt"], tmp_path / "out", download_threads=8,
+                                give_up_quarantined=True))
+        # Stopped by the window rule once its canaries failed: ~100 + 3 tries of ~160 failing URLs, not 3 of 500.
+        assert web.served - start < 1000
+    assert final["gave_up_quarantined"] and final["kept"] == 0
+    assert final["rejected_by_reason"] == {"quarantined": 600}
