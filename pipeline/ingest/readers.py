@@ -147,23 +147,40 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int, count: 
     puts hundreds of its URLs together) is that host's fault, and its URLs become rejects, not the whole unit's
     quarantine (review s11b). The window, not the whole unit: an outage halfway through a 10,000-URL unit would
     otherwise be seen only after 5,000 more failures, each a permanent download_failed reject of a URL that was fine
-    (review s11); what the unit passed on before the outage was seen goes with the attempt (stage.run_stage retries
-    the unit whole). An outage that starts in a unit's last ~128 fetches is too few failures for that window, so at
-    the end its web URLs are also judged in input order, an outage so found confirmed by fetching canaries again
-    (`recheck`, _check_late_outage); only one in its last ~12 inputs is not seen, and those become rejects.
+    (review s11); what the unit passed on before the outage was seen goes with the attempt (the unit is quarantined,
+    and a rerun stages it whole). An outage that starts in a unit's last ~128 fetches is too few failures for that
+    window, so at the end its web URLs are also judged in input order, an outage so found confirmed by fetching
+    canaries again (`recheck`, _check_late_outage); only one in its last ~12 inputs is not seen, and those become
+    rejects.
     With `confirm` (a --give-up-quarantined run's unit that failed whole before), the window rule's outage is
-    confirmed the same way: URLs of OUTAGE_CANARIES distinct hosts that answered last are fetched again, and if most
-    answer, the failures are dead links (a dump sorted by URL can put 128 of them, of 8 hosts, together: an outage
-    to the window rule in every run), their URLs rejects rather than the unit's 10,000 given up whole. The canaries
-    may be hosts an outage spared, so a partial outage's URLs become rejects too: what that run was asked to do
-    with what fails; without canaries that answer, the unit fails whole and is given up whole, as before."""
+    confirmed the same way when every failure in the window is a web URL's: URLs of OUTAGE_CANARIES distinct hosts
+    that answered last (at least OUTAGE_CANARIES // 2 of them) are fetched again, and if most answer, the failures
+    are dead links (a dump sorted by URL can put 128 of them, of 8 hosts, together: an outage to the window rule in
+    every run), their URLs rejects rather than the unit's 10,000 given up whole; that verdict holds until the window
+    has turned over (OUTAGE_WINDOW more fetches), so a long dead run costs a recheck per 256 fetches, not per 64.
+    The canaries may be hosts an outage spared, so a partial outage's URLs become rejects too: what that run was
+    asked to do with what fails; without canaries that answer, the unit fails whole and is given up whole, as
+    before. A store object failing in the window is never cleared by web canaries."""
     # The last fetches to finish: None if it did not fail transiently, else its web host ("" a store object).
     recent: deque[str | None] = deque(maxlen=OUTAGE_WINDOW)
     failing: dict[int, str] = {}  # position in input order -> host, of every web URL that failed so
     fine: dict[int, str] = {}  # position in input order -> URL, of every web URL fetched fine (the canaries' pool)
     seen = 0
+    cleared = -OUTAGE_WINDOW  # `seen` when canaries last answered (confirm): no recheck until the window turns over
     buffered: list[Item] = []
     lost: list[Fetched] = []
+
+    def check() -> None:
+        nonlocal cleared
+        if not _is_outage(recent):
+            return
+        if confirm and recheck is not None and seen - cleared < OUTAGE_WINDOW:
+            return
+        if confirm and recheck is not None and _canaries_answer(recent, fine, recheck):
+            cleared = seen
+            return
+        raise _outage(sum(host is not None for host in recent), len(recent), "fetches")
+
     for item, fetched in items:
         seen += 1
         host = _failing_host(fetched)
@@ -178,10 +195,10 @@ def _guard_fetches(items: Iterable[tuple[Item, Fetched]], attempts: int, count: 
         elif not lost:
             buffered.append(item)
         if seen % 64 == 0:
-            _check_outage(recent, fine, recheck if confirm else None)
+            check()
             yield from buffered
             buffered.clear()
-    _check_outage(recent, fine, recheck if confirm else None)
+    check()
     if seen != count or any(not 0 <= i < count for i in (*failing, *fine)):
         raise AssertionError(f"{seen} fetches, positions outside 0-{count - 1}, of {count} inputs")
     _check_late_outage(failing, fine, count, recheck)
@@ -210,19 +227,24 @@ def _failing_host(fetched: Fetched) -> str | None:
     return "" if fetched.lost else None
 
 
-def _check_outage(recent: deque[str | None], fine: dict[int, str] | None = None,
-                  recheck: Callable[[list[str]], int] | None = None) -> None:
+def _is_outage(recent: deque[str | None]) -> bool:
+    """Most of the last fetches failed transiently, not web URLs of a few hosts."""
     failures = [host for host in recent if host is not None]
-    if len(recent) >= 8 and len(failures) * 2 > len(recent) and _not_a_few_hosts(failures):
-        if recheck is not None and fine:
-            canaries: dict[str, str] = {}  # host -> URL, of the web URLs that answered last (fine is in that order)
-            for url in reversed(fine.values()):
-                canaries.setdefault(urlsplit(url).hostname or "?", url)
-                if len(canaries) == OUTAGE_CANARIES:
-                    break
-            if recheck(list(canaries.values())) * 2 <= len(canaries):
-                return  # most answer: dead links
-        raise _outage(len(failures), len(recent), "fetches")
+    return len(recent) >= 8 and len(failures) * 2 > len(recent) and _not_a_few_hosts(failures)
+
+
+def _canaries_answer(recent: deque[str | None], fine: dict[int, str], recheck: Callable[[list[str]], int]) -> bool:
+    """Whether most of the URLs of the OUTAGE_CANARIES distinct hosts that answered last (fine is in the order
+    fetches finished) answer again; False when a store object is among the window's failures, or fewer than half
+    that many hosts answered before (one canary would decide alone)."""
+    if "" in recent:
+        return False
+    canaries: dict[str, str] = {}  # host -> URL
+    for url in reversed(fine.values()):
+        canaries.setdefault(urlsplit(url).hostname or "?", url)
+        if len(canaries) == OUTAGE_CANARIES:
+            break
+    return len(canaries) >= OUTAGE_CANARIES // 2 and recheck(list(canaries.values())) * 2 <= len(canaries)
 
 
 def _check_late_outage(failing: dict[int, str], fine: dict[int, str], count: int,

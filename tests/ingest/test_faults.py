@@ -388,3 +388,33 @@ def test_a_web_outage_in_a_give_up_run_still_gives_the_unit_up_whole(tmp_path):
         assert web.served - start < 1000
     assert final["gave_up_quarantined"] and final["kept"] == 0
     assert final["rejected_by_reason"] == {"quarantined": 600}
+
+
+def test_a_confirmed_window_asks_canaries_once_per_window_only_of_web_failures_and_not_one_alone():
+    """The give-up run's confirmed window rule (confirm=True): a dead run of 2,000 web URLs whose canaries answer
+    costs a recheck per 256 fetches (8 of them), not per 64 (32); a store object failing among web URLs that answered
+    is an outage at once, canaries or not (web hosts answering say nothing of the store); a unit whose answering
+    URLs are of fewer than 4 hosts cannot have its outage cleared by them."""
+    asked: list[list[str]] = []
+
+    def answer(urls: list[str]) -> int:  # every canary answers
+        asked.append(urls)
+        return 0
+
+    dead = set(range(100, 2100))
+    got = list(_guard_fetches(_web_fetches(2200, dead), 3, 2200, answer, confirm=True))
+    assert len(got) == 2200 and len(asked) == 8 and all(len(urls) == 8 for urls in asked)
+
+    def mixed():
+        yield from _web_fetches(100, set())
+        for (i, _), f in _fetches(400, set(range(400)), []):
+            yield (100 + i, RawItem(f.url, None, reject=f.reject)), f
+
+    asked.clear()
+    with pytest.raises(TransientFailure) as failure:
+        list(_guard_fetches(mixed(), 3, 500, answer, confirm=True))
+    assert failure.value.objects == () and asked == []
+    with pytest.raises(TransientFailure, match="of the last 256 fetches failed"):  # answered: host 0 alone
+        list(_guard_fetches(_web_fetches(600, set(range(100, 600)), one_host=range(100)), 3, 600, answer,
+                            confirm=True))
+    assert asked == []
