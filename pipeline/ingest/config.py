@@ -15,6 +15,11 @@ from pipeline.ingest.opt_out import DIRECTIVES, check_directives
 # of resumed into files it cannot read or hashes that never match.
 WORK_FORMAT = 3
 
+# Fields added since WORK_FORMAT 3, at the value that does what the tool did before them: left out of the fingerprint
+# then, so that an output begun by that version resumes under this one (with `--opt-out-directives ''`: the default
+# honours opt-outs, which that version did not, and its staged units would be mixed with ones that do).
+_ADDED = {"opt_out_directives": [], "keep_columns": [], "verify_hash": ""}
+
 # --verify-hash's algorithms: hashlib's guaranteed ones with a fixed digest size (not the shake_ XOFs, whose
 # hexdigest needs a length).
 HASHES = tuple(sorted(a for a in hashlib.algorithms_guaranteed if hashlib.new(a).digest_size))
@@ -128,5 +133,8 @@ class IngestConfig:
         d = self.public_dict()
         for name in _EXECUTION_ONLY:
             d.pop(name)
+        for name, before in _ADDED.items():
+            if d[name] == before:
+                d.pop(name)
         d["work_format"] = WORK_FORMAT
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

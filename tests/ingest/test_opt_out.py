@@ -76,3 +76,14 @@ def test_a_directive_that_could_never_match_is_refused():
     assert shard.parse_args(["x", "--output", "y"]).opt_out_directives == tuple(sorted(DIRECTIVES))
     with pytest.raises(ValueError, match="'no ai'"):
         IngestConfig(sources=("x",), output="y", opt_out_directives=("no ai",))
+
+
+def test_an_output_begun_before_opt_outs_resumes_only_without_them():
+    """The fingerprints the version before these flags (ecc4024) gave these configurations: with opt-outs off (what
+    it did), this version gives the same, so a run it began resumes; with the default, another (refused)."""
+    old = {("s3://raw/dump",): "cec24abc91f00b9b", ("urls.txt", "laion.parquet"): "8a56308269991f90"}
+    for sources, fingerprint in old.items():
+        kw = {"dedup": "near", "web_unit_size": 5000} if len(sources) == 2 else {}
+        out = "/tmp/x" if len(sources) == 2 else "s3://data/v1"
+        assert IngestConfig(sources=sources, output=out, opt_out_directives=(), **kw).fingerprint() == fingerprint
+        assert IngestConfig(sources=sources, output=out, **kw).fingerprint() != fingerprint
