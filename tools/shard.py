@@ -27,12 +27,12 @@ from pipeline.ingest.report import format_table
 from pipeline.ingest.sources import IngestError
 
 
-def _directives(text: str) -> tuple[str, ...]:
-    return tuple(d.strip().lower() for d in text.split(",") if d.strip())
-
-
 def _names(text: str) -> tuple[str, ...]:
     return tuple(d.strip() for d in text.split(",") if d.strip())
+
+
+def _directives(text: str) -> tuple[str, ...]:
+    return tuple(d.lower() for d in _names(text))
 
 
 def parse_args(argv: list[str] | None = None) -> IngestConfig:
@@ -85,8 +85,9 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
                         "keeps failing: 5xx, resets): a loose file that failed its retries in both becomes a reject "
                         "(reason 'quarantined', its last error), the other inputs of its unit kept; a unit that "
                         "failed whole in both (an archive, a parquet file, most of its files) goes to "
-                        "rejects.parquet entire (web URLs: once canaries confirm an outage; if they answer, the "
-                        "failing URLs are rejects and the rest kept). Staging is removed, exit status 4. What fails "
+                        "rejects.parquet entire (a unit of web URLs whose outage canaries can check: once they "
+                        "confirm it; if they answer, its failing URLs are rejects and the rest kept). Staging is "
+                        "removed, exit status 4. What fails "
                         "for the first time is left for the next run (exit 3)")
     a = p.parse_args(argv)
     clean = CleanConfig(a.min_side, a.max_aspect, a.max_pixels, a.max_bytes, a.max_shorter_side, a.quality, a.reencode)

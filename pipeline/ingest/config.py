@@ -127,7 +127,7 @@ class IngestConfig:
         d["keep_columns"] = list(self.keep_columns)
         return d
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, before_opt_outs: bool = False) -> str:
         """Of the arguments that shape the output, and of WORK_FORMAT: an output interrupted under other arguments,
         or under a version of this tool whose work files differ, is refused (preflight.py), not resumed into a mix."""
         d = self.public_dict()
@@ -136,5 +136,7 @@ class IngestConfig:
         for name, before in _ADDED.items():
             if d[name] == before:
                 d.pop(name)
+        if before_opt_outs:  # what the version before opt-outs computed for these arguments, directives aside
+            d.pop("opt_out_directives", None)
         d["work_format"] = WORK_FORMAT
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

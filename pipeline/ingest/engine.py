@@ -52,7 +52,7 @@ from pipeline.ingest.preflight import check_output, write_config
 from pipeline.ingest.readers import ReadOptions
 from pipeline.ingest.report import build_report
 from pipeline.ingest.resolve import ResolveTask, run_resolve
-from pipeline.ingest.retry import RetryPolicy
+from pipeline.ingest.retry import RetryPolicy, retry
 from pipeline.ingest.sources import IngestError, ListTask, check_columns, expand_sources, read_part_rows
 from pipeline.ingest.stage import StageTask, run_stage
 
@@ -66,10 +66,11 @@ def run_ingest(cfg: IngestConfig) -> dict:
     # Sources are checked first: a missing one fails the run before anything is written anywhere.
     listing = expand_sources(cfg.sources, cfg.labels_from_folders, cfg.storage_options, layout)
     engine = start_engine(cfg.engine, cfg.workers, cfg.ray_address, layout.output, cfg.sources, cfg.storage_options)
-    check_output(layout, fingerprint, cfg.overwrite, cfg.storage_options)
+    legacy = cfg.fingerprint(before_opt_outs=True)  # an output the version before opt-outs finished is complete
+    check_output(layout, fingerprint, cfg.overwrite, cfg.storage_options, legacy)
     fs, _ = url_to_fs(layout.output, cfg.storage_options)
     done = _finished_report(fs, layout)
-    if done is not None and done.get("fingerprint") == fingerprint and (
+    if done is not None and done.get("fingerprint") in (fingerprint, legacy) and (
             not done.get("quarantined") or done.get("gave_up_quarantined")):
         log.info("output %s is already complete", layout.output)
         engine.close()
@@ -181,7 +182,8 @@ def _check_columns(plan: Plan, cfg: IngestConfig, policy: RetryPolicy) -> None:
         last = None
         for u in parquet:
             part, start, _ = plan.slices(int(u))[0]
-            url = read_part_rows(part, start, start + 1, cfg.storage_options)[0]["url"]
+            url = retry(lambda: read_part_rows(part, start, start + 1, cfg.storage_options), policy,
+                        f"read {part}")[0]["url"]
             if url != last:
                 yield url
             last = url
@@ -230,7 +232,7 @@ def _stage_tasks(plan: Plan, cfg: IngestConfig, layout: Layout, policy: RetryPol
                  salvage: dict[int, frozenset[str]], confirm: set[int]):
     read = ReadOptions(cfg.clean.max_bytes, cfg.image_column, cfg.label_column, cfg.storage_options, policy,
                        cfg.download_threads, cfg.http_timeout_s, frozenset(cfg.opt_out_directives), cfg.keep_columns,
-                       cfg.hash_check())
+                       hash_check=cfg.hash_check())
     for u in range(len(plan.unit_kind)):
         lo, hi = (int(x) for x in plan.unit_rows[u])
         yield u, StageTask(u, UNIT_KINDS[plan.unit_kind[u]], plan.slices(u), (lo, hi), plan.classes, layout,

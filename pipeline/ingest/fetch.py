@@ -51,10 +51,10 @@ class Fetched:
 
 def is_web(url: str) -> bool:
     # Schemes are case-insensitive (RFC 3986); the lower-case test first: this runs twice per line of a URL list.
-    return url.startswith(_WEB) or url[:8].lower().startswith(_WEB)
+    return url.startswith(WEB_SCHEMES) or url[:8].lower().startswith(WEB_SCHEMES)
 
 
-_WEB = ("http://", "https://")
+WEB_SCHEMES = ("http://", "https://")
 
 
 def fetch_all(urls: Iterable[str], max_bytes: int, storage_options: dict, policy: RetryPolicy,

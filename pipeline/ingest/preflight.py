@@ -14,7 +14,11 @@ _OWNED_PATTERNS = ("shard-*.tar", "shard-*.idx", "shards.parquet", "manifest.par
                    "classes.json")
 
 
-def check_output(layout: Layout, fingerprint: str, overwrite: bool, storage_options: dict) -> None:
+def check_output(layout: Layout, fingerprint: str, overwrite: bool, storage_options: dict,
+                 legacy: str | None = None) -> None:
+    """Refuses an output made under other arguments (or work formats) unless `overwrite`. `legacy`: this run's
+    fingerprint as the version before opt-outs computed it: an output that version finished passes (the caller finds
+    its report.json complete), one it left unfinished is refused naming the way to resume it."""
     try:
         fs, root = url_to_fs(layout.output, storage_options)
         probe = f"{layout.work}/.probe-{uuid.uuid4().hex}"
@@ -29,6 +33,11 @@ def check_output(layout: Layout, fingerprint: str, overwrite: bool, storage_opti
             fs.rm(p, recursive=True)  # manifest.parquet and rejects.parquet are folders of parts
         if fs.exists(url_to_fs(layout.work, storage_options)[1]):
             fs.rm(url_to_fs(layout.work, storage_options)[1], recursive=True)
+    elif existing is not None and existing == legacy != fingerprint:
+        if not _finished(fs, layout, legacy):
+            raise IngestError(f"output {layout.output!r} was begun by a version of this tool before X-Robots-Tag "
+                              "opt-outs (f7b6f19), whose staged work honours none: resume it with "
+                              "--opt-out-directives '' (what that version did), or start over with --overwrite")
     elif existing is not None and existing != fingerprint:
         raise IngestError(f"output {layout.output!r} holds shards made with different arguments or by a version of "
                           f"this tool with other work formats (fingerprint {existing}, now {fingerprint}); use another "
@@ -48,6 +57,14 @@ def _existing_fingerprint(fs, layout: Layout) -> str | None:
     if not fs.exists(path):
         return None
     return json.loads(fs.cat_file(path))["fingerprint"]
+
+
+def _finished(fs, layout: Layout, fingerprint: str) -> bool:
+    """report.json says the output is final under `fingerprint` (no unit left quarantined, or given up)."""
+    path = url_to_fs(layout.report)[1]
+    report = json.loads(fs.cat_file(path)) if fs.exists(path) else {}
+    return report.get("fingerprint") == fingerprint and (not report.get("quarantined")
+                                                          or bool(report.get("gave_up_quarantined")))
 
 
 def _first_line(e: Exception) -> str:

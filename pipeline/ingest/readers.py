@@ -74,7 +74,7 @@ class ReadOptions:
     http_timeout_s: float  # a web URL's timeout per attempt
     opt_outs: frozenset[str] = frozenset(DIRECTIVES)  # X-Robots-Tag directives that make a web image a reject
     keep_columns: tuple[str, ...] = ()  # parquet columns carried into each sample's JSON (source_meta)
-    verify_hash: tuple[str, str] | None = None  # (parquet column, hashlib algorithm) the bytes must match
+    hash_check: tuple[str, str] | None = None  # (parquet column, hashlib algorithm) the bytes must match
     # A --give-up-quarantined run's unit that failed whole before: an outage the window rule sees is confirmed by
     # canaries first (_guard_fetches), so that a run of dead links is not given up with the unit's live URLs.
     confirm_outages: bool = False
@@ -239,12 +239,18 @@ def _canaries_answer(recent: deque[str | None], fine: dict[int, str], recheck: C
     that many hosts answered before (one canary would decide alone)."""
     if "" in recent:
         return False
+    canaries = _canaries(reversed(fine.values()))
+    return len(canaries) >= OUTAGE_CANARIES // 2 and recheck(canaries) * 2 <= len(canaries)
+
+
+def _canaries(urls: Iterable[str]) -> list[str]:
+    """The first URL of each of the first OUTAGE_CANARIES distinct hosts among `urls`."""
     canaries: dict[str, str] = {}  # host -> URL
-    for url in reversed(fine.values()):
+    for url in urls:
         canaries.setdefault(urlsplit(url).hostname or "?", url)
         if len(canaries) == OUTAGE_CANARIES:
             break
-    return len(canaries) >= OUTAGE_CANARIES // 2 and recheck(list(canaries.values())) * 2 <= len(canaries)
+    return list(canaries.values())
 
 
 def _check_late_outage(failing: dict[int, str], fine: dict[int, str], count: int,
@@ -267,13 +273,8 @@ def _check_late_outage(failing: dict[int, str], fine: dict[int, str], count: int
             late = (len(tail), n)
     if late is None:
         return
-    canaries: dict[str, str] = {}  # host -> URL
-    for position in range(count - late[1] - 1, -1, -1):
-        if position in fine:
-            canaries.setdefault(urlsplit(fine[position]).hostname or "?", fine[position])
-            if len(canaries) == OUTAGE_CANARIES:
-                break
-    if canaries and (recheck is None or recheck(list(canaries.values())) * 2 > len(canaries)):
+    canaries = _canaries(fine[p] for p in range(count - late[1] - 1, -1, -1) if p in fine)
+    if canaries and (recheck is None or recheck(canaries) * 2 > len(canaries)):
         raise _outage(*late, "inputs")
 
 
@@ -412,14 +413,14 @@ def holds_urls(schema: pa.Schema) -> bool:
 def _parquet_rows(url: str, pf: pq.ParquetFile, opts: ReadOptions, lo: int, hi: int) -> Iterator[Item]:
     schema = pf.schema_arrow
     names = schema.names
-    named = frozenset((*opts.keep_columns, *(opts.verify_hash or ())[:1]))
-    image = _pick(names, opts.image_column, _IMAGE_COLUMNS) or _first_binary(schema, named)
+    named = (*opts.keep_columns, *(opts.hash_check or ())[:1])
+    image = _pick(names, opts.image_column, _IMAGE_COLUMNS) or _first_binary(schema, frozenset(named))
     link = None if image is not None else _pick(names, None, _URL_COLUMNS)
     if image is None and link is None:
         raise KeyError(f"no image-bytes or url column among {names}; pass --image-column")
     ident, caption = _pick(names, None, _ID_COLUMNS), _pick(names, None, _CAPTION_COLUMNS)
     label = _pick(names, opts.label_column, _LABEL_COLUMNS)
-    kept = [c for c in (*opts.keep_columns, *(opts.verify_hash or ())[:1]) if c in names]
+    kept = [c for c in named if c in names]
     columns = list(dict.fromkeys(c for c in (image or link, ident, caption, label, *kept) if c is not None))
     records = _records(url, pf, columns, ident, lo, hi)
     if image is not None:
@@ -429,7 +430,7 @@ def _parquet_rows(url: str, pf: pq.ParquetFile, opts: ReadOptions, lo: int, hi: 
                 value = value.get("bytes")
             yield i, _verified(RawItem(source, value if isinstance(value, bytes) else b"", _int_or(rec.get(label), -1),
                                        _text(rec, caption), meta=_kept_meta(rec, opts.keep_columns) or None),
-                               rec, opts.verify_hash)
+                               rec, opts.hash_check)
         return
     yield from _download_rows(records, link, caption, label, opts)
 
@@ -442,7 +443,7 @@ def _download_rows(records, link: str, caption: str | None, label: str | None, o
     urls = [str(rec[link] or "") for _, rec in rows]
     yield from _fetched(urls, opts, lambda i, f: _verified(RawItem(
         rows[i][0], f.data, _int_or(rows[i][1].get(label), -1), _text(rows[i][1], caption), f.reject,
-        {**_kept_meta(rows[i][1], opts.keep_columns), "url": f.url}), rows[i][1], opts.verify_hash))
+        {**_kept_meta(rows[i][1], opts.keep_columns), "url": f.url}), rows[i][1], opts.hash_check))
 
 
 def _verified(item: RawItem, rec: dict, check: tuple[str, str] | None) -> RawItem:

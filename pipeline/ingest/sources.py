@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from pipeline.ingest.atomic import put_bytes, url_to_fs
 from pipeline.ingest import key_ranges
-from pipeline.ingest.fetch import is_web
+from pipeline.ingest.fetch import WEB_SCHEMES, is_web
 from pipeline.ingest.key_ranges import lister, list_range, range_listable
 from pipeline.ingest.layout import Layout
 from pipeline.ingest.readers import holds_urls
@@ -248,10 +248,11 @@ def _list(task: ListTask, policy: RetryPolicy) -> ListResult:
     fs, path = url_to_fs(task.path, task.storage_options)
     subfolders: tuple[str, ...] = ()
     rest: tuple[str, ...] = ()
-    # A listing made whole (a local folder, another store, a text list) is written in parts of LIST_CAP rows; a
-    # range task holds at most LIST_CAP keys and writes them as one part. (Read at call time: a test may lower it.)
+    # A listing made whole (a local folder, another store) is written in parts of LIST_CAP rows, a text list as it is
+    # read; a range task holds at most LIST_CAP keys and writes them as one part. (Read at call time: a test may lower
+    # it.)
     part_rows = key_ranges.LIST_CAP
-    if task.mode == "list":  # streamed: a list of 300M URLs is ~30 GB, past any task's memory
+    if task.mode == "list":  # streamed: a list of 300M URLs held whole is ~57 GB (bench/web_sources.py)
         lines = (("file", u, None, 0, "") for u in _read_list(fs, path, task.storage_options, policy))
         parts: list[ListedPart] = []
         while True:
@@ -284,7 +285,7 @@ def _list(task: ListTask, policy: RetryPolicy) -> ListResult:
         root = url_to_fs(task.label_root, task.storage_options)[1].rstrip("/") if task.label_root else None
         rows = [(kind_of(p), fs.unstrip_protocol(p), _class(p, root, kind_of(p)), int(info.get("size") or 0),
                  _version(info)) for p, info in sorted(infos, key=itemgetter(0))]
-    parts = tuple(_write_part(task, extra, rows[lo:lo + part_rows], lo if task.mode == "list" else None, policy)
+    parts = tuple(_write_part(task, extra, rows[lo:lo + part_rows], None, policy)
                   for extra, lo in enumerate(range(0, max(len(rows), 1), part_rows)))
     classes = tuple(sorted({c for _, _, c, _, _ in rows if c is not None}))
     return ListResult(parts, classes, tuple(sorted(subfolders)), rest)
@@ -440,29 +441,33 @@ def _read_list(fs: fsspec.AbstractFileSystem, path: str, storage_options: dict, 
 
 def _blocks(fs: fsspec.AbstractFileSystem, path: str, policy: RetryPolicy) -> Iterator[bytes]:
     """The file in blocks of LIST_BLOCK bytes, each read with retries; whole, in one read, when its size is unknown
-    (an HTTP server without Content-Length) or its server answers a range with the whole file."""
-    size = retry(lambda: fs.size(path), policy, f"read {path}")
+    (an HTTP server without Content-Length) or its server answers a range with the whole file. Its version (ETag,
+    mtime) is compared after the last block: a list replaced while it was read would mix two lists' lines."""
+    info = retry(lambda: fs.info(path), policy, f"read {path}")
+    size = info.get("size")
     if size is None or size <= LIST_BLOCK:
         yield retry(lambda: fs.cat_file(path), policy, f"read {path}")
         return
     for start in range(0, size, LIST_BLOCK):
         end = min(start + LIST_BLOCK, size)
         block = retry(lambda: fs.cat_file(path, start=start, end=end), policy, f"read {path}")
-        if len(block) == end - start:
-            yield block
-        elif start == 0 and len(block) == size:  # the range was ignored: the whole file came
+        if start == 0 and len(block) == size != end:  # the range was ignored: the whole file came
             yield block
             return
-        else:
+        if len(block) != end - start:
             raise IngestError(f"{path}: bytes {start}-{end} of {size} asked, {len(block)} read: the list changed "
                               "while it was read")
+        yield block
+    after = retry(lambda: fs.info(path), policy, f"read {path}")
+    if (_version(after), after.get("size")) != (_version(info), size):
+        raise IngestError(f"{path}: the list changed while it was read ({_version(info)} -> {_version(after)})")
 
 
 def _list_entries(lines: list[bytes], storage_options: dict) -> Iterator[str]:
     for line in (raw.decode("utf-8", errors="replace").strip() for raw in lines):
         if not line or line.startswith("#"):
             continue
-        if line.startswith(("http://", "https://")):
+        if line.startswith(WEB_SCHEMES):
             yield line
             continue
         if is_web(line):

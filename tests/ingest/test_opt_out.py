@@ -87,3 +87,26 @@ def test_an_output_begun_before_opt_outs_resumes_only_without_them():
         out = "/tmp/x" if len(sources) == 2 else "s3://data/v1"
         assert IngestConfig(sources=sources, output=out, opt_out_directives=(), **kw).fingerprint() == fingerprint
         assert IngestConfig(sources=sources, output=out, **kw).fingerprint() != fingerprint
+
+
+def test_an_output_the_previous_version_finished_is_complete_one_it_left_is_refused_naming_the_way(tmp_path):
+    """An output whose config.json and report.json carry the previous version's fingerprint (that of
+    opt_out_directives=(), pinned above): finished, a rerun under the default is a no-op, not "different
+    arguments"; left unfinished (no report), it is refused naming --opt-out-directives '', which resumes it."""
+    (tmp_path / "dump").mkdir()
+    for i in range(3):
+        (tmp_path / "dump" / f"{i}.jpg").write_bytes(_jpeg(i))
+
+    def cfg(**kw) -> IngestConfig:
+        return IngestConfig(sources=(str(tmp_path / "dump"),), output=str(tmp_path / "out"), workers=1, quiet=True,
+                            **kw)
+
+    old = run_ingest(cfg(opt_out_directives=()))
+    assert old["kept"] == 3 and old["fingerprint"] == cfg().fingerprint(before_opt_outs=True) != cfg().fingerprint()
+    shards = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("shard-*")}
+    assert run_ingest(cfg()) == old
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("shard-*")} == shards
+    (tmp_path / "out" / "report.json").unlink()  # as if that version had been killed before the end
+    with pytest.raises(IngestError, match="before X-Robots-Tag opt-outs .* --opt-out-directives ''"):
+        run_ingest(cfg())
+    assert run_ingest(cfg(opt_out_directives=()))["kept"] == 3
