@@ -77,7 +77,7 @@ class IngestConfig:
     # Parquet columns carried into each sample's JSON under "source_meta" (img2dataset's --save_additional_columns):
     # LAION's NSFW, similarity, LICENSE, ... They change the output, so they are part of the fingerprint.
     keep_columns: tuple[str, ...] = ()
-    # "COLUMN" or "COLUMN:ALGORITHM" (sha256 unless named; any of hashlib's guaranteed ones): a parquet row's
+    # "COLUMN" or "COLUMN:ALGORITHM" (sha256 unless named; one of HASHES): a parquet row's
     # image bytes (downloaded or in the file) must have that digest (hex) or are the reject "hash_mismatch", as
     # img2dataset's --verify_hash does for DataComp. "" checks nothing.
     verify_hash: str = ""
