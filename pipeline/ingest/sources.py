@@ -320,19 +320,25 @@ def _write_part(task: ListTask, extra: int, rows: list[tuple], line: int | None,
 def _parquet_footer(url: str, storage_options: dict, policy: RetryPolicy) -> tuple[int, bool]:
     """(rows of a parquet file, whether they are URLs to download), from its footer; (-1, False) if it is not
     readable parquet (its stage task then rejects it)."""
+    footer = _footer(url, storage_options, policy)
+    return (-1, False) if footer is None else (footer.num_rows, holds_urls(footer.schema.to_arrow_schema()))
+
+
+def _footer(url: str, storage_options: dict, policy: RetryPolicy) -> pq.FileMetaData | None:
+    """A parquet file's footer, read with retries; None if it is not readable parquet (a content fault: its stage
+    task rejects it). A fault that outlasts the retries propagates."""
     fs, path = url_to_fs(url, storage_options)
 
-    def read() -> tuple[int, bool]:
+    def read() -> pq.FileMetaData:
         with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            return pf.metadata.num_rows, holds_urls(pf.schema_arrow)
+            return pq.ParquetFile(f).metadata
 
     try:
         return retry(read, policy, f"read the footer of {url}")
     except TransientFailure:
         raise
     except Exception:  # noqa: BLE001 - corrupt or not parquet: a content fault, rejected by the stage task
-        return -1, False
+        return None
 
 
 def check_columns(urls: Iterable[str], keep_columns: tuple[str, ...], hash_column: str | None,
@@ -343,18 +349,10 @@ def check_columns(urls: Iterable[str], keep_columns: tuple[str, ...], hash_colum
     the file's columns. A typo would otherwise be a null (or no check) in every sample of a run that takes hours,
     where a file later in the dump lacking a column is schema drift (null, or unchecked, in its samples only)."""
     for url in urls:
-        fs, path = url_to_fs(url, storage_options)
-
-        def read_schema() -> pa.Schema:
-            with fs.open(path, "rb") as f:
-                return pq.ParquetFile(f).schema_arrow
-
-        try:
-            schema = retry(read_schema, policy, f"read the footer of {url}")
-        except TransientFailure:
-            raise
-        except Exception:  # noqa: BLE001 - corrupt or not parquet: a content fault, rejected by the stage task
+        footer = _footer(url, storage_options, policy)
+        if footer is None:
             continue
+        schema = footer.schema.to_arrow_schema()
         have = ", ".join(f"{f.name} ({f.type})" for f in schema)
         for flag, columns in (("--keep-columns", keep_columns), ("--verify-hash", (hash_column or "",))):
             missing = [c for c in columns if c and c not in schema.names]
