@@ -28,6 +28,7 @@ Phase bookkeeping (saved summaries, checkpoints, progress) is phase.py; listing 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -118,6 +119,7 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
     records = int(inputs.sum()) * per_input
     buckets = max(1, -(-records // cfg.bucket_records))
     groups = [(g, int(a), int(b)) for g, (a, b) in enumerate(zip(group_starts, [*group_starts[1:], len(inputs)]))]
+    _forget_dedup_if_layout_changed(run, group_starts, buckets, per_band)
     so = cfg.storage_options
     maps = ((g, DedupMapTask(g, a, b, buckets, cfg.dedup, cfg.near_threshold, per_band, layout, so,
                              _within(skip, a, b))) for g, a, b in groups)
@@ -218,14 +220,37 @@ def _forget_dedup_if_staging_changed(run: Run, before: dict[int, list[str]] | No
     had quarantined, those results are stale: their done marks and summaries go, so the phases run again (and
     rewrite every shard). Removed first, recorded second (the units quarantined now, with what they failed on):
     a kill in between removes them again."""
-    fs = run.fs
-    done = url_to_fs(f"{run.layout.work}/done", run.cfg.storage_options)[1]
-    if before is not None and sorted(before) != sorted(failed_on) and fs.exists(done):
-        for p in fs.ls(done, detail=False):
-            if any(p.rsplit("/", 1)[-1].startswith(phase) for phase in ("map", "reduce", "resolve", "shard")):
-                fs.rm(p, recursive=True)
+    if before is not None and sorted(before) != sorted(failed_on):
+        _forget_dedup(run)
     record = {str(u): failed_on[u] for u in sorted(failed_on)}
     put_bytes(run.layout.quarantined, json.dumps(record).encode(), run.cfg.storage_options)
+
+
+def _forget_dedup_if_layout_changed(run: Run, group_starts: np.ndarray, buckets: int, per_band: int) -> None:
+    """The done marks and summaries of map, reduce, resolve and shard are numbered by dedup group and bucket, so
+    they hold for one cut of the shuffle. `group_inputs` and `bucket_records` are not fingerprinted (the output does
+    not depend on them), but a rerun under other values (or a version with other defaults) would mix two cuts:
+    groups of one read as groups of the other, the parts of buckets past the new count never reduced: samples lost
+    or duplicates kept, silently (reviews s16a/s16b reproduced both). So the cut is recorded, and a rerun that cuts
+    differently forgets those phases and redoes them (minutes at 300M; staging, the hours, is kept). Removed
+    first, recorded second: a kill in between removes them again."""
+    cut = {"group_starts": hashlib.sha256(np.asarray(group_starts, "<i8").tobytes()).hexdigest(),
+           "groups": len(group_starts), "buckets": buckets, "per_band": per_band}
+    fs, path = url_to_fs(run.layout.dedup_layout, run.cfg.storage_options)
+    if fs.exists(path) and json.loads(fs.cat_file(path)) == cut:
+        return
+    _forget_dedup(run)  # no record: a first run (nothing to forget) or one by a version that did not record its cut
+    put_bytes(run.layout.dedup_layout, json.dumps(cut).encode(), run.cfg.storage_options)
+
+
+def _forget_dedup(run: Run) -> None:
+    """Remove the done marks and saved summaries of map, reduce, resolve and shard: they run again."""
+    done = url_to_fs(f"{run.layout.work}/done", run.cfg.storage_options)[1]
+    if not run.fs.exists(done):
+        return
+    for p in run.fs.ls(done, detail=False):
+        if any(p.rsplit("/", 1)[-1].startswith(phase) for phase in ("map", "reduce", "resolve", "shard")):
+            run.fs.rm(p, recursive=True)
 
 
 def _stage_tasks(plan: Plan, cfg: IngestConfig, layout: Layout, policy: RetryPolicy,

@@ -114,6 +114,12 @@ class Layout:
         for a unit that failed whole): dedup results hold for that set of units only."""
         return f"{self.work}/quarantined.json"
 
+    @property
+    def dedup_layout(self) -> str:
+        """How the last run cut the dedup shuffle (its groups of units, buckets and bands): the done marks of map,
+        reduce, resolve and shard are numbered by them, so they hold for that cut only."""
+        return f"{self.work}/dedup_layout.json"
+
     def done(self, phase: str, task: int) -> str:
         return f"{self.work}/done/{phase}/{task:08d}.json"
 
