@@ -8,7 +8,8 @@ lazy iterator only when one finishes, so the driver never holds a million task s
 declares its CPU and memory needs (the scheduler packs nodes by them instead of over-committing memory), a crashed
 worker is retried by Ray, and results are collected in batches: one blocking wait for the first ready result, then
 a non-blocking sweep for all others, instead of a wait per result over every pending reference.
-A task that raises does not stop the run: it comes back as Failed (with the reason), for the caller to quarantine.
+A task that raises does not stop the run: it comes back as Failed (with the reason), for the caller to quarantine;
+so does one whose worker process dies under it (the local pool finds it by halving the tasks in flight, _run_pool).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import traceback
+from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -60,14 +63,17 @@ class Engine:
         self.nodes.add("local")
         if self.workers == 1:
             return ((i, guarded(t)) for i, t in tasks)
+        return _run_pool(self, guarded, tasks, self.workers)
+
+    def pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
             # spawn, not fork: the parent may hold s3fs/aiohttp threads, which a forked child would inherit mid-lock.
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-        return _run_pool(self._pool, guarded, tasks, self.workers)
+        return self._pool
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
+            self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
 
 
@@ -91,20 +97,57 @@ class _Guarded:
             return Failed(f"{type(e).__name__}: {e}"[:500], where, tuple(getattr(e, "objects", ()) or ()))
 
 
-def _run_pool(pool: ProcessPoolExecutor, fn, tasks, workers: int):
+def _run_pool(engine: Engine, fn, tasks, workers: int):
+    """The local pool's window. A worker process that dies (the kernel's OOM killer, a crash in a decoder on one bad
+    image) breaks the whole pool: every task in flight fails with BrokenProcessPool, and nothing says which one
+    killed it. So the pool is started again and the tasks in flight are tested in groups, by halves: a group runs
+    with nothing beside it, one that completes is cleared, one in which a worker dies again is halved, and a task
+    whose worker dies under it alone twice comes back Failed (quarantined, named), as a task that crashes Ray's
+    workers does after Ray's retries; ~2 log2(2 x workers) group runs find it. Before, the first crash ended the
+    run, and every rerun stopped at that unit."""
     queue = iter(tasks)
-    pending = {}
-    for i, task in queue:
-        pending[pool.submit(fn, task)] = i
-        if len(pending) >= 2 * workers:
-            break
-    while pending:
+    suspects: deque = deque()  # groups of (id, task) in flight when a worker died, each to run by itself
+    deaths: Counter = Counter()  # id -> times a worker died running it alone
+    pending: dict = {}  # future -> (id, task)
+    while True:
+        if not pending and suspects:
+            for item in suspects.popleft():
+                pending[engine.pool().submit(fn, item[1])] = item
+        elif not suspects:
+            while len(pending) < 2 * workers:
+                item = next(queue, None)
+                if item is None:
+                    break
+                pending[engine.pool().submit(fn, item[1])] = item
+        if not pending:
+            return
         done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        if any(isinstance(f.exception(), BrokenProcessPool) for f in done):
+            done, _ = wait(pending)  # the broken pool fails every task still in flight
+        died = []
         for fut in done:
-            yield pending.pop(fut), fut.result()
-            nxt = next(queue, None)
-            if nxt is not None:
-                pending[pool.submit(fn, nxt[1])] = nxt[0]
+            item = pending.pop(fut)
+            if isinstance(fut.exception(), BrokenProcessPool):
+                died.append(item)
+            else:
+                yield item[0], fut.result()
+        if not died:
+            continue
+        engine.close(wait=False)
+        if len(died) > 1:
+            half = len(died) // 2
+            suspects.extendleft([died[half:], died[:half]])
+            continue
+        i, task = died[0]
+        deaths[i] += 1
+        if deaths[i] < _DEATHS_ALONE:  # once may be the machine's memory, not the task: it runs alone again
+            suspects.appendleft(died)
+        else:
+            yield i, Failed(f"a worker process died running this task alone, {deaths[i]} times (killed by a "
+                            "signal: out of memory, or a crash in native code such as an image decoder)", "executor")
+
+
+_DEATHS_ALONE = 2  # a task whose worker dies under it alone this many times is Failed
 
 
 def _run_ray(fn, tasks, resources: Resources, nodes: set[str]):

@@ -136,3 +136,17 @@ class FaultServer:
             return r.status, r.getheaders(), r.read()
         finally:
             conn.close()
+
+
+def crashing_task(task: tuple[int, str]) -> int:
+    """A local-pool task (importable by spawned workers): x * 2, except that a worker running x == 3 dies as a
+    decoder segfault or the OOM killer would take it (no exception, no cleanup), and x == 5 dies the first time only
+    (the marker file `task[1]` says it has)."""
+    import os
+
+    x, marker = task
+    if x == 3 or (x == 5 and not os.path.exists(marker)):
+        if x == 5:
+            open(marker, "w").close()
+        os._exit(139)
+    return x * 2
