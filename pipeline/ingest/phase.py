@@ -24,6 +24,7 @@ from pipeline.ingest.atomic import put_table, url_to_fs
 from pipeline.ingest.config import IngestConfig
 from pipeline.ingest.executor import Engine, Failed, Resources
 from pipeline.ingest.layout import Layout
+from pipeline.ingest.retry import Retried, RetryPolicy, retry
 from pipeline.ingest.sources import IngestError
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Run:
 
     def __init__(self, cfg: IngestConfig, layout: Layout, engine: Engine, fs):
         self.cfg, self.layout, self.engine, self.fs = cfg, layout, engine, fs
+        self.policy = RetryPolicy(cfg.retries, cfg.retry_base_s)
 
     def phase(self, name: str, fn: Callable, tasks: Iterator[tuple[int, object]], n: int, fields: tuple[str, ...],
               progress: str | None = None, keep_json: str | None = None,
@@ -79,7 +81,8 @@ class Run:
         last_save = time.monotonic()
         bar = _Progress(name, n, int(done.sum()), self.cfg.quiet, progress)
         pending = ((i, t) for i, t in tasks if not done[i])
-        for count, (i, result) in enumerate(self.engine.run(fn, pending, RESOURCES[name]), 1):
+        task_fn = Retried(fn, self.policy, name)
+        for count, (i, result) in enumerate(self.engine.run(task_fn, pending, RESOURCES[name]), 1):
             if isinstance(result, Failed):
                 failures.append((i, result))
                 log.warning("%s task %d quarantined: %s (%s)", name, i, result.reason, result.where)
@@ -105,14 +108,21 @@ class Run:
     def _save(self, url: str, done: np.ndarray, cols: dict[str, np.ndarray]) -> None:
         ids = np.flatnonzero(done)
         table = pa.table({"id": ids, **{f: (list(c[ids]) if c.dtype == object else c[ids]) for f, c in cols.items()}})
-        put_table(url, table, self.cfg.storage_options)
+        # Retried: a failed checkpoint write was an uncaught error of the driver, the run's end (review s16a).
+        retry(lambda: put_table(url, table, self.cfg.storage_options), self.policy, f"save {url}")
 
     def _load(self, url: str) -> dict[str, np.ndarray] | None:
         fs, path = url_to_fs(url, self.cfg.storage_options)
-        if not fs.exists(path):
+
+        def read() -> pa.Table | None:
+            if not fs.exists(path):
+                return None
+            with fs.open(path, "rb") as f:
+                return pq.ParquetFile(f).read()
+
+        table = retry(read, self.policy, f"read {url}")
+        if table is None:
             return None
-        with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read()
         return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
 
 

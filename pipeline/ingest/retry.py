@@ -127,3 +127,19 @@ def retry(fn: Callable[[], T], policy: RetryPolicy, what: str,
                 raise TransientFailure(what, attempt + 1, e) from e
             time.sleep(policy.delay(attempt))
     raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class Retried:
+    """A phase's task function, the whole task retried on a transient fault. Every task writes its outputs whole
+    (temp name + rename, or one upload) before its done mark, so running it again is safe. Map, reduce, resolve and
+    shard make most of a run's requests after staging (at 300M images ~3.3M part reads each for reduce and resolve,
+    from ~1,280 tasks under one prefix: where S3 answers SlowDown), and had no retry but s3fs's own (~2 s of
+    backoff): one SlowDown failed the task, and the run stopped after its phase (review s16a)."""
+
+    fn: Callable
+    policy: RetryPolicy
+    phase: str
+
+    def __call__(self, task):
+        return retry(lambda: self.fn(task), self.policy, f"{self.phase} task")

@@ -132,3 +132,32 @@ def test_a_rerun_that_cuts_the_dedup_shuffle_differently_redoes_it(dump, referen
     report = run_ingest(IngestConfig(**base, **second))
     assert report["kept"] == 60 and report["duplicates"] == 4
     assert shard_contents(tmp_path / "ds") == reference
+
+
+def test_a_transient_store_fault_after_staging_is_retried_not_fatal(dump, reference, tmp_path, monkeypatch):
+    """Map, reduce, resolve and shard tasks, and the driver's phase checkpoints, had no retry but s3fs's own: one
+    reset or SlowDown failed a reduce task and stopped the run after its phase; a failed checkpoint write was an
+    uncaught error of the driver. Now each task is retried whole (its outputs are written whole before its done
+    mark) and so is each checkpoint."""
+    from pipeline.ingest import exchange, phase as phase_module
+
+    def flaky(fn, faults: int):
+        calls = {"n": 0}
+
+        def call(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] <= faults:
+                raise ConnectionResetError(f"fault {calls['n']} (test)")
+            return fn(*args, **kwargs)
+        return call, calls
+
+    read_part, reads = flaky(exchange.read_part, 2)
+    put_table, puts = flaky(phase_module.put_table, 1)
+    monkeypatch.setattr(exchange, "read_part", read_part)
+    monkeypatch.setattr(phase_module, "put_table", put_table)
+    cfg = IngestConfig(sources=(str(dump),), output=str(tmp_path / "ds"), unit_size=10, samples_per_shard=8,
+                       workers=1, quiet=True, retry_base_s=0.01)
+    report = run_ingest(cfg)
+    assert reads["n"] > 2 and puts["n"] > 1  # the faults were met
+    assert report["kept"] == 60 and report["duplicates"] == 4
+    assert shard_contents(tmp_path / "ds") == reference
