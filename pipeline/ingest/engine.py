@@ -75,6 +75,8 @@ def run_ingest(cfg: IngestConfig) -> dict:
             not done.get("quarantined") or done.get("gave_up_quarantined")):
         log.info("output %s is already complete", layout.output)
         engine.close()
+        if not cfg.keep_staging:  # a run killed (or failed) while removing it: ~20 TB of staged JPEGs at 300M
+            _remove_staging(fs, layout, cfg)
         return done
     write_config(layout, fingerprint, cfg.public_dict(), cfg.storage_options)
     try:
@@ -83,11 +85,19 @@ def run_ingest(cfg: IngestConfig) -> dict:
         engine.close()
     final = not report["quarantined"] or report["gave_up_quarantined"]
     if not cfg.keep_staging and final:  # else staged work stays for the rerun that retries the quarantined units
-        # config.json stays: it ties the output to its arguments for later reruns
-        for p in fs.ls(url_to_fs(layout.work, cfg.storage_options)[1], detail=False):
-            if not p.endswith("/config.json"):
-                fs.rm(p, recursive=True)
+        _remove_staging(fs, layout, cfg)
     return report
+
+
+def _remove_staging(fs, layout: Layout, cfg: IngestConfig) -> None:
+    """The work folder but config.json (it ties the output to its arguments for later reruns), with retries. Also
+    run when a rerun finds the output complete: a run killed, or failing, while removing it left it billed, and
+    every later rerun returned before removing it (review s16a)."""
+    policy = RetryPolicy(cfg.retries, cfg.retry_base_s)
+    work = url_to_fs(layout.work, cfg.storage_options)[1]
+    for p in retry(lambda: fs.ls(work, detail=False) if fs.exists(work) else [], policy, f"list {layout.work}"):
+        if not p.endswith("/config.json"):
+            retry(lambda: fs.rm(p, recursive=True), policy, f"remove {p}")
 
 
 def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: float) -> dict:
@@ -109,6 +119,7 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
     inputs = run.phase("stage", run_stage, _stage_tasks(plan, cfg, layout, policy, salvage, confirm),
                        len(plan.unit_kind), ("inputs", "seconds"), progress="inputs", quarantine=quarantined)["inputs"]
     skip = {i for i, _ in quarantined}  # units that could not be staged: the run goes on without them
+    skipped = np.asarray(sorted(skip), np.int64)
     # What each unit failed on: its loose files (those that failed before too stay named), or [] for the whole unit.
     failed_on = {u: sorted(set(f.objects) | set((before or {}).get(u, ()))) if f.objects else []
                  for u, f in quarantined}
@@ -122,12 +133,12 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
     _forget_dedup_if_layout_changed(run, group_starts, buckets, per_band)
     so = cfg.storage_options
     maps = ((g, DedupMapTask(g, a, b, buckets, cfg.dedup, cfg.near_threshold, per_band, layout, so,
-                             _within(skip, a, b))) for g, a, b in groups)
+                             _within(skipped, a, b))) for g, a, b in groups)
     run.phase("map", run_map, maps, len(groups), ("records",))
     starts = tuple(int(x) for x in group_starts)
     reduces = ((b, DedupReduceTask(b, starts, cfg.near_threshold, layout, so)) for b in range(buckets))
     run.phase("reduce", run_reduce, reduces, buckets, ("records", "losers"))
-    resolves = ((g, ResolveTask(g, a, b, buckets, layout, so, _within(skip, a, b))) for g, a, b in groups)
+    resolves = ((g, ResolveTask(g, a, b, buckets, layout, so, _within(skipped, a, b))) for g, a, b in groups)
     resolved = run.phase("resolve", run_resolve, resolves, len(groups), ("kept",), keep_json="verdicts")
     kept = resolved["kept"]
     num_shards = -(-int(kept.sum()) // cfg.samples_per_shard)
@@ -165,8 +176,9 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
     return report
 
 
-def _within(units: set[int], first: int, end: int) -> tuple[int, ...]:
-    return tuple(sorted(u for u in units if first <= u < end))
+def _within(units: np.ndarray, first: int, end: int) -> tuple[int, ...]:
+    """The sorted `units` in [first, end): by bisection, as it runs for every group (a scan was groups x units)."""
+    return tuple(int(u) for u in units[np.searchsorted(units, first):np.searchsorted(units, end)])
 
 
 def _check_columns(plan: Plan, cfg: IngestConfig, policy: RetryPolicy) -> None:
@@ -244,7 +256,13 @@ def _forget_dedup_if_layout_changed(run: Run, group_starts: np.ndarray, buckets:
 
 
 def _forget_dedup(run: Run) -> None:
-    """Remove the done marks and saved summaries of map, reduce, resolve and shard: they run again."""
+    """Remove the done marks and saved summaries of map, reduce, resolve and shard: they run again. The shards will
+    be rewritten (renumbered when units were added), so an earlier run's report.json and shards.parquet go first:
+    they would describe tars that change under them, and a kill would leave them so (review s16a)."""
+    for url in (run.layout.report, run.layout.shard_index):
+        path = url_to_fs(url, run.cfg.storage_options)[1]
+        if run.fs.exists(path):
+            run.fs.rm_file(path)
     done = url_to_fs(f"{run.layout.work}/done", run.cfg.storage_options)[1]
     if not run.fs.exists(done):
         return

@@ -161,3 +161,16 @@ def test_a_transient_store_fault_after_staging_is_retried_not_fatal(dump, refere
     assert reads["n"] > 2 and puts["n"] > 1  # the faults were met
     assert report["kept"] == 60 and report["duplicates"] == 4
     assert shard_contents(tmp_path / "ds") == reference
+
+
+def test_a_rerun_of_a_complete_output_removes_staging_left_behind(dump, tmp_path):
+    """A run killed (or failing) while removing its staged work left it, billed (~20 TB of JPEGs at 300M images),
+    and every later rerun returned "already complete" before removing it (review s16a). Staging kept by
+    --keep-staging stands in for it here."""
+    base = dict(sources=(str(dump),), output=str(tmp_path / "ds"), unit_size=10, samples_per_shard=8, workers=1,
+                quiet=True)
+    first = run_ingest(IngestConfig(**base, keep_staging=True))
+    assert (tmp_path / "ds/_ingest/stage").is_dir()
+    again = run_ingest(IngestConfig(**base))
+    assert again == first  # complete: not run again
+    assert [p.name for p in (tmp_path / "ds/_ingest").iterdir()] == ["config.json"]
