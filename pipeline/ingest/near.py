@@ -149,13 +149,22 @@ def _improve(best: np.ndarray, bidx: np.ndarray, at: np.ndarray, ords: np.ndarra
 
 
 def _dense(best, bidx, h, o, start: int, size: int, threshold: int, block: int = 2048) -> None:
-    """All pairs of one large group, a block of rows at a time (memory block x size)."""
+    """All pairs of one large group (a band key many distinct hashes share: skew), in tiles of block x block (~100
+    MB). Row blocks alone held block x size: at a band key of 100k distinct hashes (review s16b: images of an object
+    on white share band keys), 5 GB, past a reduce task's 3 GB; the time stays size^2 / 2 comparisons (~10 min at
+    265k, a known limit)."""
     hs, os_ = h[start : start + size], o[start : start + size]
     for r in range(0, size, block):
         rows = np.arange(r, min(r + block, size))
-        near = np.bitwise_count(hs[rows, None] ^ hs[None, :]) <= threshold
-        near[np.arange(len(rows)), rows] = False
-        masked = np.where(near, os_[None, :], _NONE)
-        col = masked.argmin(axis=1)
-        val = masked[np.arange(len(rows)), col]
+        val = np.full(len(rows), _NONE, np.int64)
+        col = np.zeros(len(rows), np.int64)
+        for c in range(0, size, block):
+            cols = np.arange(c, min(c + block, size))
+            near = np.bitwise_count(hs[rows, None] ^ hs[None, cols]) <= threshold
+            near &= rows[:, None] != cols[None, :]
+            masked = np.where(near, os_[None, cols], _NONE)
+            arg = masked.argmin(axis=1)
+            tile = masked[np.arange(len(rows)), arg]
+            better = tile < val
+            val[better], col[better] = tile[better], cols[arg[better]]
         _improve(best, bidx, start + rows, val, start + col)

@@ -52,3 +52,51 @@ def test_bucket_mix_spreads_short_band_keys():
     keys = np.arange(4096, dtype=np.uint64)  # band keys with few bits: a plain modulo would fill few buckets
     counts = np.bincount(_bucket(np.full(4096, 2, np.int64), keys, np.zeros(4096, np.uint64), 16), minlength=16)
     assert counts.min() > 4096 / 16 / 2
+
+
+def test_a_skewed_band_key_is_compared_in_tiles_and_matches_brute_force(monkeypatch):
+    """One band key shared by many distinct hashes (skew) is compared all-pairs by near._dense, which held
+    block x size at once (5 GB at 100k distinct hashes); now tiles of block x block. Small blocks here so that a
+    group of 700 spans many tiles: every record's earliest neighbour within 4 bits is brute force's."""
+    import functools
+
+    from pipeline.ingest import near
+
+    monkeypatch.setattr(near, "_dense", functools.partial(near._dense, block=64))
+    rng = np.random.default_rng(3)
+    n, t = 700, 4
+    base = rng.integers(0, 2**63, 8, dtype=np.uint64)
+    flips = rng.integers(0, 64, (n, 3))
+    phash = base[rng.integers(0, 8, n)]
+    for k in range(3):  # up to 3 random bits from one of 8 centres: many pairs within 4 bits, some not
+        keep = rng.random(n) < 0.6
+        phash = np.where(keep, phash ^ (np.uint64(1) << flips[:, k].astype(np.uint64)), phash)
+    ordinal = rng.permutation(n).astype(np.int64) * 3
+    winner, windex = earliest_neighbours(np.zeros(n, np.int64), phash, ordinal, t)
+    dist = np.bitwise_count(phash[:, None] ^ phash[None, :])
+    for i in range(n):
+        earlier = np.flatnonzero((dist[i] <= t) & (ordinal < ordinal[i]))
+        expected = ordinal[earlier].min() if len(earlier) else _NONE
+        assert winner[i] == expected, i
+        if len(earlier):
+            assert ordinal[windex[i]] == expected
+
+
+def test_a_skewed_band_keys_comparison_holds_a_tile_not_a_row_block_by_the_group():
+    """near._dense's memory: a tile of block x block, whatever the group's size (numpy's buffers are traced)."""
+    import tracemalloc
+
+    from pipeline.ingest import near
+
+    n, block = 6000, 256
+    rng = np.random.default_rng(4)
+    h = rng.integers(0, 2**63, n, dtype=np.uint64)
+    o = np.arange(n, dtype=np.int64)
+    best, bidx = np.full(n, _NONE, np.int64), np.full(n, -1, np.int64)
+    tracemalloc.start()
+    try:
+        near._dense(best, bidx, h, o, 0, n, 4, block=block)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * block * block, peak  # a row block by the group: ~26 x block x n = ~40 MB here
