@@ -124,9 +124,11 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
     failed_on = {u: sorted(set(f.objects) | set((before or {}).get(u, ()))) if f.objects else []
                  for u, f in quarantined}
     _forget_dedup_if_staging_changed(run, before, failed_on)
-    group_starts = _groups(inputs, cfg.group_inputs)
     per_band = blocks_per_band(cfg.near_threshold, int(inputs.sum()))
     per_input = 1 + (cfg.dedup != "none") + (len(bands(cfg.near_threshold, per_band)) if cfg.dedup == "near" else 0)
+    # Groups by shuffle records, not inputs alone: a map task holds its group's records, and a --near-threshold of 5
+    # or more has 3.5-12x more bands than 4 at 300M (126, 462), past a map task's memory (review s16b).
+    group_starts = _groups(inputs, min(cfg.group_inputs, max(1, GROUP_RECORDS // per_input)))
     records = int(inputs.sum()) * per_input
     buckets = max(1, -(-records // cfg.bucket_records))
     groups = [(g, int(a), int(b)) for g, (a, b) in enumerate(zip(group_starts, [*group_starts[1:], len(inputs)]))]
@@ -281,6 +283,9 @@ def _stage_tasks(plan: Plan, cfg: IngestConfig, layout: Layout, policy: RetryPol
         yield u, StageTask(u, UNIT_KINDS[plan.unit_kind[u]], plan.slices(u), (lo, hi), plan.classes, layout,
                            cfg.clean, cfg.dedup, replace(read, give_up=salvage.get(u, frozenset()),
                                                          confirm_outages=u in confirm))
+
+
+GROUP_RECORDS = 250_000 * 37  # shuffle records a map task holds at most: the default group at t = 4, 35 bands
 
 
 def _groups(inputs: np.ndarray, group_inputs: int) -> np.ndarray:

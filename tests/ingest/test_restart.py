@@ -174,3 +174,17 @@ def test_a_rerun_of_a_complete_output_removes_staging_left_behind(dump, tmp_path
     again = run_ingest(IngestConfig(**base))
     assert again == first  # complete: not run again
     assert [p.name for p in (tmp_path / "ds/_ingest").iterdir()] == ["config.json"]
+
+
+def test_dedup_groups_are_cut_by_shuffle_records(dump, tmp_path, monkeypatch):
+    """A map task holds its group's shuffle records: with more bands per input (a larger --near-threshold at scale)
+    groups get fewer inputs (engine.GROUP_RECORDS), and the output does not change."""
+    from pipeline.ingest import engine
+
+    base = dict(sources=(str(dump),), unit_size=10, samples_per_shard=8, workers=1, quiet=True, dedup="near")
+    whole = run_ingest(IngestConfig(output=str(tmp_path / "a"), **base))
+    monkeypatch.setattr(engine, "GROUP_RECORDS", 17 * 20)  # 20 inputs of 17 records (15 bands at t = 4)
+    cut = run_ingest(IngestConfig(output=str(tmp_path / "b"), keep_staging=True, **base))
+    assert len(list((tmp_path / "b/_ingest/dedup/records").iterdir())) == 4  # 64 inputs, units of 10: 20 + 20 + 20 + 4
+    assert shard_contents(tmp_path / "b") == shard_contents(tmp_path / "a")
+    assert (whole["kept"], whole["duplicates"]) == (cut["kept"], cut["duplicates"])
