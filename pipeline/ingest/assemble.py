@@ -43,8 +43,9 @@ def run_shard(task: ShardTask) -> dict:
     done = read_done(task.layout, "shard", task.index, task.storage_options)
     if done is not None:
         return done
+    # promote: resolved tables of a version without their "attempt" column may sit beside this one's
     rows = pa.concat_tables([_read_rows(task.layout.resolved(g), a, b, task.storage_options)
-                             for g, a, b in task.slices]).to_pylist()
+                             for g, a, b in task.slices], promote_options="default").to_pylist()
     info = write_shard(task.layout.shard(task.index), _samples(rows, task), task.storage_options)
     name = task.layout.shard_file(task.index)
     manifest = [{**{k: r[k] for k in MANIFEST_SCHEMA.names if k != "shard"}, "shard": name} for r in rows]
@@ -74,8 +75,9 @@ def _samples(rows: list[dict], task: ShardTask) -> Iterator[tuple[str, dict[str,
     would seek back and forth: through a file object's read-ahead block every backward seek fetches a new block (25x
     the tar's bytes, measured in review s11). Instead each window of READ_WINDOW rows of one unit has its members'
     byte ranges sorted and merged and fetched at once (concurrent ranged GETs on an object store), then sliced."""
-    for unit, same_unit in groupby(rows, key=lambda r: r["unit"]):
-        fs, path = url_to_fs(task.layout.stage_tar(unit), task.storage_options)
+    # A resolved table of a version without per-attempt tars has no "attempt": its unit's one tar.
+    for (unit, attempt), same_unit in groupby(rows, key=lambda r: (r["unit"], r.get("attempt") or "")):
+        fs, path = url_to_fs(task.layout.stage_tar(unit, attempt), task.storage_options)
         same_unit = list(same_unit)
         for lo in range(0, len(same_unit), READ_WINDOW):
             window = same_unit[lo:lo + READ_WINDOW]

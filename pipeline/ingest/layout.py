@@ -90,8 +90,12 @@ class Layout:
     def plan(self) -> str:
         return f"{self.work}/plan/plan.json"
 
-    def stage_tar(self, unit: int) -> str:
-        return f"{self.work}/stage/unit-{unit:08d}.tar"
+    def stage_tar(self, unit: int, attempt: str = "") -> str:
+        """One attempt's tar of the unit's staged samples (its stage table names it: STAGE_TAR_KEY). Each attempt
+        writes its own, so two attempts of a unit that overlap (a worker left running by a killed driver, a task
+        Ray reruns while the first still runs) cannot pair one's table with the other's tar (review s16a). No
+        attempt: the name of a version that wrote one tar per unit."""
+        return f"{self.work}/stage/unit-{unit:08d}{'.' + attempt if attempt else ''}.tar"
 
     def stage_table(self, unit: int) -> str:
         """Written after the unit's tar: its presence marks the unit done."""

@@ -19,7 +19,7 @@ from pipeline.ingest.atomic import put_table
 from pipeline.ingest.dedup import VERDICTS, read_losers, read_stages
 from pipeline.ingest.done import mark_done, read_done
 from pipeline.ingest.layout import Layout
-from pipeline.ingest.stage import MEMBER, OK
+from pipeline.ingest.stage import MEMBER, OK, STAGE_TAR_KEY
 
 KEEP = "keep"
 RESOLVED_ROW_GROUP = 1024  # a shard task reads only the row groups of its samples
@@ -28,6 +28,7 @@ RESOLVED_SCHEMA = pa.schema([
     ("unit", pa.int64()), ("key", pa.string()), ("members", pa.list_(MEMBER)), ("width", pa.int32()),
     ("height", pa.int32()), ("bytes", pa.int64()), ("sha256", pa.string()), ("phash", pa.uint64()),
     ("source", pa.string()), ("label", pa.int64()), ("caption", pa.string()),
+    ("attempt", pa.string()),  # which of the unit's stage tars holds the members (Layout.stage_tar)
 ])
 STAGE_COLUMNS = ("key", "members", "width", "height", "bytes", "sha256", "phash", "source", "label", "caption",
                  "status", "detail")
@@ -67,7 +68,10 @@ def run_resolve(task: ResolveTask) -> dict:
         detail[dup] = lost_key[at[dup]]
         verdicts.update(dict(zip(*np.unique(verdict.astype(str), return_counts=True))))
         keep = pa.array(verdict == KEEP)
-        kept.append(table.filter(keep).append_column("unit", pa.array(np.full(int(keep.true_count), unit)))
+        attempt = (table.schema.metadata or {}).get(STAGE_TAR_KEY, b"").decode()
+        n = int(keep.true_count)
+        kept.append(table.filter(keep).append_column("unit", pa.array(np.full(n, unit)))
+                    .append_column("attempt", pa.array([attempt] * n, pa.string()))
                     .select(RESOLVED_SCHEMA.names).cast(RESOLVED_SCHEMA))
         reject = pa.compute.invert(keep)
         rejects.append(pa.table({"source": table.column("source").filter(reject),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -60,8 +61,9 @@ def run_stage(task: StageTask) -> dict:
             return {"inputs": pq.ParquetFile(f).metadata.num_rows, "seconds": 0.0}
     policy = task.read.policy
     for attempt in range(policy.attempts):
+        tar = secrets.token_hex(6)
         try:
-            rows = _stage_unit(task)
+            rows = _stage_unit(task, tar)
             break
         except Exception as e:  # noqa: BLE001 - transient faults restart the unit; anything else propagates
             if not is_transient(e):
@@ -70,12 +72,12 @@ def run_stage(task: StageTask) -> dict:
                 raise TransientFailure(f"unit {task.unit}", policy.attempts, e) from e
             time.sleep(policy.delay(attempt))
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=STAGE_SCHEMA), buf)
+    pq.write_table(pa.Table.from_pylist(rows, schema=STAGE_SCHEMA.with_metadata({STAGE_TAR_KEY: tar})), buf)
     put_bytes(task.layout.stage_table(task.unit), buf.getvalue(), task.read.storage_options)
     return {"inputs": len(rows), "seconds": round(time.perf_counter() - start, 3)}
 
 
-def _stage_unit(task: StageTask) -> list[dict]:
+def _stage_unit(task: StageTask, tar: str) -> list[dict]:
     """Clean every input as it arrives (fetched inputs in the order their fetches finish), streaming the kept
     candidates into the stage tar (memory: one sample, not the unit); returns one row per input, in input order,
     with where its members lie in the tar. Of the kept inputs with one identity (listed twice, or a tar that holds a
@@ -93,7 +95,7 @@ def _stage_unit(task: StageTask) -> list[dict]:
                 written.append(index)
                 yield row["key"], parts
 
-    info = write_shard(task.layout.stage_tar(task.unit), samples(), task.read.storage_options, write_index=False,
+    info = write_shard(task.layout.stage_tar(task.unit, tar), samples(), task.read.storage_options, write_index=False,
                        unique_keys=False)
     staged = dict(zip(written, info.components))
     ordered, kept = [rows[i] for i in sorted(rows)], set()
@@ -154,6 +156,9 @@ def _process(item: RawItem, cfg: CleanConfig, dedup: str) -> tuple[dict, dict[st
     return row, parts
 
 
+# The stage table's metadata key naming its attempt's tar (Layout.stage_tar); absent in a table of a version that wrote
+# one tar per unit.
+STAGE_TAR_KEY = b"stage_tar_attempt"
 MEMBER = pa.struct([("ext", pa.string()), ("offset", pa.int64()), ("size", pa.int64())])
 STAGE_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("label", pa.int64()), ("caption", pa.string()),

@@ -188,3 +188,39 @@ def test_dedup_groups_are_cut_by_shuffle_records(dump, tmp_path, monkeypatch):
     assert len(list((tmp_path / "b/_ingest/dedup/records").iterdir())) == 4  # 64 inputs, units of 10: 20 + 20 + 20 + 4
     assert shard_contents(tmp_path / "b") == shard_contents(tmp_path / "a")
     assert (whole["kept"], whole["duplicates"]) == (cut["kept"], cut["duplicates"])
+
+
+def test_two_overlapping_attempts_of_a_unit_never_pair_a_table_with_the_others_tar(dump, reference, tmp_path,
+                                                                                     monkeypatch):
+    """Two attempts of one stage unit can overlap: a pool worker finishing its unit after its driver was killed, while
+    the rerun stages the same unit; Ray rerunning a task it thinks lost. Each publishes its tar, then its table,
+    whose offsets point into its own tar. With one tar name per unit, attempt B's tar could replace A's between A's
+    tar and A's table: A's table then described B's tar (cleaned in another order) and shards got wrong bytes
+    (review s16a). Here B runs whole inside A's last step, cleaning in reverse order."""
+    from pipeline.ingest import engine, stage
+
+    tasks, real_items, real_put = [], stage._items, stage.put_bytes
+
+    def capture(task):
+        tasks.append(task)
+        return engine_run_stage(task)
+
+    def reversed_items(task):
+        return iter(list(real_items(task))[::-1])
+
+    def put_bytes(url, data, storage_options):
+        if url.endswith("unit-00000000.parquet") and len(tasks) == 1:
+            tasks.append("B")
+            with monkeypatch.context() as m:
+                m.setattr(stage, "_items", reversed_items)
+                m.setattr(stage, "put_bytes", real_put)
+                stage.run_stage(tasks[0])  # attempt B, whole: its tar, then its table
+        return real_put(url, data, storage_options)
+
+    engine_run_stage = engine.run_stage
+    monkeypatch.setattr(engine, "run_stage", capture)
+    monkeypatch.setattr(stage, "put_bytes", put_bytes)
+    run_ingest(IngestConfig(sources=(str(dump),), output=str(tmp_path / "ds"), unit_size=10, samples_per_shard=8,
+                            workers=1, quiet=True))
+    assert tasks[1] == "B"
+    assert shard_contents(tmp_path / "ds") == reference
