@@ -149,11 +149,47 @@ def _improve(best: np.ndarray, bidx: np.ndarray, at: np.ndarray, ords: np.ndarra
 
 
 def _dense(best, bidx, h, o, start: int, size: int, threshold: int, block: int = 2048) -> None:
-    """All pairs of one large group (a band key many distinct hashes share: skew), in tiles of block x block (~100
-    MB). Row blocks alone held block x size: at a band key of 100k distinct hashes (review s16b: images of an object
-    on white share band keys), 5 GB, past a reduce task's 3 GB; the time stays size^2 / 2 comparisons (~10 min at
-    265k, a known limit)."""
-    hs, os_ = h[start : start + size], o[start : start + size]
+    """All near pairs of one large group (a band key that many distinct hashes share: skew; review s16b measured
+    0.9% of synthetic "object on a white background" images on one key), without comparing all pairs: _near_pairs."""
+    _near_pairs(best, bidx, h, o, np.arange(start, start + size), threshold, block)
+
+
+def _near_pairs(best, bidx, h, o, idx: np.ndarray, threshold: int, block: int) -> None:
+    """Every pair of records `idx` within `threshold` bits, each record's best improved by them. The band trick
+    again, on the bits that vary among them: split those into threshold + 1 sub-blocks; two hashes within threshold
+    bits differ in at most threshold of them, so they agree on a whole sub-block (pigeonhole) and meet in one run of
+    equal sub-block values, which is split the same way (its varying bits fewer by at least that sub-block), down
+    to runs of at most `block`, compared all pairs in tiles (_tiles). Exact, as all pairs are; at most one tile of
+    memory (all pairs of the group held block x group: 5 GB at 100k hashes); and the comparisons fall from
+    group^2 / 2 to about (threshold + 1) x group^2 / 2^(sub-block bits) when the varying bits spread the group."""
+    if len(idx) <= block:
+        _tiles(best, bidx, h, o, idx, threshold, block)
+        return
+    hs = h[idx]
+    varying = int(np.bitwise_or.reduce(hs ^ hs[0]))
+    bits = [b for b in range(64) if varying >> b & 1]
+    if len(bits) <= threshold:  # no two of them differ in more bits than that: every pair is near
+        first = int(np.argmin(o[idx]))
+        second = int(np.argmin(np.where(np.arange(len(idx)) == first, _NONE, o[idx])))
+        src = np.full(len(idx), idx[first])
+        src[first] = idx[second]
+        _improve(best, bidx, idx, o[src], src)
+        return
+    k = threshold + 1
+    for j in range(k):
+        mask = np.uint64(sum(1 << b for b in bits[j * len(bits) // k:(j + 1) * len(bits) // k]))
+        order = np.argsort(hs & mask, kind="stable")
+        key = (hs & mask)[order]
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+        ends = np.r_[starts[1:], len(key)]
+        for a, b in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
+            _near_pairs(best, bidx, h, o, idx[order[a:b]], threshold, block)
+
+
+def _tiles(best, bidx, h, o, idx: np.ndarray, threshold: int, block: int) -> None:
+    """All pairs of records `idx` (both orders: each row's best over every column), in tiles of block x block."""
+    hs, os_ = h[idx], o[idx]
+    size = len(idx)
     for r in range(0, size, block):
         rows = np.arange(r, min(r + block, size))
         val = np.full(len(rows), _NONE, np.int64)
@@ -167,4 +203,4 @@ def _dense(best, bidx, h, o, start: int, size: int, threshold: int, block: int =
             tile = masked[np.arange(len(rows)), arg]
             better = tile < val
             val[better], col[better] = tile[better], cols[arg[better]]
-        _improve(best, bidx, start + rows, val, start + col)
+        _improve(best, bidx, idx[rows], val, idx[col])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from pipeline.ingest.dedup import _bucket
 from pipeline.ingest.near import _NONE, band_keys, bands, earliest_neighbours
@@ -100,3 +101,27 @@ def test_a_skewed_band_keys_comparison_holds_a_tile_not_a_row_block_by_the_group
     finally:
         tracemalloc.stop()
     assert peak < 20 * block * block, peak  # a row block by the group: ~26 x block x n = ~40 MB here
+
+
+@pytest.mark.parametrize("threshold, free_bits, flip_p", [(2, 12, 0.5), (4, 24, 0.3), (4, 40, 0.2), (6, 30, 0.3)])
+def test_a_skewed_band_key_split_again_on_its_varying_bits_matches_brute_force(threshold, free_bits, flip_p):
+    """near._near_pairs splits a large group on the bits that vary within it (pigeonhole again) instead of comparing
+    all pairs; small leaves (block 100) so that it recurses: every record's earliest neighbour is brute force's."""
+    from pipeline.ingest import near
+
+    rng = np.random.default_rng(threshold * 100 + free_bits)
+    base = rng.integers(0, 2**63, dtype=np.uint64)
+    pos = rng.choice(64, free_bits, replace=False).astype(np.uint64)
+    flips = rng.random((3000, free_bits)) < flip_p
+    h = np.full(3000, base, np.uint64)
+    for k in range(free_bits):
+        h ^= np.where(flips[:, k], np.uint64(1) << pos[k], np.uint64(0))
+    h = np.unique(h)
+    o = rng.permutation(len(h)).astype(np.int64)
+    best, bidx = np.full(len(h), _NONE, np.int64), np.full(len(h), -1, np.int64)
+    near._dense(best, bidx, h, o, 0, len(h), threshold, block=100)
+    dist = np.bitwise_count(h[:, None] ^ h[None, :]) <= threshold
+    np.fill_diagonal(dist, False)
+    expected = np.where(dist, o[None, :], _NONE).min(axis=1)
+    assert (best == expected).all()
+    assert (o[bidx[best != _NONE]] == best[best != _NONE]).all()
