@@ -106,21 +106,38 @@ def _run_pool(engine: Engine, fn, tasks, workers: int):
     workers does after Ray's retries; ~2 log2(2 x workers) group runs find it. Before, the first crash ended the
     run, and every rerun stopped at that unit."""
     queue = iter(tasks)
+    unsent: deque = deque()  # (id, task) refused by a pool found broken at submit: they never ran, they go first
     suspects: deque = deque()  # groups of (id, task) in flight when a worker died, each to run by itself
     deaths: Counter = Counter()  # id -> times a worker died running it alone
     pending: dict = {}  # future -> (id, task)
+
+    def submit(item) -> bool:
+        try:
+            pending[engine.pool().submit(fn, item[1])] = item
+            return True
+        except BrokenProcessPool:  # a worker died while nothing waited on the pool (between phases, or as we
+            return False  # yielded): found here, handled as a death under the tasks in flight below
+
     while True:
         if not pending and suspects:
-            for item in suspects.popleft():
-                pending[engine.pool().submit(fn, item[1])] = item
+            group = suspects.popleft()
+            for n, item in enumerate(group):
+                if not submit(item):
+                    suspects.appendleft(group[n:])
+                    break
         elif not suspects:
             while len(pending) < 2 * workers:
-                item = next(queue, None)
+                item = unsent.popleft() if unsent else next(queue, None)
                 if item is None:
                     break
-                pending[engine.pool().submit(fn, item[1])] = item
+                if not submit(item):
+                    unsent.appendleft(item)
+                    break
         if not pending:
-            return
+            if not unsent and not suspects:
+                return
+            engine.close(wait=False)  # broken with nothing in flight: a fresh pool for what waits
+            continue
         done, _ = wait(pending, return_when=FIRST_COMPLETED)
         if any(isinstance(f.exception(), BrokenProcessPool) for f in done):
             done, _ = wait(pending)  # the broken pool fails every task still in flight

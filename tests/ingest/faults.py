@@ -150,3 +150,14 @@ def crashing_task(task: tuple[int, str]) -> int:
             open(marker, "w").close()
         os._exit(139)
     return x * 2
+
+
+def dying_worker(task: int) -> int:
+    """A local-pool task (importable by spawned workers) whose worker process dies right after returning its
+    result: task 0 returns 0, then the process exits (a worker killed while idle)."""
+    import os
+    import threading
+
+    if task == 0:
+        threading.Timer(0.2, lambda: os._exit(137)).start()
+    return task

@@ -21,3 +21,25 @@ def test_a_worker_that_dies_fails_only_its_own_task_and_the_pool_goes_on(tmp_pat
         assert dict(engine.run(crashing_task, ((x, (x, marker)) for x in (10, 11)))) == {10: 20, 11: 22}
     finally:
         engine.close()
+
+
+def test_a_pool_broken_while_idle_or_between_results_is_started_again():
+    """A worker that dies while the pool waits for nothing (between two phases, or while the consumer handles a
+    result) is found at the next submit, which raised BrokenProcessPool out of the run (review s16c). The task that
+    was refused never ran: it runs on a fresh pool."""
+    import time
+
+    from tests.ingest.faults import dying_worker
+
+    engine = Engine("local", 2)
+    try:
+        assert dict(engine.run(dying_worker, [(0, 0)])) == {0: 0}
+        time.sleep(1.0)  # its worker is dead now: the next phase's first submit finds the pool broken
+        assert dict(engine.run(dying_worker, ((i, i) for i in range(1, 6)))) == {i: i for i in range(1, 6)}
+        results = {}
+        for i, r in engine.run(dying_worker, ((i, i) for i in (0, 7, 8, 9))):
+            results[i] = r
+            time.sleep(0.5)  # the consumer is busy while task 0's worker dies
+        assert results == {0: 0, 7: 7, 8: 8, 9: 9}
+    finally:
+        engine.close()
