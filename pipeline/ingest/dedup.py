@@ -60,6 +60,7 @@ class DedupReduceTask:
     threshold: int
     layout: Layout
     storage_options: dict
+    buckets: int = 0  # parts of every map file (0: not checked)
 
 
 def run_map(task: DedupMapTask) -> dict:
@@ -106,7 +107,7 @@ def run_reduce(task: DedupReduceTask) -> dict:
         return done
     so = task.storage_options
     records = read_parts([task.layout.dedup_records(g) for g in range(len(task.group_starts))], task.bucket,
-                         RECORD_SCHEMA, so)
+                         RECORD_SCHEMA, so, parts=task.buckets)
     kind = records.column("kind").to_numpy().astype(np.int64)
     k1, k2 = records.column("k1").to_numpy(), records.column("k2").to_numpy()
     ords, ph = records.column("ordinal").to_numpy(), records.column("phash").to_numpy()
@@ -143,11 +144,12 @@ def run_reduce(task: DedupReduceTask) -> dict:
     return mark_done(task.layout, "reduce", task.bucket, {"records": len(ords), "losers": len(order)}, so)
 
 
-def read_losers(layout: Layout, group: int, buckets: int, storage_options: dict
+def read_losers(layout: Layout, group: int, buckets: int, storage_options: dict, groups: int = 0
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One group's losing inputs, merged over buckets (strongest verdict, then earliest winner), sorted by ordinal:
     (ordinal [L] int64, verdict kind [L] int8, winner key [L] hex str objects)."""
-    table = read_parts([layout.dedup_losers(b) for b in range(buckets)], group, LOSER_SCHEMA, storage_options)
+    table = read_parts([layout.dedup_losers(b) for b in range(buckets)], group, LOSER_SCHEMA, storage_options,
+                       parts=groups)
     ords, kind, winner = (table.column(c).to_numpy() for c in ("ordinal", "kind", "winner"))
     order = np.lexsort((winner, kind, ords))
     head = np.r_[True, ords[order][1:] != ords[order][:-1]][: len(order)]

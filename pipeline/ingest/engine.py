@@ -75,7 +75,9 @@ def run_ingest(cfg: IngestConfig) -> dict:
             not done.get("quarantined") or done.get("gave_up_quarantined")):
         log.info("output %s is already complete", layout.output)
         engine.close()
-        if not cfg.keep_staging:  # a run killed (or failed) while removing it: ~20 TB of staged JPEGs at 300M
+        # Staging a run killed (or failed) while removing it: ~20 TB of staged JPEGs at 300M. Not that of a run that
+        # kept it on purpose (--keep-staging, in its report's config; review s16c).
+        if not cfg.keep_staging and not done.get("config", {}).get("keep_staging"):
             _remove_staging(fs, layout, cfg)
         return done
     write_config(layout, fingerprint, cfg.public_dict(), cfg.storage_options)
@@ -97,7 +99,14 @@ def _remove_staging(fs, layout: Layout, cfg: IngestConfig) -> None:
     work = url_to_fs(layout.work, cfg.storage_options)[1]
     for p in retry(lambda: fs.ls(work, detail=False) if fs.exists(work) else [], policy, f"list {layout.work}"):
         if not p.endswith("/config.json"):
-            retry(lambda: fs.rm(p, recursive=True), policy, f"remove {p}")
+            retry(lambda: _rm(fs, p), policy, f"remove {p}")
+
+
+def _rm(fs, path: str) -> None:
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:  # removed by an attempt that then reported an error (review s16c)
+        pass
 
 
 def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: float) -> dict:
@@ -138,9 +147,10 @@ def _run_phases(run: "Run", listing: list[ListTask], fingerprint: str, start: fl
                              _within(skipped, a, b))) for g, a, b in groups)
     run.phase("map", run_map, maps, len(groups), ("records",))
     starts = tuple(int(x) for x in group_starts)
-    reduces = ((b, DedupReduceTask(b, starts, cfg.near_threshold, layout, so)) for b in range(buckets))
+    reduces = ((b, DedupReduceTask(b, starts, cfg.near_threshold, layout, so, buckets)) for b in range(buckets))
     run.phase("reduce", run_reduce, reduces, buckets, ("records", "losers"))
-    resolves = ((g, ResolveTask(g, a, b, buckets, layout, so, _within(skipped, a, b))) for g, a, b in groups)
+    resolves = ((g, ResolveTask(g, a, b, buckets, layout, so, _within(skipped, a, b), len(groups)))
+                for g, a, b in groups)
     resolved = run.phase("resolve", run_resolve, resolves, len(groups), ("kept",), keep_json="verdicts")
     kept = resolved["kept"]
     num_shards = -(-int(kept.sum()) // cfg.samples_per_shard)

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.ingest.atomic import atomic_writer, url_to_fs
+from pipeline.ingest.retry import RetryPolicy, retry
 
 _READ_THREADS = 16
 _WORD = 8  # bytes of one offset-table entry
@@ -47,33 +48,50 @@ def write_parts(url: str, table: pa.Table, part: np.ndarray, parts: int, storage
         f.write(np.array([parts], "<i8").tobytes())
 
 
-def read_parts(urls: list[str], part: int, schema: pa.Schema, storage_options: dict) -> pa.Table:
-    """The rows of `part` from every writer's file, in the order of `urls`. A thread pool hides the latency of the
-    2 x len(urls) small reads (a reducer reads from every group: a thousand files at 300M images)."""
+def read_parts(urls: list[str], part: int, schema: pa.Schema, storage_options: dict, parts: int = 0) -> pa.Table:
+    """The rows of `part` from every writer's file, in the order of `urls` (each written with `parts` parts; 0: not
+    known). A thread pool hides the latency of the 2 x len(urls) small reads (a reducer reads from every group: a
+    thousand files at 300M images); each read is retried on a transient fault (the task around it is too, whole)."""
+    policy = RetryPolicy()
     with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-        tables = list(pool.map(lambda url: read_part(url, part, schema, storage_options), urls))
+        tables = list(pool.map(lambda url: retry(lambda: read_part(url, part, schema, storage_options, parts), policy,
+                                                 f"read part {part} of {url}"), urls))
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def read_part(url: str, part: int, schema: pa.Schema, storage_options: dict) -> pa.Table:
-    """The rows of `part` in the file at `url` (none if the writer had none for it). Two requests: the file's last
-    _TAIL bytes (a suffix range: no HEAD for the size first), which hold the offset table, and the part's bytes;
-    one for a file shorter than _TAIL. It was a HEAD and three GETs (review s16b: ~13M requests a phase at 300M
-    images, from ~1,280 tasks under one prefix, where S3 starts at ~5,500 GETs a second)."""
+def read_part(url: str, part: int, schema: pa.Schema, storage_options: dict, parts: int = 0) -> pa.Table:
+    """The rows of `part` in the file at `url` (none if the writer had none for it), written with `parts` parts (0:
+    not known). Two requests on S3 and GCS: the file's end from this part's offset entry on (a suffix range, no HEAD
+    for the size first: 8 x (parts - part + 2) bytes, ~11 KB on average at 300M images; _TAIL when `parts` is not
+    known) and the part's bytes. It was a HEAD and three GETs (review s16b: ~13M requests a phase at 300M images, from ~1,280
+    tasks under one prefix, where S3 starts at ~5,500 GETs a second). Other stores (whose cat_file may not take a
+    suffix, review s16c) ask the size first."""
     fs, path = url_to_fs(url, storage_options)
-    tail = fs.cat_file(path, start=-_TAIL)
-    parts = int(np.frombuffer(tail[-_WORD:], "<i8")[0])
-    if not 0 <= part < parts:  # a reader of another cut of the shuffle (engine._forget_dedup_if_layout_changed)
-        raise ValueError(f"{url} holds {parts} parts, not part {part}: written for another cut of the shuffle")
-    need = _WORD * (parts + 2 - part)  # from this part's offset entry to the end of the file
-    if need > len(tail):
-        tail = fs.cat_file(path, start=-need)
+    tail = _tail(fs, path, _WORD * (parts - part + 2) if parts else _TAIL)
+    count = int(np.frombuffer(tail[-_WORD:], "<i8")[0])
+    if not 0 <= part < count or (parts and count != parts):  # another cut of the shuffle (engine.py)
+        raise ValueError(f"{url} holds {count} parts, not part {part} of {parts or 'any'}: written for another cut "
+                         "of the shuffle")
+    need = _WORD * (count - part + 2)  # from this part's offset entry to the end of the file
+    if need > len(tail):  # a table longer than the tail guessed without `parts`
+        tail = _tail(fs, path, need)
     at = len(tail) - need
     start, end = (int(x) for x in np.frombuffer(tail[at:at + 2 * _WORD], "<i8"))
     if end == start:
         return schema.empty_table()
-    data = tail[start:end] if len(tail) < _TAIL else fs.cat_file(path, start=start, end=end)  # short: tail is all
-    return pa.ipc.open_stream(data).read_all()
+    return pa.ipc.open_stream(fs.cat_file(path, start=start, end=end)).read_all()
 
 
-_TAIL = 64 << 10  # bytes read from a file's end: the offset table of up to 8,190 parts
+def _tail(fs, path: str, n: int) -> bytes:
+    """The last n bytes of the file (all of it if shorter): one suffix request where the store takes one."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if _SUFFIX_RANGES.intersection(protocols):
+        return fs.cat_file(path, start=-n)
+    size = fs.size(path)
+    return fs.cat_file(path, start=max(0, size - n), end=size)
+
+
+_TAIL = 64 << 10  # bytes read from a file's end when its part count is not known: a table of up to 8,190 parts
+# Stores whose cat_file reads a negative start as a suffix range in one request (s3fs, gcsfs), or slices a local
+# or in-memory file (review s16c: adlfs passes it on as an offset; sftp's files have no size).
+_SUFFIX_RANGES = {"s3", "s3a", "gs", "gcs", "file", "local", "memory"}

@@ -45,6 +45,7 @@ class ResolveTask:
     layout: Layout
     storage_options: dict
     skip: tuple[int, ...] = ()  # quarantined units of the group: not staged, left out
+    groups: int = 0  # of the dedup shuffle: parts of every reduce output (0: not checked)
 
 
 def run_resolve(task: ResolveTask) -> dict:
@@ -52,7 +53,7 @@ def run_resolve(task: ResolveTask) -> dict:
     done = read_done(task.layout, "resolve", task.group, task.storage_options)
     if done is not None:
         return done
-    lost_ord, lost_kind, lost_key = read_losers(task.layout, task.group, task.buckets, task.storage_options)
+    lost_ord, lost_kind, lost_key = read_losers(task.layout, task.group, task.buckets, task.storage_options, task.groups)
     kept, rejects, verdicts = [], [], Counter()
     units = [u for u in range(task.first_unit, task.end_unit) if u not in task.skip]
     for unit, table in read_stages(task.layout, units, list(STAGE_COLUMNS), task.storage_options):

@@ -27,7 +27,7 @@ from pipeline.ingest.clean import Rejected, clean_image
 from pipeline.ingest.config import CleanConfig
 from pipeline.ingest.layout import Layout
 from pipeline.ingest.readers import Item, RawItem, ReadOptions, read_archive, read_files, read_parquet
-from pipeline.ingest.retry import TransientFailure, is_transient
+from pipeline.ingest.retry import TransientFailure, is_transient, retry
 from pipeline.ingest.sources import read_part_rows
 from pipeline.ingest.writer import write_shard
 
@@ -73,7 +73,9 @@ def run_stage(task: StageTask) -> dict:
             time.sleep(policy.delay(attempt))
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=STAGE_SCHEMA.with_metadata({STAGE_TAR_KEY: tar})), buf)
-    put_bytes(task.layout.stage_table(task.unit), buf.getvalue(), task.read.storage_options)
+    # Retried here: a transient fault of this last write would otherwise restage the unit whole (review s16c).
+    retry(lambda: put_bytes(task.layout.stage_table(task.unit), buf.getvalue(), task.read.storage_options), policy,
+          f"write {task.layout.stage_table(task.unit)}")
     return {"inputs": len(rows), "seconds": round(time.perf_counter() - start, 3)}
 
 

@@ -9,6 +9,7 @@ processes through the CLI.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -166,13 +167,17 @@ def test_a_transient_store_fault_after_staging_is_retried_not_fatal(dump, refere
 def test_a_rerun_of_a_complete_output_removes_staging_left_behind(dump, tmp_path):
     """A run killed (or failing) while removing its staged work left it, billed (~20 TB of JPEGs at 300M images),
     and every later rerun returned "already complete" before removing it (review s16a). Staging kept by
-    --keep-staging stands in for it here."""
+    --keep-staging stays (review s16c); a report that did not keep it stands in for the killed removal."""
     base = dict(sources=(str(dump),), output=str(tmp_path / "ds"), unit_size=10, samples_per_shard=8, workers=1,
                 quiet=True)
     first = run_ingest(IngestConfig(**base, keep_staging=True))
     assert (tmp_path / "ds/_ingest/stage").is_dir()
-    again = run_ingest(IngestConfig(**base))
-    assert again == first  # complete: not run again
+    assert run_ingest(IngestConfig(**base)) == first  # complete: not run again, and staging kept on purpose stays
+    assert (tmp_path / "ds/_ingest/stage").is_dir()
+    report = json.loads((tmp_path / "ds/report.json").read_text())
+    report["config"]["keep_staging"] = False  # as a run that was removing its staging when it was killed
+    (tmp_path / "ds/report.json").write_text(json.dumps(report))
+    run_ingest(IngestConfig(**base))
     assert [p.name for p in (tmp_path / "ds/_ingest").iterdir()] == ["config.json"]
 
 
