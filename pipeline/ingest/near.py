@@ -120,20 +120,27 @@ def _value_neighbours(g: np.ndarray, h: np.ndarray, o: np.ndarray, threshold: in
     best, bidx = np.full(m, _NONE, np.int64), np.full(m, -1, np.int64)
     starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
     sizes = np.diff(np.r_[starts, m])
-    pos = np.arange(m) - np.repeat(starts, sizes)  # position within the group
-    size = np.repeat(sizes, sizes)
-    i = np.flatnonzero((size <= _SMALL_GROUP) & (size > 1))
-    for j in range(1, _SMALL_GROUP):
-        i = i[pos[i] + j < size[i]]  # shrinks every step: the work follows the groups still that large
-        if len(i) == 0:
-            break
-        near = np.bitwise_count(h[i] ^ h[i + j]) <= threshold
-        a, b = i[near], i[near] + j
-        _improve(best, bidx, a, o[b], b)
-        _improve(best, bidx, b, o[a], a)
+    _small_runs(best, bidx, h, o, np.arange(m), starts, sizes, threshold)
     for s, z in zip(starts[sizes > _SMALL_GROUP], sizes[sizes > _SMALL_GROUP]):
         _dense(best, bidx, h, o, s, z, threshold)
     return best, bidx
+
+
+def _small_runs(best, bidx, h, o, members: np.ndarray, starts: np.ndarray, sizes: np.ndarray, threshold: int) -> None:
+    """All pairs within each run of 2 to _SMALL_GROUP of `members` (value indices laid out run after run), by
+    offsets, vectorised over the runs; larger runs are left to the caller."""
+    pos = np.arange(len(members)) - np.repeat(starts, sizes)  # position within the run
+    size = np.repeat(sizes, sizes)
+    i = np.flatnonzero((size <= _SMALL_GROUP) & (size > 1))
+    for j in range(1, _SMALL_GROUP):
+        i = i[pos[i] + j < size[i]]  # shrinks every step: the work follows the runs still that large
+        if len(i) == 0:
+            break
+        x, y = members[i], members[i + j]
+        near = np.bitwise_count(h[x] ^ h[y]) <= threshold
+        a, b = x[near], y[near]
+        _improve(best, bidx, a, o[b], b)
+        _improve(best, bidx, b, o[a], a)
 
 
 def _improve(best: np.ndarray, bidx: np.ndarray, at: np.ndarray, ords: np.ndarray, src: np.ndarray) -> None:
@@ -159,9 +166,11 @@ def _near_pairs(best, bidx, h, o, idx: np.ndarray, threshold: int, block: int) -
     again, on the bits that vary among them: split those into threshold + 1 sub-blocks; two hashes within threshold
     bits differ in at most threshold of them, so they agree on a whole sub-block (pigeonhole) and meet in one run of
     equal sub-block values, which is split the same way (its varying bits fewer by at least that sub-block), down
-    to runs of at most `block`, compared all pairs in tiles (_tiles). Exact, as all pairs are; at most one tile of
-    memory (all pairs of the group held block x group: 5 GB at 100k hashes); and the comparisons fall from
-    group^2 / 2 to about (threshold + 1) x group^2 / 2^(sub-block bits) when the varying bits spread the group."""
+    to runs of at most `block`, compared all pairs in tiles (_tiles), and runs of at most _SMALL_GROUP, compared by
+    offsets for all of them at once. Exact, as all pairs are; at most one tile of memory (all pairs of the group
+    held block x group: 5 GB at 100k hashes); the comparisons fall from group^2 to about the sum of the runs'
+    squares when the varying bits spread the group, and a level whose runs would cost more than all pairs (hashes
+    clustered round a centre) compares all pairs instead, so no level costs more than all pairs."""
     if len(idx) <= block:
         _tiles(best, bidx, h, o, idx, threshold, block)
         return
@@ -176,14 +185,23 @@ def _near_pairs(best, bidx, h, o, idx: np.ndarray, threshold: int, block: int) -
         _improve(best, bidx, idx, o[src], src)
         return
     k = threshold + 1
+    splits, cost = [], 0.0
     for j in range(k):
-        mask = np.uint64(sum(1 << b for b in bits[j * len(bits) // k:(j + 1) * len(bits) // k]))
-        order = np.argsort(hs & mask, kind="stable")
-        key = (hs & mask)[order]
-        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-        ends = np.r_[starts[1:], len(key)]
-        for a, b in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
-            _near_pairs(best, bidx, h, o, idx[order[a:b]], threshold, block)
+        key = hs & np.uint64(sum(1 << b for b in bits[j * len(bits) // k:(j + 1) * len(bits) // k]))
+        order = np.argsort(key, kind="stable")
+        starts = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]])
+        sizes = np.diff(np.r_[starts, len(idx)])
+        cost += float((sizes.astype(np.float64) ** 2).sum())
+        splits.append((idx[order], starts, sizes))
+    if cost >= float(len(idx)) ** 2:
+        # The sub-blocks hardly split them (hashes clustered round a centre, a larger threshold): each level would
+        # multiply the work by up to threshold + 1 (review s16d: 90-550x all pairs at t = 6-8); all pairs it is.
+        _tiles(best, bidx, h, o, idx, threshold, block)
+        return
+    for members, starts, sizes in splits:
+        _small_runs(best, bidx, h, o, members, starts, sizes, threshold)
+        for s, z in zip(starts[sizes > _SMALL_GROUP], sizes[sizes > _SMALL_GROUP]):
+            _near_pairs(best, bidx, h, o, members[s:s + z], threshold, block)
 
 
 def _tiles(best, bidx, h, o, idx: np.ndarray, threshold: int, block: int) -> None:

@@ -103,10 +103,13 @@ def test_a_skewed_band_keys_comparison_holds_a_tile_not_a_row_block_by_the_group
     assert peak < 20 * block * block, peak  # a row block by the group: ~26 x block x n = ~40 MB here
 
 
-@pytest.mark.parametrize("threshold, free_bits, flip_p", [(2, 12, 0.5), (4, 24, 0.3), (4, 40, 0.2), (6, 30, 0.3)])
+@pytest.mark.parametrize("threshold, free_bits, flip_p", [(2, 12, 0.5), (4, 24, 0.3), (4, 40, 0.2), (6, 30, 0.3),
+                                                        (8, 42, 0.05), (6, 42, 0.05)])
 def test_a_skewed_band_key_split_again_on_its_varying_bits_matches_brute_force(threshold, free_bits, flip_p):
     """near._near_pairs splits a large group on the bits that vary within it (pigeonhole again) instead of comparing
-    all pairs; small leaves (block 100) so that it recurses: every record's earliest neighbour is brute force's."""
+    all pairs; small leaves (block 100) so that it recurses: every record's earliest neighbour is brute force's.
+    The last two cases cluster round a centre at a larger threshold, where splitting multiplied the work (review
+    s16d: 90-550x all pairs); each level now falls back to all pairs when its runs would cost more."""
     from pipeline.ingest import near
 
     rng = np.random.default_rng(threshold * 100 + free_bits)
