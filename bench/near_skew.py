@@ -2,7 +2,8 @@
 background share LSH bands), compared by near._dense (split again on the bits that vary within the group, down to
 tiles) and by all pairs in tiles (what it did before, in row blocks), on the same synthetic hashes.
 
-    python -m bench.near_skew [--sizes 40000 160000] [--free-bits 30] [--flip 0.3] [--threshold 4] [--all-pairs-max 40000]
+    python -m bench.near_skew [--sizes 40000 160000] [--free-bits 30] [--flip 0.3] [--threshold 4]
+                              [--all-pairs-max 40000]
 
 The hashes: one random 64-bit base, each of --free-bits chosen bit positions flipped with probability --flip,
 distinct values kept (so every pair differs only in those bits: the group shares everything else, as a band

@@ -63,9 +63,9 @@ def read_part(url: str, part: int, schema: pa.Schema, storage_options: dict, par
     """The rows of `part` in the file at `url` (none if the writer had none for it), written with `parts` parts (0:
     not known). Two requests on S3 and GCS: the file's end from this part's offset entry on (a suffix range, no HEAD
     for the size first: 8 x (parts - part + 2) bytes, ~11 KB on average at 300M images; _TAIL when `parts` is not
-    known) and the part's bytes. It was a HEAD and three GETs (review s16b: ~13M requests a phase at 300M images, from ~1,280
-    tasks under one prefix, where S3 starts at ~5,500 GETs a second). Other stores (whose cat_file may not take a
-    suffix, review s16c) ask the size first."""
+    known) and the part's bytes. It was a HEAD and three GETs (review s16b: ~13M requests a phase at 300M images,
+    from ~1,280 tasks under one prefix, where S3 starts at ~5,500 GETs a second). Other stores (whose cat_file may
+    not take a suffix, review s16c) ask the size first."""
     fs, path = url_to_fs(url, storage_options)
     tail = _tail(fs, path, _WORD * (parts - part + 2) if parts else _TAIL)
     count = int(np.frombuffer(tail[-_WORD:], "<i8")[0])

@@ -358,7 +358,8 @@ def _sample_items(url: str, key: str, group: list) -> Iterator[RawItem]:
         if len(group) == 1 and group[0][3] is not None:  # a lone bad member keeps its own reason
             yield RawItem(f"{url}::{group[0][0]}", None, reject=group[0][3])
         else:
-            yield RawItem(f"{url}::{key}", None, reject=("no_image", "members: " + ", ".join(e for _, e, _, _ in group)))
+            members = ", ".join(e for _, e, _, _ in group)
+            yield RawItem(f"{url}::{key}", None, reject=("no_image", f"members: {members}"))
         return
     caption, meta, label = _side_members(sides)
     for name, data, reject in images:

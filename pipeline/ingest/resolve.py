@@ -53,7 +53,8 @@ def run_resolve(task: ResolveTask) -> dict:
     done = read_done(task.layout, "resolve", task.group, task.storage_options)
     if done is not None:
         return done
-    lost_ord, lost_kind, lost_key = read_losers(task.layout, task.group, task.buckets, task.storage_options, task.groups)
+    lost_ord, lost_kind, lost_key = read_losers(task.layout, task.group, task.buckets, task.storage_options,
+                                                task.groups)
     kept, rejects, verdicts = [], [], Counter()
     units = [u for u in range(task.first_unit, task.end_unit) if u not in task.skip]
     for unit, table in read_stages(task.layout, units, list(STAGE_COLUMNS), task.storage_options):
@@ -72,7 +73,7 @@ def run_resolve(task: ResolveTask) -> dict:
         attempt = (table.schema.metadata or {}).get(STAGE_TAR_KEY, b"").decode()
         n = int(keep.true_count)
         kept.append(table.filter(keep).append_column("unit", pa.array(np.full(n, unit)))
-                    .append_column("attempt", pa.array([attempt] * n, pa.string()))
+                    .append_column("attempt", pa.repeat(attempt, n))  # one value, no list of n
                     .select(RESOLVED_SCHEMA.names).cast(RESOLVED_SCHEMA))
         reject = pa.compute.invert(keep)
         rejects.append(pa.table({"source": table.column("source").filter(reject),
