@@ -91,6 +91,51 @@ def put_bytes(url: str, data: bytes, storage_options: dict | None = None) -> Non
         f.write(data)
 
 
+def put_bytes_if_absent(url: str, data: bytes, storage_options: dict | None = None) -> bool:
+    """Publish `data` at `url` unless an object is already there: True if this call published it, False if one was
+    there (left as it is). Exclusive on local filesystems (link(2) of a whole temporary onto the name) and on S3
+    (PutObject with If-None-Match: *; AWS since 2024, MinIO, moto). Elsewhere, and on an S3-compatible store that
+    ignores the condition, an existence check before the write: of two writers racing, the later can still win."""
+    fs, path = url_to_fs(url, storage_options)
+    if is_local(fs):
+        return _link_if_absent(path, data)
+    fs.invalidate_cache(path)  # s3fs answers exists() from a listing it cached, which may predate the object
+    if fs.exists(path):  # where the create is not exclusive, this narrows the race to one request's time
+        return False
+    if {"s3", "s3a"} & set(_protocols(fs)):
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:  # s3fs's name for 412 PreconditionFailed on If-None-Match
+            return False
+        return True
+    put_bytes(url, data, storage_options)
+    return True
+
+
+def _link_if_absent(path: str, data: bytes) -> bool:
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}{TMP_MARK}", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails if the name exists: the exclusive create that rename(2) lacks
+        except FileExistsError:
+            return False
+        except OSError as e:  # a filesystem without hard links (some FUSE and SMB mounts): check, then rename
+            log.debug("no link(2) in %s (%s): existence check before the rename", folder, e)
+            if os.path.exists(path):
+                return False
+            os.replace(tmp, path)
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def put_table(url: str, table, storage_options: dict | None = None, row_group_size: int | None = None) -> None:
     """A pyarrow Table as one parquet file at `url`, atomically."""
     import pyarrow.parquet as pq

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.ingest.atomic import put_bytes, url_to_fs
+from pipeline.ingest.atomic import put_bytes_if_absent, url_to_fs
 from pipeline.ingest.clean import Rejected, clean_image
 from pipeline.ingest.config import CleanConfig
 from pipeline.ingest.layout import Layout
@@ -32,6 +33,7 @@ from pipeline.ingest.sources import read_part_rows
 from pipeline.ingest.writer import write_shard
 
 OK = "ok"
+log = logging.getLogger(__name__)
 
 
 def key_for(source: str) -> str:
@@ -72,11 +74,31 @@ def run_stage(task: StageTask) -> dict:
                 raise TransientFailure(f"unit {task.unit}", policy.attempts, e) from e
             time.sleep(policy.delay(attempt))
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=STAGE_SCHEMA.with_metadata({STAGE_TAR_KEY: tar})), buf)
+    pq.write_table(pa.Table.from_pylist(rows, schema=STAGE_SCHEMA.with_metadata({STAGE_TAR_KEY: tar.encode()})), buf)
+    # Published only if no other attempt of the unit has published its table: once map may have read a unit's table,
+    # a late attempt (a worker left running by a killed driver, a task Ray reran) must not replace it with one whose
+    # rows differ (URLs answer differently from one fetch to the next) and whose tar is another (review s16d).
     # Retried here: a transient fault of this last write would otherwise restage the unit whole (review s16c).
-    retry(lambda: put_bytes(task.layout.stage_table(task.unit), buf.getvalue(), task.read.storage_options), policy,
-          f"write {task.layout.stage_table(task.unit)}")
+    table_url = task.layout.stage_table(task.unit)
+    if not retry(lambda: put_bytes_if_absent(table_url, buf.getvalue(), task.read.storage_options), policy,
+                 f"write {table_url}"):
+        with fs.open(table_path, "rb") as f:
+            published = pq.ParquetFile(f)
+            inputs, meta = published.metadata.num_rows, published.schema_arrow.metadata or {}
+        if meta.get(STAGE_TAR_KEY) != tar.encode():  # not this attempt's own write, answered late and retried
+            _remove_tar(task.layout.stage_tar(task.unit, tar), task.read.storage_options, task.unit)
+            return {"inputs": inputs, "seconds": round(time.perf_counter() - start, 3)}
     return {"inputs": len(rows), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _remove_tar(url: str, storage_options: dict | None, unit: int) -> None:
+    """This attempt's tar, which no table names: staging's removal at the end of the run would take it too."""
+    try:
+        fs, path = url_to_fs(url, storage_options)
+        fs.rm_file(path)
+    except Exception as e:  # noqa: BLE001 - left for staging's removal, which takes the whole folder
+        log.warning("unit %d: another attempt published first; could not remove this attempt's tar %s (%s)",
+                    unit, url, e)
 
 
 def _stage_unit(task: StageTask, tar: str) -> list[dict]:

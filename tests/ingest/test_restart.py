@@ -201,10 +201,14 @@ def test_two_overlapping_attempts_of_a_unit_never_pair_a_table_with_the_others_t
     the rerun stages the same unit; Ray rerunning a task it thinks lost. Each publishes its tar, then its table,
     whose offsets point into its own tar. With one tar name per unit, attempt B's tar could replace A's between A's
     tar and A's table: A's table then described B's tar (cleaned in another order) and shards got wrong bytes
-    (review s16a). Here B runs whole inside A's last step, cleaning in reverse order."""
+    (review s16a). And A's table must not replace B's once published: map may have read B's (review s16d). Here B
+    runs whole inside A's last step, cleaning in reverse order: B's table stays, A's tar is removed."""
+    import pyarrow.parquet as pq
+
     from pipeline.ingest import engine, stage
 
-    tasks, real_items, real_put = [], stage._items, stage.put_bytes
+    tasks, real_items, real_put = [], stage._items, stage.put_bytes_if_absent
+    published = []
 
     def capture(task):
         tasks.append(task)
@@ -213,19 +217,27 @@ def test_two_overlapping_attempts_of_a_unit_never_pair_a_table_with_the_others_t
     def reversed_items(task):
         return iter(list(real_items(task))[::-1])
 
-    def put_bytes(url, data, storage_options):
+    def put_bytes_if_absent(url, data, storage_options):
         if url.endswith("unit-00000000.parquet") and len(tasks) == 1:
             tasks.append("B")
             with monkeypatch.context() as m:
                 m.setattr(stage, "_items", reversed_items)
-                m.setattr(stage, "put_bytes", real_put)
+                m.setattr(stage, "put_bytes_if_absent", real_put)
                 stage.run_stage(tasks[0])  # attempt B, whole: its tar, then its table
-        return real_put(url, data, storage_options)
+        written = real_put(url, data, storage_options)
+        published.append((url, written))
+        return written
 
     engine_run_stage = engine.run_stage
     monkeypatch.setattr(engine, "run_stage", capture)
-    monkeypatch.setattr(stage, "put_bytes", put_bytes)
-    run_ingest(IngestConfig(sources=(str(dump),), output=str(tmp_path / "ds"), unit_size=10, samples_per_shard=8,
-                            workers=1, quiet=True))
+    monkeypatch.setattr(stage, "put_bytes_if_absent", put_bytes_if_absent)
+    out = tmp_path / "ds"
+    run_ingest(IngestConfig(sources=(str(dump),), output=str(out), unit_size=10, samples_per_shard=8,
+                            workers=1, quiet=True, keep_staging=True))
     assert tasks[1] == "B"
-    assert shard_contents(tmp_path / "ds") == reference
+    assert shard_contents(out) == reference
+    assert published[0][0].endswith("unit-00000000.parquet") and not published[0][1]  # A found B's table there
+    stage_dir = out / "_ingest/stage"
+    tars = sorted(p.name for p in stage_dir.glob("unit-00000000.*.tar"))
+    attempt = pq.read_schema(stage_dir / "unit-00000000.parquet").metadata[stage.STAGE_TAR_KEY].decode()
+    assert tars == [f"unit-00000000.{attempt}.tar"]  # B's, the one its table names; A removed its own

@@ -211,3 +211,23 @@ def test_an_object_store_write_streams_and_a_failed_one_leaves_nothing(s3_bucket
     fs.invalidate_cache()
     assert not fs.exists(f"{s3_bucket}/bad.bin") and not fs.exists(f"{s3_bucket}/worse.bin")
     assert len(uploads()) == 1  # the one whose abort failed: invisible, for the lifecycle rule
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_put_if_absent_keeps_the_first_object_even_when_the_check_raced(store, tmp_path, s3_bucket, monkeypatch):
+    """A stage table, once published, is never replaced by a late attempt of its unit (review s16d). The exclusive
+    create is the store's (link(2); S3's If-None-Match), not the existence check before it: with that check made
+    to miss the object, as when two writers race, the second write still finds it and leaves it."""
+    import s3fs
+
+    from pipeline.ingest.atomic import put_bytes_if_absent
+
+    url = str(tmp_path / "stage/unit-0.parquet") if store == "local" else f"{s3_bucket}/stage/unit-0.parquet"
+    assert put_bytes_if_absent(url, b"first", None)
+    assert not put_bytes_if_absent(url, b"second", None)
+    monkeypatch.setattr(s3fs.S3FileSystem, "exists", lambda self, path, **kw: False)
+    assert not put_bytes_if_absent(url, b"third", None)
+    with fsspec.open(url, "rb") as f:
+        assert f.read() == b"first"
+    if store == "local":
+        assert os.listdir(tmp_path / "stage") == ["unit-0.parquet"]  # no temporary left
