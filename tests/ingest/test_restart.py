@@ -241,3 +241,26 @@ def test_two_overlapping_attempts_of_a_unit_never_pair_a_table_with_the_others_t
     tars = sorted(p.name for p in stage_dir.glob("unit-00000000.*.tar"))
     attempt = pq.read_schema(stage_dir / "unit-00000000.parquet").metadata[stage.STAGE_TAR_KEY].decode()
     assert tars == [f"unit-00000000.{attempt}.tar"]  # B's, the one its table names; A removed its own
+
+
+def test_a_table_write_whose_answer_was_lost_is_found_as_this_attempts_own(dump, reference, tmp_path, monkeypatch):
+    """The table's write reaches the store but its answer is lost (a reset after the PUT): the retry finds a table
+    there. It is this attempt's (its metadata names this attempt's tar), so the tar stays and the run goes on."""
+    from pipeline.ingest import stage
+
+    real_put, lost = stage.put_bytes_if_absent, []
+
+    def answer_lost(url, data, storage_options):
+        written = real_put(url, data, storage_options)
+        if url.endswith("unit-00000000.parquet") and not lost:
+            lost.append(written)
+            raise ConnectionResetError("connection reset after the request was sent")
+        return written
+
+    monkeypatch.setattr(stage, "put_bytes_if_absent", answer_lost)
+    out = tmp_path / "ds"
+    run_ingest(IngestConfig(sources=(str(dump),), output=str(out), unit_size=10, samples_per_shard=8, workers=1,
+                            quiet=True, keep_staging=True))
+    assert lost == [True]
+    assert shard_contents(out) == reference
+    assert len(list((out / "_ingest/stage").glob("unit-00000000.*.tar"))) == 1
