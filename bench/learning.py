@@ -66,6 +66,7 @@ from jobs.linear_probe import LinearProbeConfig, eval_data_config, linear_probe,
 from model.can import build_model
 from model.config import ModelConfig
 from model.export import export_encoder
+from model.presets import VIT_PRESETS
 from pipeline.config import AugmentConfig, eval_preprocessing
 from pipeline.loader import build_loader
 from tools import shard
@@ -99,6 +100,7 @@ class Budget:
     base_lr: float = 1.5e-3  # x batch / 256 = peak 1.9e-4; measured: twice that probes worse at every epoch
     probe_epochs: int = 100
     seed: int = 0
+    preset: str = "vit_tiny"  # the encoder (model.presets); make test's learning test runs vit_micro
 
 
 def write_digit_dumps(root: Path, img_size: int, seed: int) -> dict[str, Path]:
@@ -139,6 +141,7 @@ def pretrain_command(recipe: str, shards: str, out: Path, budget: Budget) -> lis
         f"schedule.total_samples={b.steps * b.batch_size}",
         f"schedule.warmup_samples={max(1, b.steps // 10) * b.batch_size}", f"model.img_size={b.img_size}",
         f"data.img_size={b.img_size}", f"model.patch_size={b.patch_size}", f"data.patch_size={b.patch_size}",
+        f"model.preset={b.preset}",
         "checkpoint.resume=false",
     ]
     cmd = [sys.executable, str(REPO / "jobs" / "pretrain.py"), "--config", str(CONFIG)]
@@ -206,8 +209,8 @@ def random_init_encoder(out: Path, budget: Budget, augment: AugmentConfig | None
     same eval preprocessing as the trainer records for `augment`, default digits_cpu.yaml's, so the probe sees the
     same images as the rows it is compared with)."""
     torch.manual_seed(budget.seed)
-    model = build_model(ModelConfig(preset="vit_tiny", img_size=budget.img_size, patch_size=budget.patch_size))
-    export_encoder(model.state_dict(), out / "encoder.safetensors", preset="vit_tiny",
+    model = build_model(ModelConfig(preset=budget.preset, img_size=budget.img_size, patch_size=budget.patch_size))
+    export_encoder(model.state_dict(), out / "encoder.safetensors", preset=budget.preset,
                    eval_preprocessing=eval_preprocessing(augment or digits_augment()))
     return out / "encoder.safetensors"
 
@@ -280,7 +283,7 @@ def run(out: Path, budget: Budget, recipes: tuple[str, ...] = tuple(RECIPES), pa
 
 def format_table(results: dict[str, dict], budget: Budget) -> str:
     b = budget
-    lines = [f"linear probe (BN + Linear, {b.probe_epochs} epochs) on 397 held-out digits; vit_tiny/{b.patch_size} at "
+    lines = [f"linear probe (BN + Linear, {b.probe_epochs} epochs) on 397 held-out digits; {b.preset}/{b.patch_size} at "
              f"{b.img_size} px, {b.steps} steps x {b.batch_size} images per recipe",
              "| encoder | top-1 % | top-5 % | train top-1 % | kNN top-1 % | seconds |",
              "| --- | --- | --- | --- | --- | --- |"]
@@ -300,13 +303,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     p.add_argument("--base-lr", type=float, default=d.base_lr)
     p.add_argument("--probe-epochs", type=int, default=d.probe_epochs)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--preset", default=d.preset, choices=sorted(VIT_PRESETS), help="the encoder's size")
     p.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=list(RECIPES),
                    help="pre-training rows (default: all); random init and raw pixels are always measured")
     p.add_argument("--parallel", type=int, default=2, help="pre-training processes side by side (cores shared)")
     p.add_argument("--out", default="runs/bench_learning")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    budget = Budget(a.steps, a.batch_size, a.img_size, a.patch_size, a.base_lr, a.probe_epochs, a.seed)
+    budget = Budget(a.steps, a.batch_size, a.img_size, a.patch_size, a.base_lr, a.probe_epochs, a.seed, a.preset)
     t0 = time.monotonic()
     results = run(Path(a.out), budget, tuple(a.recipes), a.parallel)
     print(format_table(results, budget))

@@ -55,6 +55,14 @@ def test_export_has_timms_names_and_shapes(tmp_path):
     }  # fmt: skip
 
 
+def test_a_preset_timm_lacks_exports_no_timm_name_and_loads_back(tmp_path):
+    """vit_micro (ours: vit_tiny at half depth) is inferred from its shapes and has no timm name to mislead with."""
+    model = build_model(ModelConfig(preset="vit_micro", img_size=32, patch_size=8, recipe="can", decoder_depth=1))
+    meta = export_encoder(model.state_dict(), tmp_path / "enc.safetensors")
+    assert (meta["preset"], meta["timm_model"], meta["depth"]) == ("vit_micro", None, 6)
+    assert len(load_encoder(tmp_path / "enc.safetensors").blocks) == 6
+
+
 TINY = ModelConfig(preset="vit_tiny", img_size=16, patch_size=4, recipe="simclr", global_pool="token")
 
 

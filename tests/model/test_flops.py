@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from model.can import build_model
 from model.config import ModelConfig
 from model.flops import flops_table, forward_flops_breakdown, forward_flops_per_image, train_flops_per_image
+from model.presets import VIT_PRESETS
 
 
 def test_spec_numbers_for_vit_large():
@@ -25,7 +26,7 @@ def test_spec_numbers_for_vit_large():
 
 def test_table_covers_every_preset_and_recipe():
     lines = flops_table().splitlines()
-    assert len(lines) == 1 + 5 * 4
+    assert len(lines) == 1 + len(VIT_PRESETS) * 4
     assert any(line.split()[:2] == ["vit_large", "simclr"] and line.split()[-1] == "1.71" for line in lines)
 
 
