@@ -30,8 +30,9 @@ RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 demo: $(STAMP)
 	$(RUN) $(PY) -m jobs.demo $(if $(DUMP),--dump $(DUMP),)
 
+# Two pytest-xdist workers: the learning proof beside the rest, which runs in order on the other (tests/conftest.py).
 test: $(STAMP)
-	$(RUN) $(PY) -m pytest $(PYTEST_ARGS)
+	$(RUN) $(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 flops: $(STAMP)
 	$(PY) -m model.flops

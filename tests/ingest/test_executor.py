@@ -43,3 +43,21 @@ def test_a_pool_broken_while_idle_or_between_results_is_started_again():
         assert results == {0: 0, 7: 7, 8: 8, 9: 9}
     finally:
         engine.close()
+
+
+def test_ray_results_come_by_completion_callbacks_and_a_task_that_kills_its_worker_comes_back_failed(tmp_path):
+    """executor._run_ray on local Ray, with fewer slots in its window (2 x 2 CPUs) than tasks: every task's result
+    comes back once, through its ref's completion callback; a task whose worker dies every time comes back Failed
+    after Ray's own retries, and one whose worker died once is retried by Ray and succeeds."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        engine = Engine("ray", 0)
+        marker = str(tmp_path / "crashed-once")
+        results = dict(engine.run(crashing_task, ((x, (x, marker)) for x in range(10))))
+        assert sorted(results) == list(range(10))
+        assert isinstance(results[3], Failed) and "died" in results[3].reason.lower(), results[3]
+        assert {x: r for x, r in results.items() if x != 3} == {x: 2 * x for x in range(10) if x != 3}
+    finally:
+        ray.shutdown()
