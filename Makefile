@@ -32,7 +32,7 @@ demo: $(STAMP)
 
 # Two pytest-xdist workers: the learning proof beside the rest, which runs in order on the other (tests/conftest.py).
 test: $(STAMP)
-	$(RUN) $(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(RUN) $(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 flops: $(STAMP)
 	$(PY) -m model.flops

@@ -12,7 +12,6 @@ MIN_MARGIN = 5.0  # points of top-1, the issue's "clear margin"
 
 
 @pytest.mark.slow
-@pytest.mark.beside
 def test_can_beats_random_init(tmp_path, capsys):
     # can only: the bench's other rows (mae beside it, mscn, supcon) are measured by `python -m bench.learning` and
     # would put `make test` past its 20 minutes (mae beside can: 680-800 s of it)
