@@ -29,13 +29,16 @@ def s3_bucket(s3_server) -> str:
 BESIDE = ("tests/eval/test_learning.py",)
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: pytest without it (-p no:xdist) must still start
 def pytest_xdist_make_scheduler(config, log):
-    """`make test` runs two pytest-xdist workers: the files in BESIDE on one, every other test on the other, one
+    """`make test` runs two pytest-xdist workers (-n 2, xdist's default --dist load): the files in BESIDE on one, every other test on the other, one
     after another in file order as without xdist. The learning proof (minutes of one compute-bound process)
     overlaps with the rest, which leaves a core idle about a third of the time (waiting on launchers, servers and
     subprocesses): measured 125% CPU of 2 cores over the whole serial suite. The rest stays serial: its
     timing-sensitive and port-taking tests never meet each other. (xdist's own --dist loadgroup would need the
     groups in node ids, which xdist 3.8 cannot set under pytest 9: its groups are silently ignored there.)"""
+    if config.getoption("dist") != "load" or config.getoption("numprocesses") != 2:
+        return None  # not make test's -n 2: the user's own --dist / -n, as xdist does it
     from xdist.scheduler import LoadScopeScheduling
 
     class BesideTheRest(LoadScopeScheduling):

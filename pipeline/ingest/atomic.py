@@ -102,14 +102,40 @@ def put_bytes_if_absent(url: str, data: bytes, storage_options: dict | None = No
     fs.invalidate_cache(path)  # s3fs answers exists() from a listing it cached, which may predate the object
     if fs.exists(path):  # where the create is not exclusive, this narrows the race to one request's time
         return False
-    if {"s3", "s3a"} & set(_protocols(fs)):
+    if {"s3", "s3a"} & set(_protocols(fs)) and not _NO_CONDITIONAL_PUT:
         try:
             fs.pipe_file(path, data, mode="create")
+            return True
         except FileExistsError:  # s3fs's name for 412 PreconditionFailed on If-None-Match
             return False
-        return True
+        except OSError as e:
+            code, status = _s3_error(e)
+            if code == "PreconditionFailed" or status == 412:  # a store whose 412 names no Condition (s3fs: EINVAL)
+                return False
+            if code not in ("NotImplemented", "InvalidArgument", "InvalidRequest") and status != 501:
+                raise
+            # An S3-compatible store without conditional writes (older Ceph, some appliances): the existence check
+            # above is all there is; said once per process.
+            _NO_CONDITIONAL_PUT.append(code or str(status))
+            log.warning("%s refuses If-None-Match writes (%s): stage tables are checked, then written; two "
+                        "attempts of a unit racing to the same table can leave the later one's", url, code or status)
     put_bytes(url, data, storage_options)
     return True
+
+
+_NO_CONDITIONAL_PUT: list[str] = []  # set once a store refuses If-None-Match
+
+
+def _s3_error(error: BaseException) -> tuple[str | None, int | None]:
+    """The S3 error code and HTTP status behind an s3fs OSError (its __cause__ is botocore's ClientError)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict):
+            return (response.get("Error", {}).get("Code"),
+                    response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+        cause = cause.__cause__
+    return None, None
 
 
 def _link_if_absent(path: str, data: bytes) -> bool:

@@ -4,6 +4,8 @@ raw-pixel reference are printed beside it. vit_micro trains 1.4x faster on these
 threads) and gained more: 2026-12-01, random init 88.9, can 96.5 (+7.6); vit_tiny the same hour, 90.4 / 96.7
 (+6.3). It runs on a pytest-xdist worker of its own, beside the rest of make test (tests/conftest.py)."""
 
+import sys
+
 import pytest
 
 from bench import learning
@@ -18,7 +20,7 @@ def test_can_beats_random_init(tmp_path, capsys):
     results = learning.main(["--out", str(tmp_path), "--recipes", "can", "--preset", "vit_micro"])
     assert set(results) == {"raw pixels", "random init", "can"}
     top1 = {name: r["top1"] for name, r in results.items()}
-    with capsys.disabled():
-        print(f"\nlinear-probe top-1: {top1}")
+    with capsys.disabled():  # stderr: an xdist worker's stdout goes nowhere
+        print(f"\nlinear-probe top-1: {top1}", file=sys.stderr)
     margin = top1["can"] - top1["random init"]
     assert margin >= MIN_MARGIN, top1

@@ -218,16 +218,40 @@ def test_put_if_absent_keeps_the_first_object_even_when_the_check_raced(store, t
     """A stage table, once published, is never replaced by a late attempt of its unit (review s16d). The exclusive
     create is the store's (link(2); S3's If-None-Match), not the existence check before it: with that check made
     to miss the object, as when two writers race, the second write still finds it and leaves it."""
-    import s3fs
-
-    from pipeline.ingest.atomic import put_bytes_if_absent
+    from pipeline.ingest.atomic import put_bytes_if_absent, url_to_fs
 
     url = str(tmp_path / "stage/unit-0.parquet") if store == "local" else f"{s3_bucket}/stage/unit-0.parquet"
     assert put_bytes_if_absent(url, b"first", None)
     assert not put_bytes_if_absent(url, b"second", None)
-    monkeypatch.setattr(s3fs.S3FileSystem, "exists", lambda self, path, **kw: False)
+    fs = url_to_fs(url)[0]  # the cached instance put_bytes_if_absent uses: fsspec mirrors sync methods onto it
+    monkeypatch.setattr(fs, "exists", lambda path, **kw: False)
     assert not put_bytes_if_absent(url, b"third", None)
     with fsspec.open(url, "rb") as f:
         assert f.read() == b"first"
     if store == "local":
         assert os.listdir(tmp_path / "stage") == ["unit-0.parquet"]  # no temporary left
+
+
+@pytest.mark.parametrize("code, status, published", [("PreconditionFailed", 412, False), ("NotImplemented", 501, True)])
+def test_put_if_absent_on_s3_compatible_stores_that_answer_otherwise(code, status, published, s3_bucket, monkeypatch):
+    """A store whose 412 names no If-None-Match condition (s3fs then raises OSError(EINVAL), not FileExistsError)
+    lost the race: not a permanent fault of the unit. One without conditional writes (501) gets the checked write,
+    said once, and later writes skip the condition."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    from pipeline.ingest import atomic
+
+    def refuse(path, data, **kwargs):
+        assert kwargs == {"mode": "create"}
+        raise translate_boto_error(ClientError({"Error": {"Code": code, "Message": "as the store says"},
+                                                "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"))
+
+    monkeypatch.setattr(atomic, "_NO_CONDITIONAL_PUT", [])
+    url = f"{s3_bucket}/stage/unit-0.parquet"
+    monkeypatch.setattr(atomic.url_to_fs(url)[0], "pipe_file", refuse)  # the cached instance, as above
+    assert atomic.put_bytes_if_absent(url, b"first", None) is published
+    assert fsspec.filesystem("s3").exists(url) is published
+    assert atomic._NO_CONDITIONAL_PUT == ([] if not published else [code])
+    if published:
+        assert not atomic.put_bytes_if_absent(url, b"second", None)  # the check before the write finds it
