@@ -186,6 +186,9 @@ def _run_ray(fn, tasks, resources: Resources, nodes: set[str]):
     def submit(item) -> None:
         nonlocal in_flight
         i, task = item
+        # The callback runs on Ray's core-worker thread: it only queues (a Ray call from there can deadlock Ray).
+        # Ray completes every task's future, with its error if the task or its worker failed (the future holds its
+        # ref, so nothing is freed before then).
         remote.remote(fn, task).future().add_done_callback(lambda fut, i=i: done.put((i, fut)))
         in_flight += 1
 

@@ -82,13 +82,17 @@ def run_stage(task: StageTask) -> dict:
     table_url = task.layout.stage_table(task.unit)
     if not retry(lambda: put_bytes_if_absent(table_url, buf.getvalue(), task.read.storage_options), policy,
                  f"write {table_url}"):
-        with fs.open(table_path, "rb") as f:
-            published = pq.ParquetFile(f)
-            inputs, meta = published.metadata.num_rows, published.schema_arrow.metadata or {}
+        inputs, meta = retry(lambda: _table_rows_and_meta(fs, table_path), policy, f"read {table_url}")
         if meta.get(STAGE_TAR_KEY) != tar.encode():  # not this attempt's own write, answered late and retried
             _remove_tar(task.layout.stage_tar(task.unit, tar), task.read.storage_options, task.unit)
             return {"inputs": inputs, "seconds": round(time.perf_counter() - start, 3)}
     return {"inputs": len(rows), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _table_rows_and_meta(fs, path: str) -> tuple[int, dict]:
+    with fs.open(path, "rb") as f:
+        table = pq.ParquetFile(f)
+        return table.metadata.num_rows, table.schema_arrow.metadata or {}
 
 
 def _remove_tar(url: str, storage_options: dict | None, unit: int) -> None:
