@@ -125,7 +125,8 @@ def main() -> None:
     print("| results a second | way | driver CPU ms a result | rounds |")
     print("| --- | --- | --- | --- |")
     for rate in a.rates:
-        for name, collect in (("one per round (before)", one_per_round), (f"gathering {GATHER_S * 1e3:.0f} ms", gathering),
+        for name, collect in (("one per round (before)", one_per_round),
+                              (f"gathering {GATHER_S * 1e3:.0f} ms", gathering),
                               ("completion callbacks (executor.py)", None)):
             runs = [run(collect, rate) if collect else run_futures(rate) for _ in range(3)]
             cpu, rounds = (statistics.median(r[k] for r in runs) for k in range(2))

@@ -59,8 +59,7 @@ def run_stage(task: StageTask) -> dict:
     start = time.perf_counter()
     fs, table_path = url_to_fs(task.layout.stage_table(task.unit), task.read.storage_options)
     if fs.exists(table_path):
-        with fs.open(table_path, "rb") as f:
-            return {"inputs": pq.ParquetFile(f).metadata.num_rows, "seconds": 0.0}
+        return {"inputs": _table_rows_and_meta(fs, table_path)[0], "seconds": 0.0}
     policy = task.read.policy
     for attempt in range(policy.attempts):
         tar = secrets.token_hex(6)
@@ -90,6 +89,7 @@ def run_stage(task: StageTask) -> dict:
 
 
 def _table_rows_and_meta(fs, path: str) -> tuple[int, dict]:
+    """A published stage table's row count and schema metadata (its footer only)."""
     with fs.open(path, "rb") as f:
         table = pq.ParquetFile(f)
         return table.metadata.num_rows, table.schema_arrow.metadata or {}
